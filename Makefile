@@ -1,0 +1,42 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11+ needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The top-level folders map into the one `inferline` namespace (pyproject's package-dir);
+# mypy cannot follow that mapping, so it checks a symlink tree laid out as installed.
+TYPECHECK := build/typecheck/inferline
+
+.PHONY: demo test lint typecheck unit bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,plot]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/inferline demo
+
+test: lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p $(TYPECHECK)
+	for f in $(CURDIR)/inferline/*; do ln -s $$f $(TYPECHECK)/; done
+	for d in planner agent router adapters; do ln -s $(CURDIR)/$$d $(TYPECHECK)/$$d; done
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p inferline
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The sidecar agent next to each model server (issue: Triton integration)."""

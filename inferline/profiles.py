@@ -1,0 +1,122 @@
+"""Model profiles: batch latency per batch size per hardware type (see README, "Profile")."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from inferline.errors import ProfileError, did_you_mean
+from inferline.validation import parse
+
+
+class LatencyStats(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    mean: float = Field(gt=0, description="Mean batch latency in ms.")
+    p50: float | None = Field(default=None, gt=0)
+    p99: float | None = Field(default=None, gt=0)
+
+
+class BatchPoint(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    batch_size: int = Field(ge=1)
+    latency_ms: LatencyStats
+
+
+class ModelProfile(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    model: str = Field(min_length=1)
+    profiles: dict[str, tuple[BatchPoint, ...]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _increasing_batches(self) -> ModelProfile:
+        for hw, points in self.profiles.items():
+            if not points:
+                raise ValueError(f"hardware {hw!r} has no batch sizes")
+            sizes = [p.batch_size for p in points]
+            for a, b in zip(sizes, sizes[1:], strict=False):
+                if b <= a:
+                    raise ValueError(f"hardware {hw!r}: batch sizes must increase, got {a} then {b}")
+        return self
+
+    def batch_sizes(self, hardware: str) -> tuple[int, ...]:
+        return tuple(p.batch_size for p in self.points(hardware))
+
+    def points(self, hardware: str) -> tuple[BatchPoint, ...]:
+        try:
+            return self.profiles[hardware]
+        except KeyError:
+            raise ProfileError(
+                f"model {self.model!r} has no profile for hardware {hardware!r}"
+                f"{did_you_mean(hardware, self.profiles)}",
+                f"profile {self.model!r} on {hardware!r} or choose one of {sorted(self.profiles)}",
+            ) from None
+
+    def service_times_ms(self, hardware: str, max_batch_size: int) -> NDArray[np.float64]:
+        """Mean latency of a batch of n for n = 0..max_batch_size (index 0 unused, 0.0).
+
+        Between profiled sizes it interpolates linearly; below the smallest profiled size it
+        holds the smallest size's latency (a smaller batch is never slower in this model).
+        """
+        pts = self.points(hardware)
+        sizes = np.array([p.batch_size for p in pts], dtype=np.float64)
+        lat = np.array([p.latency_ms.mean for p in pts], dtype=np.float64)
+        if max_batch_size not in self.batch_sizes(hardware):
+            raise ProfileError(
+                f"model {self.model!r} on {hardware!r} has no profiled batch size {max_batch_size}",
+                f"use one of {list(self.batch_sizes(hardware))}",
+            )
+        table = np.zeros(max_batch_size + 1)
+        table[1:] = np.interp(np.arange(1, max_batch_size + 1, dtype=np.float64), sizes, lat)
+        return table
+
+    def throughput_qps(self, hardware: str, batch_size: int) -> float:
+        """Queries per second of one replica that always runs full batches of batch_size."""
+        return batch_size / (self.service_times_ms(hardware, batch_size)[batch_size] / 1000.0)
+
+
+def parse_profile(data: object, source: str) -> ModelProfile:
+    return parse(ModelProfile, data, source, ProfileError, "correct the profile (see README, 'Profile')")
+
+
+def load_profile(path: str | Path) -> ModelProfile:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {str(p)!r}: {exc.strerror}", "check the path") from None
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"profile {str(p)!r} is not valid JSON (line {exc.lineno})", "fix the JSON") from None
+    return parse_profile(data, f"profile {str(p)!r}")
+
+
+def load_profiles(directory: str | Path) -> dict[str, ModelProfile]:
+    """All `*.json` profiles in a directory, keyed by model name."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ProfileError(f"profile directory {str(d)!r} does not exist", "pass --profiles DIR with *.json files")
+    found: dict[str, ModelProfile] = {}
+    for path in sorted(d.glob("*.json")):
+        prof = load_profile(path)
+        if prof.model in found:
+            raise ProfileError(f"model {prof.model!r} is profiled twice in {str(d)!r}", "keep one file per model")
+        found[prof.model] = prof
+    if not found:
+        raise ProfileError(f"profile directory {str(d)!r} holds no *.json profiles", "run `inferline profile` first")
+    return found
+
+
+def require_profiles(models: list[str], profiles: Mapping[str, ModelProfile]) -> None:
+    for m in models:
+        if m not in profiles:
+            raise ProfileError(
+                f"model {m!r} has no profile{did_you_mean(m, profiles)}",
+                f"add {m}.json to the profile directory (have: {sorted(profiles)})",
+            )

@@ -1,0 +1,1 @@
+"""Pure planning core: estimator, planner, tuner policies. No network, no framework imports."""

@@ -1,0 +1,114 @@
+"""The planner's view of a pipeline: stages in topological order, as plain frozen data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inferline.spec import PipelineSpec
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """How one stage is provisioned: hardware type, batch cap and replica count."""
+
+    hardware: str
+    max_batch_size: int
+    replicas: int
+
+
+Config = tuple[StageConfig, ...]
+"""One StageConfig per stage, in the PipelineModel's topological order."""
+
+
+@dataclass(frozen=True)
+class PipelineModel:
+    name: str
+    names: tuple[str, ...]
+    models: tuple[str, ...]
+    parents: tuple[tuple[int, ...], ...]
+    probabilities: tuple[float, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    def children(self, stage: int) -> tuple[int, ...]:
+        return tuple(c for c in range(self.size) if stage in self.parents[c])
+
+    def ancestors(self, stage: int) -> tuple[int, ...]:
+        """All ancestors of a stage, in topological order."""
+        found: set[int] = set()
+        todo = list(self.parents[stage])
+        while todo:
+            p = todo.pop()
+            if p not in found:
+                found.add(p)
+                todo.extend(self.parents[p])
+        return tuple(sorted(found))
+
+    def visit_rates(self) -> NDArray[np.float64]:
+        """Probability that a query visits each stage (exact, by inclusion over independent edges).
+
+        A stage is reached when any parent was visited; parents' visits can be correlated
+        through shared ancestors, so this is computed by enumerating outcomes for small
+        pipelines and by Monte Carlo otherwise.
+        """
+        if self.size <= 16:
+            return _visit_rates_exact(self)
+        visits = sample_visits(self, 200_000, np.random.default_rng(0))
+        return np.asarray(visits.mean(axis=1), dtype=np.float64)
+
+    def config_of(self, stages: Mapping[str, StageConfig]) -> Config:
+        return tuple(stages[n] for n in self.names)
+
+
+def pipeline_model(spec: PipelineSpec) -> PipelineModel:
+    order = spec.topological_order()
+    index = {s.name: i for i, s in enumerate(order)}
+    return PipelineModel(
+        name=spec.name,
+        names=tuple(s.name for s in order),
+        models=tuple(s.model for s in order),
+        parents=tuple(tuple(sorted(index[p] for p in s.after)) for s in order),
+        probabilities=tuple(s.probability for s in order),
+    )
+
+
+def sample_visits(model: PipelineModel, queries: int, rng: np.random.Generator) -> NDArray[np.bool_]:
+    """Which stages each query visits: a (stages, queries) boolean array.
+
+    Each conditional edge is sampled independently per query: a stage is reached when any of
+    its parents was visited (an entry stage always), then kept with its probability.
+    """
+    draws = rng.random((model.size, queries))
+    visits = np.empty((model.size, queries), dtype=np.bool_)
+    for s in range(model.size):
+        reached = np.ones(queries, dtype=np.bool_)
+        if model.parents[s]:
+            reached = np.logical_or.reduce([visits[p] for p in model.parents[s]])
+        visits[s] = reached & (draws[s] < model.probabilities[s])
+    return visits
+
+
+def _visit_rates_exact(model: PipelineModel) -> NDArray[np.float64]:
+    # Each stage's own coin is independent; enumerate the 2^k coins of the stages whose
+    # probability is below 1 (at most 16 stages, so at most 65536 outcomes).
+    coins = [s for s in range(model.size) if model.probabilities[s] < 1.0]
+    rates = np.zeros(model.size)
+    for outcome in range(1 << len(coins)):
+        weight = 1.0
+        passed = {}
+        for bit, s in enumerate(coins):
+            ok = bool(outcome >> bit & 1)
+            passed[s] = ok
+            weight *= model.probabilities[s] if ok else 1.0 - model.probabilities[s]
+        visited = [False] * model.size
+        for s in range(model.size):
+            reached = not model.parents[s] or any(visited[p] for p in model.parents[s])
+            visited[s] = reached and passed.get(s, True)
+        rates += weight * np.array(visited, dtype=np.float64)
+    return rates

@@ -1,0 +1,171 @@
+"""InferLine's planner: a greedy, cost-minimizing search over hardware, batch size and replicas.
+
+Phase 1 (feasible start): every stage at batch 1 on its fastest hardware with the fewest replicas
+that keep it stable (utilization < 1 at the trace's mean rate). If the longest path's service
+time already exceeds the SLO, no replica count can help: infeasible. Otherwise add a replica to
+the bottleneck stage (lowest capacity k·μ/s, μ = replica throughput, s = visit rate) until the
+estimator says P99 <= SLO.
+
+Phase 2 (greedy cost reduction): each round builds, for every stage, the candidates of the
+actions RemoveReplica, IncreaseBatch (next profiled batch size with each replica count from the
+stability minimum up to the one that keeps the stage's capacity) and DowngradeHW (next cheaper
+hardware, replicas re-derived the same way); candidates are simulated cheapest first and the
+first feasible one is applied, i.e. the cheapest feasible candidate. Stops when none is cheaper.
+
+Invariant: the configuration held is always feasible, and its cost strictly falls each round,
+so the search ends.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from inferline.planner.costtable import CostTable, cost_per_hour
+from inferline.planner.estimator import Estimate, Estimator
+from inferline.planner.pipeline import Config, PipelineModel, StageConfig
+
+MAX_TOTAL_REPLICAS = 2000
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    strategy: str
+    feasible: bool
+    config: Config | None
+    cost_per_hour: float
+    p99_s: float
+    reason: str | None
+    simulations: int
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the trace asks of each stage: mean pipeline rate and per-stage visit rates."""
+
+    mean_rate_qps: float
+    visit_rates: tuple[float, ...]
+
+    def stable_replicas(self, table: CostTable, stage: int, hardware: str, batch: int) -> int:
+        """Fewest replicas whose utilization at the mean rate stays below 1."""
+        mu = table[stage].option(hardware).throughput_qps(batch)
+        demand = self.mean_rate_qps * self.visit_rates[stage]
+        return max(1, math.floor(demand / mu) + 1)
+
+
+def trace_load(model: PipelineModel, estimator: Estimator) -> Load:
+    arrivals = estimator.arrivals_s
+    span = float(arrivals[-1] - arrivals[0]) if arrivals.size > 1 else 1.0
+    rate = arrivals.size / max(span, 1e-9)
+    visits = estimator.visits.mean(axis=1)
+    return Load(mean_rate_qps=rate, visit_rates=tuple(float(max(v, 1e-9)) for v in visits))
+
+
+def longest_path_s(model: PipelineModel, service_s: list[float]) -> float:
+    """Longest chain of service times through the DAG (no queueing)."""
+    finish = [0.0] * model.size
+    for s in range(model.size):
+        start = max((finish[p] for p in model.parents[s]), default=0.0)
+        finish[s] = start + service_s[s]
+    return max(finish)
+
+
+def best_service_s(model: PipelineModel, table: CostTable) -> float:
+    """The pipeline's best possible service time: batch 1 on each stage's fastest hardware."""
+    return longest_path_s(model, [table[s].by_speed()[0].service_time_s(1) for s in range(model.size)])
+
+
+def plan_greedy(model: PipelineModel, table: CostTable, estimator: Estimator) -> PlanResult:
+    load = trace_load(model, estimator)
+    start = _initialize(model, table, estimator, load)
+    if isinstance(start, str):
+        return PlanResult("inferline", False, None, math.inf, math.inf, start, estimator.simulations)
+    config, estimate = start
+    while True:
+        better = _cheapest_feasible_neighbor(model, table, estimator, load, config, estimate.cost_per_hour)
+        if better is None:
+            break
+        config, estimate = better
+    return PlanResult("inferline", True, config, estimate.cost_per_hour, estimate.p99_s, None, estimator.simulations)
+
+
+def _initialize(
+    model: PipelineModel, table: CostTable, estimator: Estimator, load: Load
+) -> tuple[Config, Estimate] | str:
+    fastest = [table[s].by_speed()[0] for s in range(model.size)]
+    floor_s = longest_path_s(model, [o.service_time_s(1) for o in fastest])
+    if floor_s > estimator.slo_s:
+        return (
+            f"the SLO of {estimator.slo_s * 1000:g} ms is below the pipeline's best possible service time "
+            f"of {floor_s * 1000:.1f} ms (batch 1 on the fastest hardware)"
+        )
+    config = tuple(
+        StageConfig(o.hardware, 1, load.stable_replicas(table, s, o.hardware, 1)) for s, o in enumerate(fastest)
+    )
+    while True:
+        estimate = estimator.estimate(config)
+        if estimate.feasible:
+            return config, estimate
+        if sum(c.replicas for c in config) >= MAX_TOTAL_REPLICAS:
+            return f"no configuration with up to {MAX_TOTAL_REPLICAS} replicas meets the SLO"
+        capacity = [
+            c.replicas * fastest[s].throughput_qps(1) / load.visit_rates[s] for s, c in enumerate(config)
+        ]
+        b = int(np.argmin(capacity))
+        config = _with(config, b, replace(config[b], replicas=config[b].replicas + 1))
+
+
+def _with(config: Config, stage: int, new: StageConfig) -> Config:
+    return (*config[:stage], new, *config[stage + 1 :])
+
+
+def _replica_range(load: Load, table: CostTable, stage: int, hardware: str, batch: int, keep_qps: float) -> range:
+    """From the stability minimum up to the fewest replicas that keep `keep_qps` of capacity."""
+    low = load.stable_replicas(table, stage, hardware, batch)
+    high = max(low, math.ceil(keep_qps / table[stage].option(hardware).throughput_qps(batch) - 1e-9))
+    return range(low, high + 1)
+
+
+def neighbors(model: PipelineModel, table: CostTable, load: Load, config: Config) -> list[tuple[float, Config]]:
+    """All candidates of one greedy round, with their cost."""
+    found: list[tuple[float, Config]] = []
+    for s, c in enumerate(config):
+        option = table[s].option(c.hardware)
+        capacity = c.replicas * option.throughput_qps(c.max_batch_size)
+        if c.replicas > 1:
+            found.append((0.0, _with(config, s, replace(c, replicas=c.replicas - 1))))
+        bigger = option.next_batch(c.max_batch_size)
+        if bigger is not None:
+            for k in _replica_range(load, table, s, c.hardware, bigger, capacity):
+                found.append((0.0, _with(config, s, StageConfig(c.hardware, bigger, k))))
+        cheaper = table[s].next_cheaper(c.hardware)
+        if cheaper is not None:
+            fits = [b for b in cheaper.batch_sizes if b <= c.max_batch_size]
+            batch = fits[-1] if fits else cheaper.batch_sizes[0]
+            for k in _replica_range(load, table, s, cheaper.hardware, batch, capacity):
+                found.append((0.0, _with(config, s, StageConfig(cheaper.hardware, batch, k))))
+    return [(cost_per_hour(table, cand), cand) for _, cand in found]
+
+
+def _cheapest_feasible_neighbor(
+    model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, cost: float
+) -> tuple[Config, Estimate] | None:
+    candidates = sorted(
+        (c for c in neighbors(model, table, load, config) if c[0] < cost - 1e-12),
+        key=lambda c: (c[0], _tie_key(c[1])),
+    )
+    seen: set[Config] = set()
+    for _, cand in candidates:
+        if cand in seen:
+            continue
+        seen.add(cand)
+        estimate = estimator.estimate(cand)
+        if estimate.feasible:
+            return cand, estimate
+    return None
+
+
+def _tie_key(config: Config) -> tuple[tuple[str, int, int], ...]:
+    # Among equal costs prefer fewer replicas and smaller batches: deterministic and lower latency.
+    return tuple((c.hardware, c.replicas, c.max_batch_size) for c in config)

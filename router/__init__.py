@@ -1,0 +1,1 @@
+"""The data plane: pipeline endpoint and per-stage queues (issue: live pipelines)."""
