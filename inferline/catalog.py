@@ -48,6 +48,9 @@ DEFAULT_CATALOG = HardwareCatalog(
 def load_catalog(path: str | Path) -> HardwareCatalog:
     data = read_yaml(path, "hardware catalog", CatalogError)
     return parse(
-        HardwareCatalog, data, f"hardware catalog {str(path)!r}", CatalogError,
+        HardwareCatalog,
+        data,
+        f"hardware catalog {str(path)!r}",
+        CatalogError,
         "write it as `hardware: {NAME: {price_per_hour: P}}`",
     )

@@ -79,10 +79,16 @@ def load_plan(path: str | Path) -> Plan:
     try:
         data = json.loads(p.read_text())
     except OSError as exc:
-        raise PlanError(f"cannot read plan {str(p)!r}: {exc.strerror}", "pass the file `inferline plan --json` wrote") from None
+        raise PlanError(
+            f"cannot read plan {str(p)!r}: {exc.strerror}", "pass the file `inferline plan --json` wrote"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise PlanError(f"plan {str(p)!r} is not valid JSON (line {exc.lineno})", "re-create it with `inferline plan --json`") from None
+        raise PlanError(
+            f"plan {str(p)!r} is not valid JSON (line {exc.lineno})", "re-create it with `inferline plan --json`"
+        ) from None
     plan = parse(Plan, data, f"plan {str(p)!r}", PlanError, "re-create it with `inferline plan --json`")
     if not plan.feasible:
-        raise PlanError(f"plan {str(p)!r} is infeasible ({plan.reason})", "plan again with a looser SLO or more hardware")
+        raise PlanError(
+            f"plan {str(p)!r} is infeasible ({plan.reason})", "plan again with a looser SLO or more hardware"
+        )
     return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +42,7 @@ class ModelProfile(BaseModel):
             if not points:
                 raise ValueError(f"hardware {hw!r} has no batch sizes")
             sizes = [p.batch_size for p in points]
-            for a, b in zip(sizes, sizes[1:], strict=False):
+            for a, b in itertools.pairwise(sizes):
                 if b <= a:
                     raise ValueError(f"hardware {hw!r}: batch sizes must increase, got {a} then {b}")
         return self
@@ -54,8 +55,7 @@ class ModelProfile(BaseModel):
             return self.profiles[hardware]
         except KeyError:
             raise ProfileError(
-                f"model {self.model!r} has no profile for hardware {hardware!r}"
-                f"{did_you_mean(hardware, self.profiles)}",
+                f"model {self.model!r} has no profile for hardware {hardware!r}{did_you_mean(hardware, self.profiles)}",
                 f"profile {self.model!r} on {hardware!r} or choose one of {sorted(self.profiles)}",
             ) from None
 

@@ -46,9 +46,7 @@ class PipelineSpec(BaseModel):
         for s in self.stages:
             for parent in s.after:
                 if parent not in seen:
-                    raise ValueError(
-                        f"stage {s.name!r} lists unknown parent {parent!r}{did_you_mean(parent, names)}"
-                    )
+                    raise ValueError(f"stage {s.name!r} lists unknown parent {parent!r}{did_you_mean(parent, names)}")
                 if parent == s.name:
                     raise ValueError(f"stage {s.name!r} lists itself as a parent")
             if len(set(s.after)) != len(s.after):

@@ -168,9 +168,7 @@ def _step(params: dict[str, list[float]]) -> NDArray[np.float64]:
                 "give one value or one per segment, separated by '/'",
             )
     rng = np.random.default_rng(seed)
-    parts = [
-        _gamma_segment(rng, rates[i % len(rates)], cvs[i % len(cvs)], every) + i * every for i in range(segments)
-    ]
+    parts = [_gamma_segment(rng, rates[i % len(rates)], cvs[i % len(cvs)], every) + i * every for i in range(segments)]
     return np.concatenate(parts)
 
 

@@ -59,9 +59,7 @@ CostTable = tuple[StageCostTable, ...]
 """One StageCostTable per stage, in the PipelineModel's order."""
 
 
-def build_cost_table(
-    model: PipelineModel, profiles: Mapping[str, ModelProfile], catalog: HardwareCatalog
-) -> CostTable:
+def build_cost_table(model: PipelineModel, profiles: Mapping[str, ModelProfile], catalog: HardwareCatalog) -> CostTable:
     require_profiles(list(model.models), profiles)
     tables = []
     for name, model_name in zip(model.names, model.models, strict=True):

@@ -84,7 +84,7 @@ class Estimator:
         done = np.full(self.arrivals_s.size, -np.inf)
         completions: list[NDArray[np.float64]] = []
         for s in range(self.model.size):
-            comp = self._stage(s, config, completions)
+            comp = self.stage_completions(s, config, completions)
             if comp is None:
                 return Estimate(False, math.inf, cost, self.model.names[s])
             completions.append(comp)
@@ -108,7 +108,13 @@ class Estimator:
     def _misses(self, done: NDArray[np.float64]) -> int:
         return int(np.count_nonzero(done - self.arrivals_s > self.slo_s))
 
-    def _stage(self, s: int, config: Config, completions: list[NDArray[np.float64]]) -> NDArray[np.float64] | None:
+    def stage_completions(
+        self, s: int, config: Config, completions: list[NDArray[np.float64]]
+    ) -> NDArray[np.float64] | None:
+        """Completion times at stage s (cached by lineage), or None when it alone breaks the SLO.
+
+        `config` needs entries for stages 0..s only; `completions` those of stages 0..s-1.
+        """
         key: _StageKey = (s, tuple(config[a] for a in self._lineage[s]))
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -133,7 +139,13 @@ class Estimator:
         c = config[s]
         option = self.table[s].option(c.hardware)
         comp, finished = run_stage(
-            arrival, self.visits[s], self.arrivals_s, option.service_s, c.max_batch_size, c.replicas,
-            self.slo_s, budget,
+            arrival,
+            self.visits[s],
+            self.arrivals_s,
+            option.service_s,
+            c.max_batch_size,
+            c.replicas,
+            self.slo_s,
+            budget,
         )
         return comp if finished else None

@@ -10,7 +10,13 @@ Phase 2 (greedy cost reduction): each round builds, for every stage, the candida
 actions RemoveReplica, IncreaseBatch (next profiled batch size with each replica count from the
 stability minimum up to the one that keeps the stage's capacity) and DowngradeHW (next cheaper
 hardware, replicas re-derived the same way); candidates are simulated cheapest first and the
-first feasible one is applied, i.e. the cheapest feasible candidate. Stops when none is cheaper.
+first feasible one is applied, i.e. the cheapest feasible candidate. IncreaseBatch may jump to
+any larger profiled batch size, not only the next: a bigger batch often pays off only two steps
+on. When no candidate is feasible as it stands, the round tries to repair candidates: add
+replicas to the stage where the simulation found the SLO broken (else the stage with the lowest
+capacity) while the cost stays below the current one, and takes the cheapest repaired one. This
+lets a move on one stage be paid for by a replica on another, which the plain actions cannot
+express. Stops when no candidate, plain or repaired, is cheaper.
 
 Invariant: the configuration held is always feasible, and its cost strictly falls each round,
 so the search ends.
@@ -109,9 +115,7 @@ def _initialize(
             return config, estimate
         if sum(c.replicas for c in config) >= MAX_TOTAL_REPLICAS:
             return f"no configuration with up to {MAX_TOTAL_REPLICAS} replicas meets the SLO"
-        capacity = [
-            c.replicas * fastest[s].throughput_qps(1) / load.visit_rates[s] for s, c in enumerate(config)
-        ]
+        capacity = [c.replicas * fastest[s].throughput_qps(1) / load.visit_rates[s] for s, c in enumerate(config)]
         b = int(np.argmin(capacity))
         config = _with(config, b, replace(config[b], replicas=config[b].replicas + 1))
 
@@ -135,16 +139,15 @@ def neighbors(model: PipelineModel, table: CostTable, load: Load, config: Config
         capacity = c.replicas * option.throughput_qps(c.max_batch_size)
         if c.replicas > 1:
             found.append((0.0, _with(config, s, replace(c, replicas=c.replicas - 1))))
-        bigger = option.next_batch(c.max_batch_size)
-        if bigger is not None:
+        for bigger in (b for b in option.batch_sizes if b > c.max_batch_size):
             for k in _replica_range(load, table, s, c.hardware, bigger, capacity):
                 found.append((0.0, _with(config, s, StageConfig(c.hardware, bigger, k))))
         cheaper = table[s].next_cheaper(c.hardware)
         if cheaper is not None:
-            fits = [b for b in cheaper.batch_sizes if b <= c.max_batch_size]
-            batch = fits[-1] if fits else cheaper.batch_sizes[0]
-            for k in _replica_range(load, table, s, cheaper.hardware, batch, capacity):
-                found.append((0.0, _with(config, s, StageConfig(cheaper.hardware, batch, k))))
+            # Slower hardware often pays off only with a larger batch: offer every batch size.
+            for batch in cheaper.batch_sizes:
+                for k in _replica_range(load, table, s, cheaper.hardware, batch, capacity):
+                    found.append((0.0, _with(config, s, StageConfig(cheaper.hardware, batch, k))))
     return [(cost_per_hour(table, cand), cand) for _, cand in found]
 
 
@@ -152,18 +155,67 @@ def _cheapest_feasible_neighbor(
     model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, cost: float
 ) -> tuple[Config, Estimate] | None:
     candidates = sorted(
-        (c for c in neighbors(model, table, load, config) if c[0] < cost - 1e-12),
-        key=lambda c: (c[0], _tie_key(c[1])),
+        {cand: c for c, cand in neighbors(model, table, load, config) if c < cost - 1e-12}.items(),
+        key=lambda item: (item[1], _tie_key(item[0])),
     )
-    seen: set[Config] = set()
-    for _, cand in candidates:
-        if cand in seen:
-            continue
-        seen.add(cand)
+    failed: list[tuple[Config, Estimate]] = []
+    for cand, _ in candidates:
         estimate = estimator.estimate(cand)
         if estimate.feasible:
             return cand, estimate
-    return None
+        failed.append((cand, estimate))
+    best: tuple[Config, Estimate] | None = None
+    limit = cost - 1e-12
+    for cand, estimate in failed:
+        if cost_per_hour(table, cand) >= limit:
+            break  # sorted by cost: no later candidate can be repaired below the limit
+        repaired = _repair(model, table, estimator, load, cand, estimate, limit)
+        if repaired is not None:
+            best, limit = repaired, repaired[1].cost_per_hour - 1e-12
+    return best
+
+
+def _repair(
+    model: PipelineModel,
+    table: CostTable,
+    estimator: Estimator,
+    load: Load,
+    config: Config,
+    estimate: Estimate,
+    limit: float,
+) -> tuple[Config, Estimate] | None:
+    """Add replicas until feasible, or None once the cost reaches `limit`.
+
+    The first step tries one more replica on each stage (the cheapest feasible wins), because
+    the stage that breaks the SLO is not always the one whose queueing causes it; later steps
+    add to the stage where the simulation found the SLO broken, else the lowest-capacity one.
+    """
+    first: list[tuple[float, Config]] = []
+    for s in range(model.size):
+        cand = _with(config, s, replace(config[s], replicas=config[s].replicas + 1))
+        cost = cost_per_hour(table, cand)
+        if cost < limit:
+            first.append((cost, cand))
+    first.sort(key=lambda item: item[0])
+    for _, cand in first:
+        trial = estimator.estimate(cand)
+        if trial.feasible:
+            return cand, trial
+    while True:
+        if estimate.stopped_at is not None:
+            s = model.names.index(estimate.stopped_at)
+        else:
+            capacity = [
+                c.replicas * table[i].option(c.hardware).throughput_qps(c.max_batch_size) / load.visit_rates[i]
+                for i, c in enumerate(config)
+            ]
+            s = int(np.argmin(capacity))
+        config = _with(config, s, replace(config[s], replicas=config[s].replicas + 1))
+        if cost_per_hour(table, config) >= limit:
+            return None
+        estimate = estimator.estimate(config)
+        if estimate.feasible:
+            return config, estimate
 
 
 def _tie_key(config: Config) -> tuple[tuple[str, int, int], ...]:
