@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from inferline.planner.pipeline import PipelineModel
 from numpy.typing import NDArray
 
 from inferline.catalog import HardwareCatalog
 from inferline.errors import ProfileError
+from inferline.planner.pipeline import PipelineModel
 from inferline.profiles import ModelProfile, require_profiles
 
 

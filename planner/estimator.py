@@ -16,10 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
+
 from inferline.planner.costtable import CostTable, cost_per_hour
 from inferline.planner.kernel import run_stage
 from inferline.planner.pipeline import Config, PipelineModel, StageConfig, sample_visits
-from numpy.typing import NDArray
 
 PERCENTILE = 0.99
 

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from inferline.planner.costtable import CostTable, cost_per_hour
 from inferline.planner.estimator import Estimate, Estimator
 from inferline.planner.pipeline import Config, PipelineModel, StageConfig
