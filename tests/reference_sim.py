@@ -38,6 +38,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from inferline.catalog import DEFAULT_CATALOG
+from inferline.planner.costtable import CostTable, build_cost_table
+from inferline.planner.pipeline import PipelineModel, pipeline_model
+from inferline.profiles import parse_profile
+from inferline.spec import parse_spec
+
 ARRIVAL = 0
 FREE = 1
 DISPATCH = 2
@@ -53,6 +59,8 @@ class ReferenceResult:
     """(stages, queries): size of the batch the query was served in at that stage, 0 if not visited."""
     dispatch_s: NDArray[np.float64]
     """(stages, queries): when the query's batch started service at that stage, NaN if not visited."""
+    arrival_s: NDArray[np.float64]
+    """(stages, queries): when the query joined the stage's queue, NaN if not visited."""
 
 
 def simulate(
@@ -110,12 +118,14 @@ def simulate(
     free = [int(r) for r in replicas]
     completion = np.full((n_stages, n_queries), np.nan)
     dispatch = np.full((n_stages, n_queries), np.nan)
+    arrived = np.full((n_stages, n_queries), np.nan)
     batch_of = np.zeros((n_stages, n_queries), dtype=np.int64)
 
     while events:
         time, priority, _, payload = heapq.heappop(events)
         if priority == ARRIVAL:
             s, q = payload
+            arrived[s, q] = time
             heapq.heappush(queues[s], (time, q))
             push(time, DISPATCH, (s,))
         elif priority == FREE:
@@ -150,7 +160,7 @@ def simulate(
         assert all(not math.isnan(d) for d in done)
         if done:
             latencies[q] = max(done) - arrivals[q]
-    return ReferenceResult(latencies, completion, batch_of, dispatch)
+    return ReferenceResult(latencies, completion, batch_of, dispatch, arrived)
 
 
 def nearest_rank_p99(latencies: Sequence[float] | NDArray[np.float64]) -> float:
@@ -159,3 +169,17 @@ def nearest_rank_p99(latencies: Sequence[float] | NDArray[np.float64]) -> float:
     assert values, "no latencies"
     rank = (99 * len(values) + 99) // 100  # ceil(0.99 n) in exact integer arithmetic, 1-based
     return values[rank - 1]
+
+
+def build_pipeline(
+    stages: Sequence[dict[str, object]], profiles: dict[str, dict[str, object]], name: str = "test"
+) -> tuple[PipelineModel, CostTable]:
+    """A PipelineModel and its cost table from a spec's stage list and raw profile documents.
+
+    ``profiles`` maps a model name to its profile document's ``profiles`` field, e.g.
+    ``{"m": {"cpu": [{"batch_size": 1, "latency_ms": {"mean": 10.0}}]}}``.
+    """
+    spec = parse_spec({"name": name, "stages": list(stages)})
+    parsed = {m: parse_profile({"model": m, "profiles": doc}, "test") for m, doc in profiles.items()}
+    model = pipeline_model(spec)
+    return model, build_cost_table(model, parsed, DEFAULT_CATALOG)

@@ -1,0 +1,140 @@
+"""InferLine's tuner: traffic envelopes detect when live traffic exceeds what the plan was sized for.
+
+At plan time the sample trace's envelope r̂_j (max rate in any window ΔT_j = T_s·2^j up to 60 s)
+is recorded with each stage's μ (replica throughput at the planned batch), s (visit rate) and
+planned replicas k̂. The planned provisioning ratio per window is ρ_j = r̂_j·s / (k̂·μ).
+
+- Scale up at once when a live window's rate needs more replicas than a stage has:
+  k = ceil(r_j·s / (μ·ρ_j)) = ceil(k̂·r_j / r̂_j), the largest over windows j. (With k = k̂ this is
+  "a live window's rate exceeds the planned one"; after a scale-down it compares against what
+  the current replicas were sized for.)
+- Scale down conservatively: after `quiet_period_s` with no scale-up, to
+  k = ceil(r_5·s / (μ·ρ_5)) = ceil(k̂·r_5 / r̂_5), where r_5 is the max 5 s rate over the last 30 s.
+
+Only replica counts change; batch sizes and hardware stay as planned. When the live mean rate
+drifts far from the plan's, a `ReplanRecommended` note is emitted (replicas unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferline.plan import TunerInfo
+from inferline.planner.tuning.context import Decision, TunerContext, clamp
+
+
+class EnvelopeTunerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quiet_period_s: float = Field(default=15.0, ge=0, description="No scale-down until this long after a scale-up.")
+    downscale_lookback_s: float = Field(default=30.0, gt=0, description="History the scale-down rate is taken over.")
+    downscale_rate_window_s: float = Field(default=5.0, gt=0, description="Window of the scale-down rate.")
+    max_replicas: int = Field(default=1000, ge=1)
+    replan_drift_ratio: float = Field(
+        default=2.0, gt=1, description="Live/planned mean-rate ratio that advises re-planning."
+    )
+
+
+@dataclass(frozen=True)
+class EnvelopeTunerState:
+    started_s: float | None = None
+    """When the tuner first ran: scale-down waits for a full look-back of observations."""
+    last_scale_up_s: float = -math.inf
+    replan_noted: bool = False
+
+
+@dataclass(frozen=True)
+class EnvelopeTuner:
+    info: TunerInfo
+    config: EnvelopeTunerConfig = EnvelopeTunerConfig()
+    name: str = "inferline"
+
+    def initial_state(self) -> EnvelopeTunerState:
+        return EnvelopeTunerState()
+
+    def decide(self, ctx: TunerContext, state: EnvelopeTunerState) -> tuple[list[Decision], EnvelopeTunerState]:
+        if state.started_s is None:
+            state = replace(state, started_s=ctx.now_s)
+        ratio, window = self._upscale_ratio(ctx)
+        decisions: list[Decision] = []
+        scaled_up = False
+        for st in ctx.stages:
+            wanted = clamp(math.ceil(st.planned_replicas * ratio - 1e-9), 1, self.config.max_replicas)
+            if wanted > st.replicas:
+                scaled_up = True
+                decisions.append(
+                    Decision(
+                        st.name, wanted, "ScaleUpEnvelope",
+                        f"rate over {window:.3g} s windows is {ratio:.2f}x the planned envelope; "
+                        f"{st.replicas} -> {wanted} replicas",
+                    )
+                )  # fmt: skip
+        if scaled_up:
+            return decisions, replace(state, last_scale_up_s=ctx.now_s)
+        observed_s = ctx.now_s - (state.started_s if state.started_s is not None else ctx.now_s)
+        quiet = ctx.now_s - state.last_scale_up_s >= self.config.quiet_period_s
+        if quiet and observed_s >= max(self.config.quiet_period_s, self.config.downscale_lookback_s):
+            down_ratio = self._downscale_ratio(ctx)
+            for st in ctx.stages:
+                wanted = clamp(math.ceil(st.planned_replicas * down_ratio - 1e-9), 1, self.config.max_replicas)
+                if wanted < st.replicas:
+                    decisions.append(
+                        Decision(
+                            st.name, wanted, "ScaleDownQuiet",
+                            f"max {self.config.downscale_rate_window_s:g} s rate over the last "
+                            f"{self.config.downscale_lookback_s:g} s is {down_ratio:.2f}x the plan's; "
+                            f"{st.replicas} -> {wanted} replicas",
+                        )
+                    )  # fmt: skip
+        return decisions, self._note_drift(ctx, state, decisions)
+
+    def _upscale_ratio(self, ctx: TunerContext) -> tuple[float, float]:
+        """max_j r_j / r̂_j over windows ending at this tick's arrivals (earlier ends were seen before)."""
+        arrivals = ctx.recent_arrivals_s
+        if ctx.new_arrivals == 0 or arrivals.size == 0:
+            return 0.0, 0.0
+        ends = arrivals[arrivals.size - ctx.new_arrivals :]
+        end_index = np.arange(arrivals.size - ctx.new_arrivals, arrivals.size) + 1
+        best, best_window = 0.0, 0.0
+        for point in self.info.envelope:
+            if point.rate_qps <= 0:
+                continue
+            starts = np.searchsorted(arrivals, ends - point.window_s, side="right")
+            rate = float(np.max(end_index - starts)) / point.window_s
+            if rate / point.rate_qps > best:
+                best, best_window = rate / point.rate_qps, point.window_s
+        return best, best_window
+
+    def _downscale_ratio(self, ctx: TunerContext) -> float:
+        arrivals = ctx.recent_arrivals_s
+        recent = arrivals[arrivals >= ctx.now_s - self.config.downscale_lookback_s]
+        if recent.size == 0 or self.info.rate_5s_qps <= 0:
+            return 0.0
+        w = self.config.downscale_rate_window_s
+        ends = np.searchsorted(recent, recent + w, side="left")
+        rate = float(np.max(ends - np.arange(recent.size))) / w
+        return rate / self.info.rate_5s_qps
+
+    def _note_drift(
+        self, ctx: TunerContext, state: EnvelopeTunerState, decisions: list[Decision]
+    ) -> EnvelopeTunerState:
+        planned = self.info.envelope[-1].rate_qps if self.info.envelope else 0.0
+        arrivals = ctx.recent_arrivals_s
+        if state.replan_noted or planned <= 0 or arrivals.size < 2 or ctx.now_s < 60.0:
+            return state
+        live = arrivals.size / 60.0
+        drift = max(live / planned, planned / max(live, 1e-9))
+        if drift >= self.config.replan_drift_ratio and ctx.stages:
+            first = ctx.stages[0]
+            decisions.append(
+                Decision(
+                    first.name, first.replicas, "ReplanRecommended",
+                    f"live mean rate {live:.0f} qps is {drift:.1f}x off the plan's {planned:.0f} qps; re-plan",
+                )
+            )  # fmt: skip
+            return replace(state, replan_noted=True)
+        return state
