@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # mypy cannot follow that mapping, so it checks a symlink tree laid out as installed.
 TYPECHECK := build/typecheck/inferline
 
-.PHONY: demo test lint typecheck unit bench clean install
+.PHONY: demo test lint tree typecheck unit bench clean install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,15 +22,17 @@ demo: $(STAMP)
 
 test: lint typecheck unit
 
-lint: $(STAMP)
+lint: $(STAMP) tree
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	cd build/typecheck && PYTHONPATH=$(CURDIR)/build/typecheck $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
-typecheck: $(STAMP)
+tree:
 	rm -rf build/typecheck && mkdir -p $(TYPECHECK)
 	for f in $(CURDIR)/inferline/*; do ln -s $$f $(TYPECHECK)/; done
 	for d in planner agent router adapters; do ln -s $(CURDIR)/$$d $(TYPECHECK)/$$d; done
+
+typecheck: $(STAMP) tree
 	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p inferline
 
 unit: $(STAMP)

@@ -19,7 +19,7 @@ class InferlineError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        text = self.message.rstrip(".")
+        text = self.message[:-1] if self.message.endswith(".") and not self.message.endswith("..") else self.message
         return f"{text}. To fix: {self.fix}" if self.fix else f"{text}."
 
 

@@ -59,6 +59,8 @@ class Plan(BaseModel):
     stages: dict[str, StagePlan] = Field(default_factory=dict)
     planner_wall_s: float | None = None
     simulations: int | None = None
+    profiles: str | None = Field(default=None, description="Profile directory the plan was made from.")
+    hardware_catalog: str | None = Field(default=None, description="Catalog file used; none = built-in AWS prices.")
     tuner: TunerInfo | None = None
 
     def stage(self, name: str) -> StagePlan:

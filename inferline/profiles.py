@@ -16,7 +16,7 @@ from inferline.validation import parse
 
 
 class LatencyStats(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     mean: float = Field(gt=0, description="Mean batch latency in ms.")
     p50: float | None = Field(default=None, gt=0)
@@ -79,7 +79,7 @@ class ModelProfile(BaseModel):
 
     def throughput_qps(self, hardware: str, batch_size: int) -> float:
         """Queries per second of one replica that always runs full batches of batch_size."""
-        return batch_size / (self.service_times_ms(hardware, batch_size)[batch_size] / 1000.0)
+        return float(batch_size / (self.service_times_ms(hardware, batch_size)[batch_size] / 1000.0))
 
 
 def parse_profile(data: object, source: str) -> ModelProfile:
@@ -100,6 +100,8 @@ def load_profile(path: str | Path) -> ModelProfile:
 def load_profiles(directory: str | Path) -> dict[str, ModelProfile]:
     """All `*.json` profiles in a directory, keyed by model name."""
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ProfileError(f"--profiles {str(d)!r} is a file, not a directory", "pass the directory of *.json profiles")
     if not d.is_dir():
         raise ProfileError(f"profile directory {str(d)!r} does not exist", "pass --profiles DIR with *.json files")
     found: dict[str, ModelProfile] = {}

@@ -75,7 +75,14 @@ def _topological_order(stages: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
     while remaining:
         ready = [s for s in stages if s.name in remaining and not remaining[s.name]]
         if not ready:
-            cycle = sorted(remaining)
+            # Peel off stages that nothing left depends on: what remains is on a cycle.
+            cycle_set = set(remaining)
+            while True:
+                needed = {p for n in cycle_set for p in remaining[n] if p in cycle_set}
+                if needed == cycle_set:
+                    break
+                cycle_set = needed
+            cycle = sorted(cycle_set)
             raise ValueError(f"stages {', '.join(repr(c) for c in cycle)} form a cycle through 'after'")
         for s in ready:
             order.append(s)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from inferline.errors import TraceError
+from inferline.errors import TraceError, did_you_mean
 
 Trace = NDArray[np.float64]
 
@@ -36,29 +36,38 @@ def load_trace(source: str) -> Trace:
         else:
             arrivals = _ramp(params)
         return validate_trace(arrivals, source)
-    return validate_trace(_read_file(Path(source)), source)
+    values, lines = _read_file(Path(source))
+    return validate_trace(values, source, lines)
 
 
-def validate_trace(arrivals: NDArray[np.float64], source: str) -> Trace:
+def validate_trace(arrivals: NDArray[np.float64], source: str, lines: list[int] | None = None) -> Trace:
+    """Checks a trace; `lines` maps each value to its line in the file (default: value i is line i+1)."""
     a = np.asarray(arrivals, dtype=np.float64).ravel()
+
+    def line(i: int) -> int:
+        return lines[i] if lines is not None else i + 1
+
     if a.size == 0:
         raise TraceError(f"trace {source!r} is empty", "give at least one arrival time")
     if not np.all(np.isfinite(a)):
         bad = int(np.argmax(~np.isfinite(a)))
-        raise TraceError(f"trace {source!r}: arrival {bad + 1} is not a finite number", "fix that line")
-    if a[0] < 0:
-        raise TraceError(f"trace {source!r}: arrival 1 is negative ({a[0]})", "times are seconds from 0")
+        raise TraceError(f"trace {source!r}: line {line(bad)} is not a finite number", "fix that line")
+    if np.any(a < 0):
+        bad = int(np.argmax(a < 0))
+        raise TraceError(f"trace {source!r}: line {line(bad)} is negative ({a[bad]})", "times are seconds from 0")
     drops = np.flatnonzero(np.diff(a) < 0)
     if drops.size:
         i = int(drops[0]) + 1
         raise TraceError(
-            f"trace {source!r}: line {i + 1} ({a[i]}) is earlier than line {i} ({a[i - 1]})",
+            f"trace {source!r}: line {line(i)} ({a[i]}) is earlier than line {line(i - 1)} ({a[i - 1]})",
             "sort the arrival times ascending",
         )
     return a
 
 
-def _read_file(path: Path) -> NDArray[np.float64]:
+def _read_file(path: Path) -> tuple[NDArray[np.float64], list[int] | None]:
+    if path.is_dir():
+        raise TraceError(f"trace {str(path)!r} is a directory", "pass a file of arrival times")
     if not path.exists():
         raise TraceError(
             f"trace {str(path)!r} is neither a file nor a generator",
@@ -66,23 +75,35 @@ def _read_file(path: Path) -> NDArray[np.float64]:
         )
     if path.suffix == ".npy":
         try:
-            return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+            return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64), None
         except (ValueError, OSError) as exc:
             raise TraceError(f"trace {str(path)!r} is not a readable .npy array ({exc})", "re-save it") from None
     values: list[float] = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            try:
-                values.append(float(text))
-            except ValueError:
-                raise TraceError(
-                    f"trace {str(path)!r}: line {lineno} is not a number ({text[:40]!r})",
-                    "one arrival time in seconds per line",
-                ) from None
-    return np.array(values, dtype=np.float64)
+    lines: list[int] = []
+    try:
+        text_lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"trace {str(path)!r} is not a readable text file ({exc})", "one time per line") from None
+    for lineno, line in enumerate(text_lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise TraceError(
+                f"trace {str(path)!r}: line {lineno} is not a number ({text[:40]!r})",
+                "one arrival time in seconds per line",
+            ) from None
+        lines.append(lineno)
+    return np.array(values, dtype=np.float64), lines
+
+
+_KEYS = {
+    "gamma": {"rate", "cv", "duration", "seed"},
+    "step": {"rate", "cv", "every", "seed"},
+    "ramp": {"from", "to", "duration", "cv", "seed"},
+}
 
 
 def _parse_params(source: str) -> dict[str, list[float]]:
@@ -96,6 +117,10 @@ def _parse_params(source: str) -> dict[str, list[float]]:
             params[key.strip()] = [float(v) for v in value.split("/")]
         except ValueError:
             raise TraceError(f"trace {source!r}: {key}={value} is not a number", f"e.g. {_example(kind)}") from None
+    unknown = sorted(set(params) - _KEYS[kind])
+    if unknown:
+        hint = "".join(did_you_mean(u, _KEYS[kind]) for u in unknown)
+        raise TraceError(f"trace generator {kind!r} does not know {unknown}{hint}", f"e.g. {_example(kind)}")
     return params
 
 
@@ -119,9 +144,29 @@ def _take(params: dict[str, list[float]], key: str, kind: str, default: float | 
 
 def _positive(values: list[float], key: str, kind: str) -> list[float]:
     for v in values:
-        if not v > 0:
-            raise TraceError(f"trace generator {kind!r}: {key}={v:g} must be positive", f"e.g. {_example(kind)}")
+        if not (v > 0 and np.isfinite(v)):
+            raise TraceError(
+                f"trace generator {kind!r}: {key}={v:g} must be a positive finite number", f"e.g. {_example(kind)}"
+            )
     return values
+
+
+def _seed(params: dict[str, list[float]], kind: str) -> int:
+    seed = _take(params, "seed", kind, 0.0)[0]
+    if not (seed >= 0 and float(seed).is_integer()):
+        raise TraceError(f"trace generator {kind!r}: seed={seed:g} must be a whole number >= 0", "e.g. seed=1")
+    return int(seed)
+
+
+MAX_GENERATED = 50_000_000
+
+
+def _check_size(expected: float, kind: str) -> None:
+    if expected > MAX_GENERATED:
+        raise TraceError(
+            f"trace generator {kind!r} would make about {expected:.3g} arrivals (limit {MAX_GENERATED:,})",
+            "lower the rate or the duration",
+        )
 
 
 def _no_extra(params: dict[str, list[float]], kind: str) -> None:
@@ -149,8 +194,9 @@ def _gamma(params: dict[str, list[float]]) -> NDArray[np.float64]:
     rate = _positive(_take(params, "rate", "gamma"), "rate", "gamma")[0]
     cv = _positive(_take(params, "cv", "gamma", 1.0), "cv", "gamma")[0]
     duration = _positive(_take(params, "duration", "gamma"), "duration", "gamma")[0]
-    seed = int(_take(params, "seed", "gamma", 0.0)[0])
+    seed = _seed(params, "gamma")
     _no_extra(params, "gamma")
+    _check_size(rate * duration, "gamma")
     return _gamma_segment(np.random.default_rng(seed), rate, cv, duration)
 
 
@@ -158,8 +204,9 @@ def _step(params: dict[str, list[float]]) -> NDArray[np.float64]:
     rates = _positive(_take(params, "rate", "step"), "rate", "step")
     cvs = _positive(_take(params, "cv", "step", 1.0), "cv", "step")
     every = _positive(_take(params, "every", "step"), "every", "step")[0]
-    seed = int(_take(params, "seed", "step", 0.0)[0])
+    seed = _seed(params, "step")
     _no_extra(params, "step")
+    _check_size(max(rates) * every * max(len(rates), len(cvs)), "step")
     segments = max(len(rates), len(cvs))
     for name, values in (("rate", rates), ("cv", cvs)):
         if len(values) not in (1, segments):
@@ -177,8 +224,9 @@ def _ramp(params: dict[str, list[float]]) -> NDArray[np.float64]:
     r1 = _positive(_take(params, "to", "ramp"), "to", "ramp")[0]
     duration = _positive(_take(params, "duration", "ramp"), "duration", "ramp")[0]
     cv = _positive(_take(params, "cv", "ramp", 1.0), "cv", "ramp")[0]
-    seed = int(_take(params, "seed", "ramp", 0.0)[0])
+    seed = _seed(params, "ramp")
     _no_extra(params, "ramp")
+    _check_size(max(r0, r1) * duration, "ramp")
     # Time-rescaling: arrivals u of a unit-rate process map to t with Λ(t) = u, where
     # Λ(t) = r0·t + (r1 - r0)·t²/(2·duration) is the cumulative rate.
     total = r0 * duration + (r1 - r0) * duration / 2.0

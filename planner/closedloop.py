@@ -81,6 +81,8 @@ class _Stage:
     pend_t: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     pend_q: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     in_flight: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    ready_at: list[float] = field(default_factory=list)
+    """When each provisioned replica is (or was) ready to serve."""
     batch_sum: float = 0.0
     batch_count: int = 0
 
@@ -106,6 +108,7 @@ def simulate_run(
             price_per_hour=table[s].option(c.hardware).price_per_hour,
             heap=np.zeros(c.replicas),
             provisioned=c.replicas,
+            ready_at=[0.0] * c.replicas,
         )
         for s, c in enumerate(config)
     ]
@@ -156,15 +159,15 @@ def simulate_run(
                 waiting[c][reach] -= 1
                 ready = reach[waiting[c][reach] == 0]
                 _enqueue(stages[c], stage_arrival[c, ready], ready)
-            ready_replicas = int(np.count_nonzero(st.heap <= horizon)) if st.heap.size else 0
+            ready_replicas = max(1, sum(1 for t in st.ready_at if t <= horizon))
             statuses.append(
                 StageStatus(
                     name=model.names[s],
                     replicas=st.provisioned,
-                    ready_replicas=st.heap.size if ready_replicas == 0 else ready_replicas,
+                    ready_replicas=ready_replicas,
                     queue_length=int(np.count_nonzero(st.pend_t < horizon)),
                     in_flight=int(st.in_flight.size),
-                    busy_fraction=min(1.0, busy / (max(st.heap.size, 1) * tick_s)),
+                    busy_fraction=min(1.0, busy / (ready_replicas * tick_s)),
                     arrivals=arrived,
                     planned_replicas=planned[s],
                     throughput_qps=mu[s],
@@ -189,7 +192,7 @@ def simulate_run(
                     _resize(stages[s], d.replicas, horizon, startup_s)
                 decisions.append(TimedDecision(horizon, d))
         now = horizon
-    latencies = completion.max(axis=0) - arrivals
+    latencies = np.maximum(completion.max(axis=0), arrivals) - arrivals  # no stage visited: latency 0
     duration = max(now + tick_s, end_of_trace)
     return RunResult(
         arrivals_s=arrivals,
@@ -221,8 +224,10 @@ def _resize(st: _Stage, replicas: int, now: float, startup_s: float) -> None:
     heap = np.sort(st.heap)
     if replicas > st.provisioned:
         heap = np.concatenate([heap, np.full(replicas - st.provisioned, now + startup_s)])
+        st.ready_at = st.ready_at + [now + startup_s] * (replicas - st.provisioned)
     else:
         heap = _drop_idle_first(heap, st.provisioned - replicas)
+        st.ready_at = sorted(st.ready_at)[:replicas]  # replicas still starting are cancelled first
     st.heap = np.sort(heap)
     st.provisioned = replicas
 

@@ -82,7 +82,7 @@ class Estimator:
         """Feasibility and P99 of one configuration (stops early when certainly infeasible)."""
         self.simulations += 1
         cost = cost_per_hour(self.table, config)
-        done = np.full(self.arrivals_s.size, -np.inf)
+        done = self.arrivals_s.copy()  # a query visiting no stage is done on arrival
         completions: list[NDArray[np.float64]] = []
         for s in range(self.model.size):
             comp = self.stage_completions(s, config, completions)
@@ -98,7 +98,7 @@ class Estimator:
     def latencies_s(self, config: Config) -> tuple[NDArray[np.float64], list[NDArray[np.float64]]]:
         """Every query's end-to-end latency and each stage's completion times (no early stop)."""
         completions: list[NDArray[np.float64]] = []
-        done = np.full(self.arrivals_s.size, -np.inf)
+        done = self.arrivals_s.copy()  # a query visiting no stage is done on arrival
         for s in range(self.model.size):
             comp = self._simulate_stage(s, config, completions, budget=self.arrivals_s.size)
             assert comp is not None

@@ -67,7 +67,7 @@ def plan_exact(
     if upper_bound is not None and upper_bound.feasible and upper_bound.config is not None:
         search.best_cost = upper_bound.cost_per_hour * (1 + 1e-9)
     try:
-        search.descend(0, (), 0.0, np.full(estimator.arrivals_s.size, -np.inf), [])
+        search.descend(0, (), 0.0, estimator.arrivals_s.copy(), [])
     except _GaveUp:
         return PlanResult(
             "exact", False, None, math.inf, math.inf,

@@ -10,13 +10,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.catalog import HardwareCatalog
+from inferline.errors import PlanError
 from inferline.plan import EnvelopePoint, Plan, StagePlan, TunerInfo, TunerStage
 from inferline.planner.baselines import plan_coarse
 from inferline.planner.costtable import CostTable, build_cost_table
 from inferline.planner.envelope import envelope, envelope_windows, max_arrivals
 from inferline.planner.estimator import Estimator
 from inferline.planner.exact import plan_exact
-from inferline.planner.pipeline import Config, PipelineModel, pipeline_model
+from inferline.planner.pipeline import Config, PipelineModel, StageConfig, pipeline_model
 from inferline.planner.search import PlanResult, longest_path_s, plan_greedy
 from inferline.profiles import ModelProfile
 from inferline.spec import PipelineSpec
@@ -57,7 +58,7 @@ def make_plan(
     wall_s = time.perf_counter() - started
     if result.config is None:
         return Plan(pipeline=spec.name, slo_ms=slo_ms, strategy=strategy, feasible=False, reason=result.reason,
-                    planner_wall_s=wall_s, simulations=result.simulations)  # fmt: skip
+                    planner_wall_s=round(wall_s, 4), simulations=result.simulations)  # fmt: skip
     return Plan(
         pipeline=spec.name,
         slo_ms=slo_ms,
@@ -97,3 +98,30 @@ def tuner_info(model: PipelineModel, table: CostTable, estimator: Estimator, con
             for s, (name, c) in enumerate(zip(model.names, config, strict=True))
         },
     )
+
+
+def plan_config(model: PipelineModel, table: CostTable, plan: Plan) -> Config:
+    """The plan's configuration in the model's stage order, checked against the pipeline and profiles."""
+    if plan.pipeline != model.name:
+        raise PlanError(
+            f"the plan is for pipeline {plan.pipeline!r}, not {model.name!r}", "pass the plan made for this spec"
+        )
+    extra = sorted(set(plan.stages) - set(model.names))
+    if extra:
+        raise PlanError(f"the plan has stages {extra} that the pipeline does not", "re-plan for this spec")
+    config = []
+    for s, name in enumerate(model.names):
+        st = plan.stage(name)
+        if st.hardware not in table[s].options:
+            raise PlanError(
+                f"stage {name!r}: hardware {st.hardware!r} has no profile of model {table[s].model!r} in the catalog",
+                f"use one of {sorted(table[s].options)} or re-plan",
+            )
+        option = table[s].option(st.hardware)
+        if st.max_batch_size not in option.batch_sizes:
+            raise PlanError(
+                f"stage {name!r}: max_batch_size {st.max_batch_size} is not a profiled batch size on {st.hardware!r}",
+                f"use one of {list(option.batch_sizes)}",
+            )
+        config.append(StageConfig(st.hardware, st.max_batch_size, st.replicas))
+    return tuple(config)

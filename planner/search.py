@@ -16,7 +16,9 @@ on. When no candidate is feasible as it stands, the round tries to repair candid
 replicas to the stage where the simulation found the SLO broken (else the stage with the lowest
 capacity) while the cost stays below the current one, and takes the cheapest repaired one. This
 lets a move on one stage be paid for by a replica on another, which the plain actions cannot
-express. Stops when no candidate, plain or repaired, is cheaper.
+express. Last, it tries pairs of plain candidates on two different stages (cheapest pairs
+first, at most `MAX_PAIR_TRIALS`): two batch increases can be feasible together where neither
+is alone. Stops when no candidate, plain, repaired or paired, is cheaper.
 
 Invariant: the configuration held is always feasible, and its cost strictly falls each round,
 so the search ends.
@@ -34,6 +36,7 @@ from inferline.planner.estimator import Estimate, Estimator
 from inferline.planner.pipeline import Config, PipelineModel, StageConfig
 
 MAX_TOTAL_REPLICAS = 2000
+MAX_PAIR_TRIALS = 400
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,9 @@ def neighbors(model: PipelineModel, table: CostTable, load: Load, config: Config
 def _cheapest_feasible_neighbor(
     model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, cost: float
 ) -> tuple[Config, Estimate] | None:
+    around = neighbors(model, table, load, config)
     candidates = sorted(
-        {cand: c for c, cand in neighbors(model, table, load, config) if c < cost - 1e-12}.items(),
+        {cand: c for c, cand in around if c < cost - 1e-12}.items(),
         key=lambda item: (item[1], _tie_key(item[0])),
     )
     failed: list[tuple[Config, Estimate]] = []
@@ -173,7 +177,43 @@ def _cheapest_feasible_neighbor(
         repaired = _repair(model, table, estimator, load, cand, estimate, limit)
         if repaired is not None:
             best, limit = repaired, repaired[1].cost_per_hour - 1e-12
-    return best
+    if best is not None:
+        return best
+    # Cost-neutral moves count here: a batch increase that saves nothing alone can enable another.
+    # Only moves that keep the stage's capacity pair up: the others are what made singles fail.
+    singles = list(
+        dict.fromkeys(cand for c, cand in around if c <= cost + 1e-12 and _keeps_capacity(table, config, cand))
+    )
+    return _cheapest_feasible_pair(table, estimator, config, singles, cost)
+
+
+def _keeps_capacity(table: CostTable, config: Config, cand: Config) -> bool:
+    def capacity(s: int, c: StageConfig) -> float:
+        return c.replicas * table[s].option(c.hardware).throughput_qps(c.max_batch_size)
+
+    return all(capacity(s, c) >= 0.999 * capacity(s, config[s]) for s, c in enumerate(cand) if c != config[s])
+
+
+def _cheapest_feasible_pair(
+    table: CostTable, estimator: Estimator, config: Config, singles: list[Config], cost: float
+) -> tuple[Config, Estimate] | None:
+    """Combine two single-stage moves on different stages; the cheapest feasible pair wins."""
+    moves = [(s, cand[s]) for cand in singles for s in range(len(config)) if cand[s] != config[s]]
+    pairs: dict[Config, float] = {}
+    for i, (s1, c1) in enumerate(moves):
+        for s2, c2 in moves[i + 1 :]:
+            if s1 == s2:
+                continue
+            pair = _with(_with(config, s1, c1), s2, c2)
+            pair_cost = cost_per_hour(table, pair)
+            if pair_cost < cost - 1e-12:
+                pairs[pair] = pair_cost
+    ranked = sorted(pairs.items(), key=lambda item: (item[1], _tie_key(item[0])))
+    for pair, _ in ranked[:MAX_PAIR_TRIALS]:
+        estimate = estimator.estimate(pair)
+        if estimate.feasible:
+            return pair, estimate
+    return None
 
 
 def _repair(

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -172,7 +173,7 @@ def nearest_rank_p99(latencies: Sequence[float] | NDArray[np.float64]) -> float:
 
 
 def build_pipeline(
-    stages: Sequence[dict[str, object]], profiles: dict[str, dict[str, object]], name: str = "test"
+    stages: Sequence[Mapping[str, Any]], profiles: Mapping[str, Any], name: str = "test"
 ) -> tuple[PipelineModel, CostTable]:
     """A PipelineModel and its cost table from a spec's stage list and raw profile documents.
 

@@ -9,7 +9,8 @@ planned replicas k̂. The planned provisioning ratio per window is ρ_j = r̂_j�
   "a live window's rate exceeds the planned one"; after a scale-down it compares against what
   the current replicas were sized for.)
 - Scale down conservatively: after `quiet_period_s` with no scale-up, to
-  k = ceil(r_5·s / (μ·ρ_5)) = ceil(k̂·r_5 / r̂_5), where r_5 is the max 5 s rate over the last 30 s.
+  k = ceil(r_5·s / (μ·ρ_5)) = ceil(k̂·r_5 / r̂_5), where r_5 is the max 5 s rate over the last 30 s,
+  but never below what the scale-up rule asked for within those 30 s (that would flap).
 
 Only replica counts change; batch sizes and hardware stay as planned. When the live mean rate
 drifts far from the plan's, a `ReplanRecommended` note is emitted (replicas unchanged).
@@ -18,7 +19,7 @@ drifts far from the plan's, a `ReplanRecommended` note is emitted (replicas unch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,12 +46,14 @@ class EnvelopeTunerState:
     """When the tuner first ran: scale-down waits for a full look-back of observations."""
     last_scale_up_s: float = -math.inf
     replan_noted: bool = False
+    ratios: tuple[tuple[float, float], ...] = ()
+    """(time_s, envelope ratio) of each tick within the scale-down look-back."""
 
 
 @dataclass(frozen=True)
 class EnvelopeTuner:
     info: TunerInfo
-    config: EnvelopeTunerConfig = EnvelopeTunerConfig()
+    config: EnvelopeTunerConfig = field(default_factory=EnvelopeTunerConfig)
     name: str = "inferline"
 
     def initial_state(self) -> EnvelopeTunerState:
@@ -60,6 +63,8 @@ class EnvelopeTuner:
         if state.started_s is None:
             state = replace(state, started_s=ctx.now_s)
         ratio, window = self._upscale_ratio(ctx)
+        horizon = ctx.now_s - self.config.downscale_lookback_s
+        state = replace(state, ratios=(*(r for r in state.ratios if r[0] > horizon), (ctx.now_s, ratio)))
         decisions: list[Decision] = []
         scaled_up = False
         for st in ctx.stages:
@@ -78,7 +83,8 @@ class EnvelopeTuner:
         observed_s = ctx.now_s - (state.started_s if state.started_s is not None else ctx.now_s)
         quiet = ctx.now_s - state.last_scale_up_s >= self.config.quiet_period_s
         if quiet and observed_s >= max(self.config.quiet_period_s, self.config.downscale_lookback_s):
-            down_ratio = self._downscale_ratio(ctx)
+            # Never below what the envelope rule asked for within the look-back: that would flap.
+            down_ratio = max(self._downscale_ratio(ctx), max(r for _, r in state.ratios))
             for st in ctx.stages:
                 wanted = clamp(math.ceil(st.planned_replicas * down_ratio - 1e-9), 1, self.config.max_replicas)
                 if wanted < st.replicas:

@@ -9,6 +9,7 @@ coincide with batch completions, which exercises the tie rules; the other half u
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -97,12 +98,12 @@ def _profile(rng: np.random.Generator, dyadic: bool) -> dict[str, object]:
         sizes = sorted(int(b) for b in rng.choice(BATCH_SIZES, size=m, replace=False))
         if dyadic:
             lat = [GRID_MS * int(rng.integers(1, 7))]
-            for a, b in zip(sizes, sizes[1:], strict=False):
+            for a, b in itertools.pairwise(sizes):
                 # integer multiples of the grid per extra query, so interpolation stays on the grid
                 lat.append(lat[-1] + GRID_MS * int(rng.integers(0, 3)) * (b - a))
         else:
             lat = [float(rng.uniform(2.0, 60.0))]
-            for a, b in zip(sizes, sizes[1:], strict=False):
+            for a, b in itertools.pairwise(sizes):
                 growth = float(rng.uniform(0.05, 1.0)) * (b - a) / a
                 if rng.random() < 0.1:
                     growth = -0.3 * float(rng.random())  # a non-monotone profile is legal too

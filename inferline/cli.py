@@ -1,0 +1,167 @@
+"""The `inferline` command: wires the parts together and holds no logic of its own.
+
+Every user error ends as one line on stderr and a non-zero exit (INFERLINE_DEBUG=1 shows the
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
+from inferline.errors import InferlineError, SpecError
+from inferline.plan import load_plan
+from inferline.planner.closedloop import simulate_run
+from inferline.planner.costtable import build_cost_table
+from inferline.planner.pipeline import pipeline_model
+from inferline.planner.planning import STRATEGIES, make_plan, plan_config
+from inferline.planner.tuning.registry import TUNERS, make_policy
+from inferline.profiles import load_profiles
+from inferline.runs import run_results
+from inferline.spec import PipelineSpec, load_spec
+from inferline.tables import plan_table, runs_table
+from inferline.traces import load_trace
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferline", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="plan the cheapest configuration that meets the P99 SLO for a sample trace")
+    p.add_argument("spec", help="pipeline spec (YAML)")
+    p.add_argument("--profiles", required=True, help="directory of model profiles (*.json)")
+    p.add_argument(
+        "--trace", required=True, help="arrival trace file or generator, e.g. gamma:rate=200,cv=4,duration=600"
+    )
+    p.add_argument("--slo-ms", type=float, help="end-to-end P99 objective in ms (overrides the spec's slo_ms)")
+    p.add_argument("--hardware", help="hardware catalog (YAML); default: the InferLine authors' AWS prices")
+    p.add_argument("--strategy", default="inferline", choices=STRATEGIES, help="planning strategy")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--out", help="also write the plan JSON to this file")
+
+    s = sub.add_parser("simulate", help="simulate a plan over a trace, optionally with a tuner scaling replicas")
+    s.add_argument("spec", help="pipeline spec (YAML)")
+    s.add_argument("--plan", required=True, help="plan JSON written by `inferline plan --json`")
+    s.add_argument("--trace", required=True, help="arrival trace file or generator")
+    s.add_argument("--tuner", default="inferline", choices=TUNERS, help="replica tuner (none = static plan)")
+    s.add_argument("--profiles", help="profile directory (default: the one the plan was made from)")
+    s.add_argument("--hardware", help="hardware catalog (default: the one the plan was made with)")
+    s.add_argument("--startup-s", type=float, default=5.0, help="seconds before an added replica serves")
+    s.add_argument("--tick-s", type=float, default=0.25, help="tuner control period in seconds")
+    s.add_argument("--seed", type=int, default=0, help="seed for conditional edges")
+    s.add_argument("--json", action="store_true", help="print run results as JSON")
+    s.add_argument("--plot", help="write a PNG of arrival rate, replicas per stage and latency over time")
+
+    d = sub.add_parser("demo", help="the main job on the bundled example (see README)")
+    d.add_argument("--out", default="demo-out", help="directory for the report (JSON and plots)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "simulate":
+            return _simulate(args)
+        from inferline.demo import run_demo
+
+        return run_demo(Path(args.out), Console())
+    except InferlineError as exc:
+        if os.environ.get("INFERLINE_DEBUG"):
+            raise
+        print(f"inferline: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("inferline: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: not an error of ours; silence the flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _catalog(path: str | None) -> HardwareCatalog:
+    return load_catalog(path) if path else DEFAULT_CATALOG
+
+
+def _slo_ms(spec: PipelineSpec, override: float | None) -> float:
+    slo = override if override is not None else spec.slo_ms
+    if slo is None:
+        raise SpecError(f"pipeline {spec.name!r} has no slo_ms", "add slo_ms to the spec or pass --slo-ms")
+    if slo <= 0:
+        raise SpecError(f"--slo-ms must be positive, got {slo:g}", "pass an SLO in milliseconds")
+    return slo
+
+
+def _plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    slo_ms = _slo_ms(spec, args.slo_ms)
+    profiles = load_profiles(args.profiles)
+    catalog = _catalog(args.hardware)
+    arrivals = load_trace(args.trace)
+    plan = make_plan(spec, profiles, catalog, arrivals, slo_ms, args.strategy)
+    plan = plan.model_copy(
+        update={
+            "profiles": str(Path(args.profiles).resolve()),
+            "hardware_catalog": str(Path(args.hardware).resolve()) if args.hardware else None,
+        }
+    )
+    if args.json:
+        print(plan.to_json())
+    elif plan.feasible:
+        Console().print(plan_table(plan))
+    if args.out:
+        _write(Path(args.out), plan.to_json() + "\n")
+    if not plan.feasible:
+        print(f"inferline: infeasible: {plan.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    plan = load_plan(args.plan)
+    profiles_dir = args.profiles or plan.profiles
+    if profiles_dir is None:
+        raise InferlineError("the plan does not say where its profiles are", "pass --profiles DIR")
+    catalog = _catalog(args.hardware or plan.hardware_catalog)
+    model = pipeline_model(spec)
+    table = build_cost_table(model, load_profiles(profiles_dir), catalog)
+    config = plan_config(model, table, plan)
+    arrivals = load_trace(args.trace)
+    policy = make_policy(args.tuner, plan.tuner)
+    if args.tick_s <= 0 or args.startup_s < 0:
+        raise InferlineError("--tick-s must be positive and --startup-s not negative", "pass sensible durations")
+    result = simulate_run(
+        model, table, config, arrivals, plan.slo_ms / 1000.0, policy,
+        tick_s=args.tick_s, startup_s=args.startup_s, seed=args.seed,
+    )  # fmt: skip
+    results = run_results(result, args.tuner)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        Console().print(runs_table(f"{spec.name}: simulated over {args.trace}", [(args.tuner, results)]))
+    if args.plot:
+        from inferline.plots import plot_run
+
+        plot_run(result, args.plot, f"{spec.name} · tuner {args.tuner}")
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise InferlineError(f"cannot write {str(path)!r}: {exc.strerror}", "check that its folder exists") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
