@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 
 from inferline.catalog import HardwareCatalog
 from inferline.errors import ProfileError
-from inferline.planner.pipeline import PipelineModel
+from inferline.planner.pipeline import Config, PipelineModel
 from inferline.profiles import ModelProfile, require_profiles
 
 
@@ -85,11 +85,5 @@ def build_cost_table(model: PipelineModel, profiles: Mapping[str, ModelProfile],
     return tuple(tables)
 
 
-def cost_per_hour(table: CostTable, config: tuple[object, ...]) -> float:
-    from inferline.planner.pipeline import StageConfig
-
-    total = 0.0
-    for t, c in zip(table, config, strict=True):
-        assert isinstance(c, StageConfig)
-        total += t.option(c.hardware).price_per_hour * c.replicas
-    return total
+def cost_per_hour(table: CostTable, config: Config) -> float:
+    return sum(t.option(c.hardware).price_per_hour * c.replicas for t, c in zip(table, config, strict=True))

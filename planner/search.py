@@ -137,22 +137,22 @@ def _replica_range(load: Load, table: CostTable, stage: int, hardware: str, batc
 
 def neighbors(model: PipelineModel, table: CostTable, load: Load, config: Config) -> list[tuple[float, Config]]:
     """All candidates of one greedy round, with their cost."""
-    found: list[tuple[float, Config]] = []
+    found: list[Config] = []
     for s, c in enumerate(config):
         option = table[s].option(c.hardware)
         capacity = c.replicas * option.throughput_qps(c.max_batch_size)
         if c.replicas > 1:
-            found.append((0.0, _with(config, s, replace(c, replicas=c.replicas - 1))))
+            found.append(_with(config, s, replace(c, replicas=c.replicas - 1)))
         for bigger in (b for b in option.batch_sizes if b > c.max_batch_size):
             for k in _replica_range(load, table, s, c.hardware, bigger, capacity):
-                found.append((0.0, _with(config, s, StageConfig(c.hardware, bigger, k))))
+                found.append(_with(config, s, StageConfig(c.hardware, bigger, k)))
         cheaper = table[s].next_cheaper(c.hardware)
         if cheaper is not None:
             # Slower hardware often pays off only with a larger batch: offer every batch size.
             for batch in cheaper.batch_sizes:
                 for k in _replica_range(load, table, s, cheaper.hardware, batch, capacity):
-                    found.append((0.0, _with(config, s, StageConfig(cheaper.hardware, batch, k))))
-    return [(cost_per_hour(table, cand), cand) for _, cand in found]
+                    found.append(_with(config, s, StageConfig(cheaper.hardware, batch, k)))
+    return [(cost_per_hour(table, cand), cand) for cand in found]
 
 
 def _cheapest_feasible_neighbor(
