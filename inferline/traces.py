@@ -234,7 +234,8 @@ def _ramp(params: dict[str, list[float]]) -> NDArray[np.float64]:
     slope = (r1 - r0) / duration
     if abs(slope) < 1e-12:
         return u / r0
-    return (-r0 + np.sqrt(r0 * r0 + 2.0 * slope * u)) / slope
+    times: NDArray[np.float64] = (-r0 + np.sqrt(r0 * r0 + 2.0 * slope * u)) / slope
+    return times
 
 
 def describe_trace(arrivals: Trace) -> dict[str, float]:

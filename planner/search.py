@@ -16,9 +16,17 @@ on. When no candidate is feasible as it stands, the round tries to repair candid
 replicas to the stage where the simulation found the SLO broken (else the stage with the lowest
 capacity) while the cost stays below the current one, and takes the cheapest repaired one. This
 lets a move on one stage be paid for by a replica on another, which the plain actions cannot
-express. Last, it tries pairs of plain candidates on two different stages (cheapest pairs
-first, at most `MAX_PAIR_TRIALS`): two batch increases can be feasible together where neither
-is alone. Stops when no candidate, plain, repaired or paired, is cheaper.
+express. Last, it pairs each saving candidate with a helper move on another stage (any hardware
+and batch size with the fewest replicas that keep that stage's capacity, pricier hardware
+included), pairs whose saver keeps its stage's capacity first, then cheapest first (at most
+`MAX_PAIR_TRIALS`, the first `MAX_PAIR_REPAIRS` failures repaired as above): a batch increase on
+one stage can be feasible once another stage is made faster. Stops when no candidate, plain,
+repaired or paired, is cheaper.
+
+Escape (beyond the paper): phase 2 only moves to cheaper hardware, so it cannot reach a plan
+where one stage buys speed that another spends. From the local optimum, each stage in turn is
+moved to pricier, no slower hardware with its capacity kept (a feasible "kick"), phase 2 runs
+again from there, and a cheaper result replaces the plan; at most `MAX_KICK_ROUNDS` rounds.
 
 Invariant: the configuration held is always feasible, and its cost strictly falls each round,
 so the search ends.
@@ -37,6 +45,8 @@ from inferline.planner.pipeline import Config, PipelineModel, StageConfig
 
 MAX_TOTAL_REPLICAS = 2000
 MAX_PAIR_TRIALS = 400
+MAX_KICK_ROUNDS = 8
+MAX_PAIR_REPAIRS = 40
 
 
 @dataclass(frozen=True)
@@ -91,13 +101,62 @@ def plan_greedy(model: PipelineModel, table: CostTable, estimator: Estimator) ->
     start = _initialize(model, table, estimator, load)
     if isinstance(start, str):
         return PlanResult("inferline", False, None, math.inf, math.inf, start, estimator.simulations)
-    config, estimate = start
+    config, estimate = _descend(model, table, estimator, load, *start)
+    for _ in range(MAX_KICK_ROUNDS):
+        escaped = _escape(model, table, estimator, load, config, estimate)
+        if escaped is None:
+            break
+        config, estimate = escaped
+    return PlanResult("inferline", True, config, estimate.cost_per_hour, estimate.p99_s, None, estimator.simulations)
+
+
+def _descend(
+    model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, estimate: Estimate
+) -> tuple[Config, Estimate]:
     while True:
         better = _cheapest_feasible_neighbor(model, table, estimator, load, config, estimate.cost_per_hour)
         if better is None:
-            break
+            return config, estimate
         config, estimate = better
-    return PlanResult("inferline", True, config, estimate.cost_per_hour, estimate.p99_s, None, estimator.simulations)
+
+
+def _escape(
+    model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, estimate: Estimate
+) -> tuple[Config, Estimate] | None:
+    """Leave a local optimum: move one stage to pricier, faster hardware, descend again, keep if cheaper.
+
+    Phase 2 only ever moves to cheaper hardware, so a plan where one stage should buy speed that
+    another stage spends (a larger batch, fewer replicas) is out of its reach. Each kick keeps the
+    stage's capacity and does not lengthen its batch service time, so it stays feasible.
+    """
+    for kick in _upgrade_kicks(table, load, config):
+        kicked = estimator.estimate(kick)
+        if not kicked.feasible:
+            continue
+        found = _descend(model, table, estimator, load, kick, kicked)
+        if found[1].cost_per_hour < estimate.cost_per_hour - 1e-12:
+            return found
+    return None
+
+
+def _upgrade_kicks(table: CostTable, load: Load, config: Config) -> list[Config]:
+    kicks = []
+    for s, c in enumerate(config):
+        current = table[s].option(c.hardware)
+        capacity = c.replicas * current.throughput_qps(c.max_batch_size)
+        best: tuple[int, int, str] | None = None
+        for option in table[s].options.values():
+            if option.price_per_hour <= current.price_per_hour:
+                continue
+            for batch in option.batch_sizes:
+                if option.service_time_s(batch) > current.service_time_s(c.max_batch_size):
+                    continue
+                k = _replica_range(load, table, s, option.hardware, batch, capacity)[-1]
+                best = min(best, (k, batch, option.hardware)) if best is not None else (k, batch, option.hardware)
+            if best is not None:
+                kicks.append(_with(config, s, StageConfig(best[2], best[1], best[0])))
+                best = None
+    return kicks
 
 
 def _initialize(
@@ -179,12 +238,12 @@ def _cheapest_feasible_neighbor(
             best, limit = repaired, repaired[1].cost_per_hour - 1e-12
     if best is not None:
         return best
-    # Cost-neutral moves count here: a batch increase that saves nothing alone can enable another.
-    # Only moves that keep the stage's capacity pair up: the others are what made singles fail.
-    singles = list(
-        dict.fromkeys(cand for c, cand in around if c <= cost + 1e-12 and _keeps_capacity(table, config, cand))
+    # A saving move on one stage may need a helper move on another: a batch increase or hardware
+    # switch that costs nothing extra (or a little) and keeps that stage's capacity but cuts its latency.
+    savers = list(dict.fromkeys(cand for c, cand in around if c < cost - 1e-12))
+    return _cheapest_feasible_pair(
+        model, table, estimator, config, savers, _helper_moves(table, load, config), load, cost
     )
-    return _cheapest_feasible_pair(table, estimator, config, singles, cost)
 
 
 def _keeps_capacity(table: CostTable, config: Config, cand: Config) -> bool:
@@ -194,26 +253,60 @@ def _keeps_capacity(table: CostTable, config: Config, cand: Config) -> bool:
     return all(capacity(s, c) >= 0.999 * capacity(s, config[s]) for s, c in enumerate(cand) if c != config[s])
 
 
+def _helper_moves(table: CostTable, load: Load, config: Config) -> list[tuple[int, StageConfig]]:
+    """Per stage, every (hardware, batch) with the fewest replicas that keep the stage's capacity."""
+    moves = []
+    for s, c in enumerate(config):
+        capacity = c.replicas * table[s].option(c.hardware).throughput_qps(c.max_batch_size)
+        for option in table[s].options.values():
+            for batch in option.batch_sizes:
+                k = _replica_range(load, table, s, option.hardware, batch, capacity)[-1]
+                new = StageConfig(option.hardware, batch, k)
+                if new != c:
+                    moves.append((s, new))
+    return moves
+
+
 def _cheapest_feasible_pair(
-    table: CostTable, estimator: Estimator, config: Config, singles: list[Config], cost: float
+    model: PipelineModel,
+    table: CostTable,
+    estimator: Estimator,
+    config: Config,
+    savers: list[Config],
+    helpers: list[tuple[int, StageConfig]],
+    load: Load,
+    cost: float,
 ) -> tuple[Config, Estimate] | None:
-    """Combine two single-stage moves on different stages; the cheapest feasible pair wins."""
-    moves = [(s, cand[s]) for cand in singles for s in range(len(config)) if cand[s] != config[s]]
+    """A saving move on one stage with a capacity-keeping helper move on another; cheapest feasible wins."""
+    moves = [(s, cand[s]) for cand in savers for s in range(len(config)) if cand[s] != config[s]]
     pairs: dict[Config, float] = {}
-    for i, (s1, c1) in enumerate(moves):
-        for s2, c2 in moves[i + 1 :]:
+    for s1, c1 in moves:
+        for s2, c2 in helpers:
             if s1 == s2:
                 continue
             pair = _with(_with(config, s1, c1), s2, c2)
             pair_cost = cost_per_hour(table, pair)
             if pair_cost < cost - 1e-12:
                 pairs[pair] = pair_cost
-    ranked = sorted(pairs.items(), key=lambda item: (item[1], _tie_key(item[0])))
+    # Savers that cut a stage's capacity are what made the singles fail: their pairs go last.
+    ranked = sorted(
+        pairs.items(), key=lambda item: (not _keeps_capacity(table, config, item[0]), item[1], _tie_key(item[0]))
+    )
+    failed: list[tuple[Config, Estimate]] = []
     for pair, _ in ranked[:MAX_PAIR_TRIALS]:
         estimate = estimator.estimate(pair)
         if estimate.feasible:
             return pair, estimate
-    return None
+        failed.append((pair, estimate))
+    best: tuple[Config, Estimate] | None = None
+    limit = cost - 1e-12
+    for pair, estimate in failed[:MAX_PAIR_REPAIRS]:
+        if cost_per_hour(table, pair) >= limit:
+            break
+        repaired = _repair(model, table, estimator, load, pair, estimate, limit)
+        if repaired is not None:
+            best, limit = repaired, repaired[1].cost_per_hour - 1e-12
+    return best
 
 
 def _repair(
