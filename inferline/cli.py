@@ -59,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print run results as JSON")
     s.add_argument("--plot", help="write a PNG of arrival rate, replicas per stage and latency over time")
 
+    pr = sub.add_parser("profile", help="measure batch latency per batch size of models on a real model server")
+    pr.add_argument("--adapter", default="triton", help="serving framework adapter (entry point name)")
+    where = pr.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", help="address HOST:PORT of a running model server (Triton: its gRPC port)")
+    where.add_argument("--embedded", metavar="MODEL_REPOSITORY", help="start a local server with this repository")
+    pr.add_argument("--metrics", help="the server's metrics address HOST:PORT (with --server)")
+    pr.add_argument("--models", required=True, help="comma-separated model names")
+    pr.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated, increasing")
+    pr.add_argument("--hardware", required=True, help="hardware label the profiles are recorded under, e.g. cpu")
+    pr.add_argument("--out", required=True, help="directory to write <model>.json profiles into")
+    pr.add_argument("--samples", type=int, default=30, help="latency samples per batch size")
+    pr.add_argument("--warmup", type=int, default=3, help="warm-up batches per batch size")
+    pr.add_argument("--budget-s", type=float, default=10.0, help="time budget per batch size in seconds")
+    pr.add_argument("--drop-flat", action="store_true", help="drop batch sizes that do not raise throughput")
+
     d = sub.add_parser("demo", help="the main job on the bundled example (see README)")
     d.add_argument("--out", default="demo-out", help="directory for the report (JSON and plots)")
     return parser
@@ -71,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plan(args)
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "profile":
+            from inferline.profile_command import run_profile
+
+            return run_profile(args, Console(stderr=True))
         from inferline.demo import run_demo
 
         return run_demo(Path(args.out), Console())

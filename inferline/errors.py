@@ -51,3 +51,15 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class ServerError(InferlineError):
+    """A model server is unreachable, died, or refused a request."""
+
+
+class ModelNotFoundError(ServerError):
+    """The model server does not know the model."""
+
+
+class AdapterError(InferlineError):
+    """No adapter of that name, or the adapter's extras are not installed."""

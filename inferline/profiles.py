@@ -122,3 +122,24 @@ def require_profiles(models: list[str], profiles: Mapping[str, ModelProfile]) ->
                 f"model {m!r} has no profile{did_you_mean(m, profiles)}",
                 f"add {m}.json to the profile directory (have: {sorted(profiles)})",
             )
+
+
+def merge_profiles(old: ModelProfile, new: ModelProfile) -> ModelProfile:
+    """`old` with the hardware types of `new` replaced (profiling one hardware keeps the others)."""
+    return ModelProfile(model=new.model, profiles={**old.profiles, **new.profiles})
+
+
+def write_profile(profile: ModelProfile, directory: str | Path) -> Path:
+    """Write `<directory>/<model>.json`, merged with what is already there for other hardware.
+
+    Written to a temporary file and renamed, so an interrupted write never leaves half a profile.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{profile.model}.json"
+    if path.exists():
+        profile = merge_profiles(load_profile(path), profile)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
+    tmp.replace(path)
+    return path

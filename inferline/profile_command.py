@@ -1,0 +1,75 @@
+"""`inferline profile`: wiring of adapter, optional embedded server, profiler and a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from inferline.adapters.base import ServerHandle
+from inferline.adapters.registry import connect, embedded_server
+from inferline.agent.profiler import ProfileProgress, ProfileSettings, ProfileWritten, profile_to_directory
+from inferline.errors import InferlineError
+
+
+def csv_names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise InferlineError(f"{what} is empty", f"pass a comma-separated list to {what}")
+    return names
+
+
+def csv_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in csv_names(text, what))
+    except ValueError:
+        raise InferlineError(f"{what} {text!r} is not a list of integers", "e.g. 1,2,4,8,16,32") from None
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace, models: list[str]) -> Iterator[ServerHandle]:
+    if args.embedded:
+        with embedded_server(args.adapter, args.embedded, models) as handle:
+            yield handle
+    else:
+        yield ServerHandle(args.server, {"metrics_address": args.metrics} if args.metrics else {}, 0.0)
+
+
+def run_profile(args: argparse.Namespace, console: Console) -> int:
+    models = csv_names(args.models, "--models")
+    settings = ProfileSettings(
+        batch_sizes=csv_ints(args.batch_sizes, "--batch-sizes"),
+        warmup=args.warmup,
+        samples=args.samples,
+        budget_s=args.budget_s,
+        drop_flat=args.drop_flat,
+    )
+    if settings.samples < 1 or settings.warmup < 0 or settings.budget_s <= 0:
+        raise InferlineError("--samples must be >= 1, --warmup >= 0 and --budget-s > 0", "pass sensible values")
+    results: list[ProfileWritten] = []
+    with server_for(args, models) as handle:
+        if handle.startup_s:
+            console.print(f"started an embedded {args.adapter} server in {handle.startup_s:.2f} s")
+        adapter = connect(args.adapter, handle.address, **handle.options)
+        try:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console, transient=True) as bar:
+                tasks = {m: bar.add_task(f"{m}", total=len(settings.batch_sizes)) for m in models}
+
+                def on_progress(p: ProfileProgress) -> None:
+                    bar.update(tasks[p.model], completed=p.done, description=f"{p.model} batch {p.batch_size}")
+
+                results = profile_to_directory(adapter, models, args.hardware, settings, args.out, on_progress)
+        finally:
+            adapter.close()
+    table = Table(title=f"profiles written to {args.out}")
+    for column in ("model", "batch sizes", "seconds", "file"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.model, ",".join(map(str, r.batch_sizes)), f"{r.wall_s:.1f}", str(r.path))
+    Console().print(table)
+    return 0

@@ -1,0 +1,120 @@
+"""The profiler against a real tritonserver: recovers known latencies, keeps partial work on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from inferline.adapters.base import ServingConfig, example_inputs
+from inferline.adapters.triton.adapter import TritonAdapter
+from inferline.adapters.triton.server import EmbeddedTriton
+from inferline.agent.profiler import ProfileInterrupted, ProfileSettings, profile_model, profile_to_directory
+from inferline.profiles import load_profile
+from tests.model_repos import add_emulated
+
+A_MS, B_MS = 30.0, 3.0
+SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    repo = tmp_path_factory.mktemp("repo")
+    add_emulated(repo, "known", A_MS, B_MS)
+    add_emulated(repo, "fast", 1.0, 0.2, max_batch=8)
+    with EmbeddedTriton(repo, ["known", "fast"]) as s:
+        yield s
+
+
+@pytest.fixture
+def adapter(server: EmbeddedTriton) -> Iterator[TritonAdapter]:
+    a = TritonAdapter(server.grpc_address, metrics_address=server.metrics_address)
+    yield a
+    a.close()
+
+
+def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms(adapter: TritonAdapter) -> None:
+    settings = ProfileSettings(batch_sizes=SIZES, warmup=2, samples=8)
+    profile = profile_model(adapter, "known", "cpu", settings)
+    assert profile.batch_sizes("cpu") == SIZES
+    for point in profile.points("cpu"):
+        truth = A_MS + B_MS * point.batch_size
+        tolerance = max(0.10 * truth, 1.0)
+        assert abs(point.latency_ms.mean - truth) <= tolerance, (point.batch_size, point.latency_ms.mean, truth)
+        server_ms = (point.latency_ms.model_extra or {})["server_compute_ms"]
+        assert abs(server_ms - truth) <= tolerance
+        assert point.latency_ms.p50 is not None and point.latency_ms.p99 is not None
+        assert point.latency_ms.p99 >= point.latency_ms.p50
+
+
+def test_profiling_restores_the_serving_config(adapter: TritonAdapter) -> None:
+    adapter.configure("fast", ServingConfig(max_batch_size=2, instance_count=2))
+    profile_model(adapter, "fast", "cpu", ProfileSettings(batch_sizes=(1, 8), warmup=0, samples=2))
+    assert adapter.model_info("fast").config == ServingConfig(2, 2, 0)
+
+
+def test_configure_shows_in_config_and_in_statistics_after_traffic(adapter: TritonAdapter) -> None:
+    info = adapter.model_info("known")
+
+    def burst(n: int) -> float:
+        """Wall time of n concurrent single-item requests."""
+        threads = [threading.Thread(target=adapter.infer, args=("known", example_inputs(info, 1))) for _ in range(n)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - started
+
+    adapter.configure("known", ServingConfig(max_batch_size=1, instance_count=1))
+    serial = burst(6)
+    now = adapter.configure("known", ServingConfig(max_batch_size=1, instance_count=3))
+    assert now == ServingConfig(1, 3, 0) and adapter.model_info("known").config == now
+    parallel = burst(6)
+    assert parallel < 0.7 * serial  # three instances run the six requests side by side
+
+    adapter.configure("known", ServingConfig(max_batch_size=4, instance_count=1))
+    before = adapter.stats("known")
+    burst(12)
+    after = adapter.stats("known")
+    grown = {b.batch_size for b in after.batches if b.executions > before.executions_at(b.batch_size)}
+    assert max(grown) <= 4 and max(grown) > 1  # the server batched queued requests, never beyond 4
+    assert after.inferences - before.inferences == 12
+    adapter.configure("known", ServingConfig(max_batch_size=32, instance_count=1))
+
+
+def test_server_killed_mid_profile_keeps_the_partial_profile(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_emulated(repo, "victim", 5.0, 1.0)
+    out = tmp_path / "profiles"
+    with EmbeddedTriton(repo, ["victim"]) as doomed:
+        adapter = TritonAdapter(doomed.grpc_address)
+
+        def kill_after_two(p: object) -> None:
+            if getattr(p, "done", 0) == 2 and doomed.process is not None:
+                os.killpg(doomed.process.pid, signal.SIGKILL)
+                doomed.process.wait()
+
+        with pytest.raises(ProfileInterrupted) as err:
+            profile_to_directory(
+                adapter, ["victim"], "cpu", ProfileSettings((1, 2, 4, 8), warmup=0, samples=3), out, kill_after_two
+            )
+        adapter.close()
+    line = err.value.one_line()
+    assert "stopped after 2 of 4 batch sizes" in line and "unreachable" in line and "\n" not in line
+    kept = load_profile(out / "victim.json")
+    assert kept.batch_sizes("cpu") == (1, 2)
+    assert json.loads((out / "victim.json").read_text())["model"] == "victim"
+
+
+def test_profiles_of_other_hardware_survive_a_new_profile(adapter: TritonAdapter, tmp_path: Path) -> None:
+    settings = ProfileSettings(batch_sizes=(1, 2), warmup=0, samples=2)
+    profile_to_directory(adapter, ["fast"], "cpu", settings, tmp_path)
+    profile_to_directory(adapter, ["fast"], "cpu-b", settings, tmp_path)
+    assert set(load_profile(tmp_path / "fast.json").profiles) == {"cpu", "cpu-b"}
