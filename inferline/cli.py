@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--budget-s", type=float, default=10.0, help="time budget per batch size in seconds")
     pr.add_argument("--drop-flat", action="store_true", help="drop batch sizes that do not raise throughput")
 
+    li = sub.add_parser("lineage", help="replay sample queries through a pipeline and measure each edge's real rate")
+    li.add_argument("spec", help="pipeline spec (YAML); routed edges use their route, the others are sampled")
+    li.add_argument("--adapter", default="triton", help="serving framework adapter (entry point name)")
+    lwhere = li.add_mutually_exclusive_group(required=True)
+    lwhere.add_argument("--server", help="address HOST:PORT of the model server hosting all the stages' models")
+    lwhere.add_argument("--embedded", metavar="MODEL_REPOSITORY", help="start a local server with this repository")
+    li.add_argument("--samples", type=int, default=200, help="queries to replay")
+    li.add_argument("--seed", type=int, default=0)
+    li.add_argument("--write-spec", help="write the spec with the measured probabilities filled in (YAML)")
+
     d = sub.add_parser("demo", help="the main job on the bundled example (see README)")
     d.add_argument("--out", default="demo-out", help="directory for the report (JSON and plots)")
     return parser
@@ -90,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from inferline.profile_command import run_profile
 
             return run_profile(args, Console(stderr=True))
+        if args.command == "lineage":
+            from inferline.profile_command import run_lineage
+
+            return run_lineage(args, Console())
         from inferline.demo import run_demo
 
         return run_demo(Path(args.out), Console())

@@ -1,4 +1,4 @@
-"""`inferline profile`: wiring of adapter, optional embedded server, profiler and a progress bar."""
+"""`inferline profile` and `inferline lineage`: adapter, optional embedded server, profiler, progress."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from rich.table import Table
 
 from inferline.adapters.base import ServerHandle
 from inferline.adapters.registry import connect, embedded_server
+from inferline.agent.lineage import measure_lineage
 from inferline.agent.profiler import ProfileProgress, ProfileSettings, ProfileWritten, profile_to_directory
 from inferline.errors import InferlineError
+from inferline.spec import load_spec, with_probabilities, write_spec
 
 
 def csv_names(text: str, what: str) -> list[str]:
@@ -36,7 +38,9 @@ def server_for(args: argparse.Namespace, models: list[str]) -> Iterator[ServerHa
         with embedded_server(args.adapter, args.embedded, models) as handle:
             yield handle
     else:
-        yield ServerHandle(args.server, {"metrics_address": args.metrics} if args.metrics else {}, 0.0)
+        yield ServerHandle(
+            args.server, {"metrics_address": args.metrics} if getattr(args, "metrics", None) else {}, 0.0
+        )
 
 
 def run_profile(args: argparse.Namespace, console: Console) -> int:
@@ -57,7 +61,7 @@ def run_profile(args: argparse.Namespace, console: Console) -> int:
         adapter = connect(args.adapter, handle.address, **handle.options)
         try:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console, transient=True) as bar:
+            with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
                 tasks = {m: bar.add_task(f"{m}", total=len(settings.batch_sizes)) for m in models}
 
                 def on_progress(p: ProfileProgress) -> None:
@@ -72,4 +76,30 @@ def run_profile(args: argparse.Namespace, console: Console) -> int:
     for r in results:
         table.add_row(r.model, ",".join(map(str, r.batch_sizes)), f"{r.wall_s:.1f}", str(r.path))
     Console().print(table)
+    return 0
+
+
+def run_lineage(args: argparse.Namespace, console: Console) -> int:
+    spec = load_spec(args.spec)
+    if args.samples < 1:
+        raise InferlineError(f"--samples must be >= 1, got {args.samples}", "pass a positive count")
+    models = sorted({s.model for s in spec.stages})
+    with server_for(args, models) as handle:
+        adapter = connect(args.adapter, handle.address, **handle.options)
+        try:
+            measures = measure_lineage(spec, adapter, args.samples, args.seed)
+        finally:
+            adapter.close()
+    table = Table(title=f"{spec.name}: edge rates over {args.samples} replayed queries")
+    for column in ("stage", "decided by", "reached", "continued", "spec", "measured"):
+        table.add_column(column)
+    for m in measures:
+        table.add_row(
+            m.stage, "route" if m.routed else "sampled", str(m.reached), str(m.continued),
+            f"{m.spec_probability:.3f}", f"{m.measured:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    if args.write_spec:
+        write_spec(with_probabilities(spec, {m.stage: m.measured for m in measures if m.routed}), args.write_spec)
+        console.print(f"spec with measured probabilities written to {args.write_spec}")
     return 0

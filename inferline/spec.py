@@ -20,6 +20,13 @@ class StageSpec(BaseModel):
         default=1.0, description="Chance that a query which finished the parents continues here, in (0, 1]."
     )
 
+    route: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Python callable 'module:function' that decides the conditional edge from the parents' "
+        "outputs for one query (True = continue); probability then is its expected rate, for planning.",
+    )
+
     @field_validator("probability")
     @classmethod
     def _probability_in_range(cls, v: float) -> float:
@@ -51,6 +58,8 @@ class PipelineSpec(BaseModel):
                     raise ValueError(f"stage {s.name!r} lists itself as a parent")
             if len(set(s.after)) != len(s.after):
                 raise ValueError(f"stage {s.name!r} lists a parent twice")
+            if s.route is not None and not s.after:
+                raise ValueError(f"entry stage {s.name!r} has a route, but a route decides on its parents' outputs")
         _topological_order(self.stages)  # raises on a cycle
         return self
 
@@ -98,3 +107,25 @@ def parse_spec(data: object, source: str = "pipeline spec") -> PipelineSpec:
 
 def load_spec(path: str | Path) -> PipelineSpec:
     return parse_spec(read_yaml(path, "pipeline spec", SpecError), f"pipeline spec {str(path)!r}")
+
+
+def with_probabilities(spec: PipelineSpec, probabilities: dict[str, float]) -> PipelineSpec:
+    """The spec with these stages' probabilities replaced (e.g. by measured ones); 0 is kept just above 0."""
+    stages = tuple(
+        s.model_copy(update={"probability": min(1.0, max(round(probabilities[s.name], 4), 1e-4))})
+        if s.name in probabilities and probabilities[s.name] == probabilities[s.name]  # skip NaN
+        else s
+        for s in spec.stages
+    )
+    return spec.model_copy(update={"stages": stages})
+
+
+def write_spec(spec: PipelineSpec, path: str | Path) -> None:
+    import yaml
+
+    data = spec.model_dump(mode="json", exclude_defaults=True)
+    data["stages"] = [s.model_dump(mode="json", exclude_defaults=True) for s in spec.stages]
+    try:
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    except OSError as exc:
+        raise SpecError(f"cannot write spec {str(path)!r}: {exc.strerror}", "check that its folder exists") from None

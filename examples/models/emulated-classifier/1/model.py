@@ -1,0 +1,62 @@
+"""Triton Python-backend model: an EMULATED model (no real compute; it sleeps).
+
+INPUT float32 [batch, 16]  ->  OUTPUT float32 [batch, 16] (an echo of INPUT)
+
+Each execute() call takes a + b*n milliseconds in total, where n is the number of items in the
+call (the sum of the batch sizes of its requests) and a, b are the model config parameters
+``latency_a_ms`` and ``latency_b_ms`` (defaults 20 and 2). The time spent building the responses
+is measured and only the remainder is slept, and it is slept with time.sleep so that the
+replica holds no CPU: a small machine can host many emulated replicas.
+
+The same file serves every emulated-* model; only config.pbtxt differs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+INPUT = "INPUT"
+OUTPUT = "OUTPUT"
+DEFAULTS = {"latency_a_ms": 20.0, "latency_b_ms": 2.0}
+
+
+def read_parameter(config: dict, key: str) -> float:
+    """A non-negative float from the config's ``parameters`` (string_value), or its default."""
+    entry = config.get("parameters", {}).get(key)
+    if entry is None:
+        return DEFAULTS[key]
+    raw = entry.get("string_value", "") if isinstance(entry, dict) else entry
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"model parameter {key} must be a number of milliseconds, got {raw!r}") from None
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"model parameter {key} must be >= 0, got {raw!r}")
+    return value
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.a_s = read_parameter(config, "latency_a_ms") / 1000.0
+        self.b_s = read_parameter(config, "latency_b_ms") / 1000.0
+        output_config = pb_utils.get_output_config_by_name(config, OUTPUT)
+        self.output_dtype = pb_utils.triton_string_to_numpy(output_config["data_type"])
+
+    def execute(self, requests: list) -> list:
+        start = time.perf_counter()
+        responses = []
+        items = 0
+        for request in requests:
+            data = pb_utils.get_input_tensor_by_name(request, INPUT).as_numpy()
+            items += data.shape[0]
+            output = np.ascontiguousarray(data, dtype=self.output_dtype)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, output)]))
+        remaining = self.a_s + self.b_s * items - (time.perf_counter() - start)
+        if remaining > 0:
+            time.sleep(remaining)
+        return responses
