@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,10 +23,16 @@ class StageSpec(BaseModel):
 
     route: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="Python callable 'module:function' that decides the conditional edge from the parents' "
         "outputs for one query (True = continue); probability then is its expected rate, for planning.",
     )
+
+    @field_validator("route")
+    @classmethod
+    def _route_is_a_reference(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"route {v!r} must name a Python callable as 'module:function'")
+        return v
 
     @field_validator("probability")
     @classmethod

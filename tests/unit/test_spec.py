@@ -252,3 +252,35 @@ def test_load_spec_valid_file(tmp_path: Path) -> None:
     s = load_spec(str(path))
     assert s.slo_ms is None
     assert [x.name for x in s.topological_order()] == ["a", "b"]
+
+
+def test_route_must_name_module_and_function() -> None:
+    msg = rejected(spec(st("a"), st("b", "a", route="not a callable")))
+    assert "stages[1].route" in msg and "must name a Python callable as 'module:function'" in msg
+
+
+def test_entry_stage_cannot_have_a_route() -> None:
+    assert "entry stage 'a' has a route" in rejected(spec(st("a", route="inferline.routes:low_confidence")))
+
+
+def test_route_resolves_and_unknown_route_is_a_one_line_error() -> None:
+    import numpy as np
+
+    from inferline.routes import resolve_route
+
+    route = resolve_route("inferline.routes:low_confidence", "b")
+    assert route({"PROBS": np.array([0.5, 0.5])}) and not route({"PROBS": np.array([0.9, 0.1])})
+    with pytest.raises(SpecError, match="stage 'b': cannot import route module 'nope'"):
+        resolve_route("nope:f", "b")
+    with pytest.raises(SpecError, match="names no callable"):
+        resolve_route("inferline.routes:missing", "b")
+
+
+def test_measured_probabilities_round_trip_through_write_spec(tmp_path: Path) -> None:
+    from inferline.spec import with_probabilities, write_spec
+
+    original = parse_spec(spec(st("a"), st("b", "a", probability=0.5, route="inferline.routes:low_confidence")))
+    write_spec(with_probabilities(original, {"b": 0.25, "a": float("nan")}), tmp_path / "s.yaml")
+    again = load_spec(tmp_path / "s.yaml")
+    assert again.stage("b").probability == 0.25 and again.stage("b").route == original.stage("b").route
+    assert again.stage("a").probability == 1.0
