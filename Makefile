@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # mypy cannot follow that mapping, so it checks a symlink tree laid out as installed.
 TYPECHECK := build/typecheck/inferline
 
-.PHONY: demo test lint tree typecheck unit bench clean install
+.PHONY: demo test lint tree typecheck unit bench clean install protos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ typecheck: $(STAMP) tree
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+# Regenerate inferline/protos/agent_pb2*.py(i) from agent.proto (they are committed).
+protos: $(STAMP)
+	$(BIN)/python -m inferline.protos.generate
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

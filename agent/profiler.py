@@ -133,7 +133,7 @@ def profile_model(
             progress(ProfileProgress(model, sizes[-1], len(sizes), len(sizes)))
     except (ServerError, KeyboardInterrupt) as exc:
         partial = _profile(model, hardware, points, settings.drop_flat) if points else None
-        reason = exc.one_line() if isinstance(exc, InferlineError) else "interrupted"
+        reason = exc.message if isinstance(exc, InferlineError) else "interrupted"
         raise ProfileInterrupted(
             f"profiling {model!r} stopped after {len(points)} of {len(sizes)} batch sizes: {reason}",
             "the batch sizes measured so far are kept; fix the cause and profile the rest",

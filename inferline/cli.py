@@ -84,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("--seed", type=int, default=0)
     li.add_argument("--write-spec", help="write the spec with the measured probabilities filled in (YAML)")
 
+    ag = sub.add_parser(
+        "agent", help="run the sidecar agent (gRPC: Describe, Profile, Configure) next to a model server"
+    )
+    ag.add_argument("--adapter", default="triton", help="serving framework adapter (entry point name)")
+    ag.add_argument("--server", required=True, help="the model server's address HOST:PORT (Triton: its gRPC port)")
+    ag.add_argument("--metrics", help="the model server's metrics address HOST:PORT")
+    ag.add_argument("--hardware", required=True, help="hardware label of this server, e.g. cpu or v100")
+    ag.add_argument("--token-file", help="file holding the token (default: $INFERLINE_AGENT_TOKEN)")
+    ag.add_argument("--host", default="127.0.0.1", help="address to bind")
+    ag.add_argument("--port", type=int, default=50151, help="gRPC port (0 = a free port, printed)")
+    ag.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = a free port, printed)")
+    ag.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
+    ag.add_argument("--tls-key", help="PEM private key for --tls-cert")
+
     d = sub.add_parser("demo", help="the main job on the bundled example (see README)")
     d.add_argument("--out", default="demo-out", help="directory for the report (JSON and plots)")
     return parser
@@ -100,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from inferline.profile_command import run_profile
 
             return run_profile(args, Console(stderr=True))
+        if args.command == "agent":
+            return _agent(args)
         if args.command == "lineage":
             from inferline.profile_command import run_lineage
 
@@ -186,6 +202,22 @@ def _simulate(args: argparse.Namespace) -> int:
         from inferline.plots import plot_run
 
         plot_run(result, args.plot, f"{spec.name} · tuner {args.tuner}")
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from inferline.agent.auth import load_token
+    from inferline.agent.server import AgentServer, run
+
+    def announce(agent: AgentServer) -> None:
+        print(f"inferline agent serving on {agent.address}; metrics on {agent.metrics_address}", flush=True)
+
+    run(
+        args.adapter, args.server, args.hardware, load_token(args.token_file),
+        adapter_options={"metrics_address": args.metrics} if args.metrics else None,
+        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, on_ready=announce,
+    )  # fmt: skip
     return 0
 
 

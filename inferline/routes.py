@@ -29,7 +29,7 @@ def _probs(outputs: Outputs) -> NDArray[np.generic]:
 
 def low_confidence(outputs: Outputs) -> bool:
     """Continue (e.g. to a slower, better model) when the parent's top probability is below 0.8."""
-    return bool(np.max(_probs(outputs)) < CONFIDENCE_THRESHOLD)
+    return float(np.asarray(_probs(outputs), dtype=np.float64).max()) < CONFIDENCE_THRESHOLD
 
 
 def high_confidence(outputs: Outputs) -> bool:
@@ -38,7 +38,7 @@ def high_confidence(outputs: Outputs) -> bool:
 
 def positive_first(outputs: Outputs) -> bool:
     """Continue when the first value of the parent's output is positive (e.g. 'object detected')."""
-    return bool(np.ravel(next(iter(outputs.values())))[0] > 0)
+    return float(np.asarray(next(iter(outputs.values())), dtype=np.float64).ravel()[0]) > 0.0
 
 
 def resolve_route(reference: str, stage: str) -> Route:

@@ -19,7 +19,7 @@ from inferline.agent.profiler import ProfileInterrupted, ProfileSettings, profil
 from inferline.profiles import load_profile
 from tests.model_repos import add_emulated
 
-A_MS, B_MS = 30.0, 3.0
+A_MS, B_MS = 40.0, 4.0
 SIZES = (1, 2, 4, 8, 16, 32)
 
 

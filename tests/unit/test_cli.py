@@ -90,7 +90,16 @@ def edited_plan(src: Path, dst: Path, **changes: Any) -> str:
 
 @pytest.mark.parametrize("spec_path", PIPELINES, ids=lambda p: p.stem)
 def test_plan_json_for_each_example(capsys: pytest.CaptureFixture[str], spec_path: Path) -> None:
-    rc = main([*plan_args(str(spec_path)), "--json"])
+    args = plan_args(str(spec_path))
+    if spec_path.stem.startswith("local-"):  # the embedded default's pipelines: measured CPU profiles
+        local = [
+            "--profiles",
+            str(EXAMPLES / "profiles" / "measured-cpu"),
+            "--hardware",
+            str(EXAMPLES / "catalog-local.yaml"),
+        ]
+        args = [*args[:2], *local, *args[6:]]
+    rc = main([*args, "--json"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert err == ""
@@ -103,8 +112,8 @@ def test_plan_json_for_each_example(capsys: pytest.CaptureFixture[str], spec_pat
     assert plan["feasible"] is True
     assert "reason" not in plan or plan["reason"] is None
     assert set(plan["stages"]) == set(spec.names)
-    catalog = load_catalog(CATALOG)
-    profiles = load_profiles(PROFILES)
+    catalog = load_catalog(args[args.index("--hardware") + 1])
+    profiles = load_profiles(args[args.index("--profiles") + 1])
     cost = 0.0
     for stage in spec.stages:
         sp = plan["stages"][stage.name]
