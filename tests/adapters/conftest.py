@@ -15,6 +15,8 @@ import pytest
 
 from inferline.adapters.base import Adapter
 from inferline.adapters.registry import connect, embedded_server
+from inferline.adapters.triton.adapter import TritonAdapter
+from inferline.adapters.triton.server import EmbeddedTriton
 from tests.model_repos import add_emulated
 
 ECHO_A_MS, ECHO_B_MS = 4.0, 0.5
@@ -40,7 +42,22 @@ def triton_harness(tmp: Path) -> Iterator[Harness]:
             adapter.close()
 
 
-HARNESSES: dict[str, Callable[[Path], AbstractContextManager[Harness]]] = {"triton": triton_harness}
+@contextmanager
+def triton_http_harness(tmp: Path) -> Iterator[Harness]:
+    """The same adapter over Triton's HTTP/REST protocol instead of gRPC."""
+    add_emulated(tmp, "echo", ECHO_A_MS, ECHO_B_MS, max_batch=8)
+    with EmbeddedTriton(tmp, ["echo"]) as server:
+        adapter = TritonAdapter(server.http_address, protocol="http", metrics_address=server.metrics_address)
+        try:
+            yield Harness(adapter, "echo", TritonAdapter("127.0.0.1:9", protocol="http"))
+        finally:
+            adapter.close()
+
+
+HARNESSES: dict[str, Callable[[Path], AbstractContextManager[Harness]]] = {
+    "triton": triton_harness,
+    "triton-http": triton_http_harness,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(HARNESSES))
