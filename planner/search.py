@@ -25,8 +25,11 @@ repaired or paired, is cheaper.
 
 Escape (beyond the paper): phase 2 only moves to cheaper hardware, so it cannot reach a plan
 where one stage buys speed that another spends. From the local optimum, each stage in turn is
-moved to pricier, no slower hardware with its capacity kept (a feasible "kick"), phase 2 runs
-again from there, and a cheaper result replaces the plan; at most `MAX_KICK_ROUNDS` rounds.
+moved to pricier, no slower hardware with its capacity kept (a feasible "kick"); phase 2 runs
+from there with that stage pinned to its new hardware (else the cheapest way down is usually
+straight back), then once more unpinned, and a cheaper result replaces the plan. At most
+`MAX_KICK_ROUNDS` rounds, and none once the simulations spent exceed `ESCAPE_BUDGET_FACTOR`
+times those of phases 1 and 2.
 
 Invariant: the configuration held is always feasible, and its cost strictly falls each round,
 so the search ends.
@@ -46,6 +49,7 @@ from inferline.planner.pipeline import Config, PipelineModel, StageConfig
 MAX_TOTAL_REPLICAS = 2000
 MAX_PAIR_TRIALS = 400
 MAX_KICK_ROUNDS = 8
+ESCAPE_BUDGET_FACTOR = 3
 MAX_PAIR_REPAIRS = 40
 
 
@@ -102,7 +106,11 @@ def plan_greedy(model: PipelineModel, table: CostTable, estimator: Estimator) ->
     if isinstance(start, str):
         return PlanResult("inferline", False, None, math.inf, math.inf, start, estimator.simulations)
     config, estimate = _descend(model, table, estimator, load, *start)
+    # Escaping costs many simulations and rarely pays: bound it relative to the search so far.
+    budget = estimator.simulations + ESCAPE_BUDGET_FACTOR * max(estimator.simulations, 500)
     for _ in range(MAX_KICK_ROUNDS):
+        if estimator.simulations >= budget:
+            break
         escaped = _escape(model, table, estimator, load, config, estimate)
         if escaped is None:
             break
@@ -111,10 +119,17 @@ def plan_greedy(model: PipelineModel, table: CostTable, estimator: Estimator) ->
 
 
 def _descend(
-    model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, estimate: Estimate
+    model: PipelineModel,
+    table: CostTable,
+    estimator: Estimator,
+    load: Load,
+    config: Config,
+    estimate: Estimate,
+    pinned: tuple[int, str] | None = None,
 ) -> tuple[Config, Estimate]:
+    """Phase 2 from `config`; `pinned` = (stage, hardware) keeps that stage on that hardware."""
     while True:
-        better = _cheapest_feasible_neighbor(model, table, estimator, load, config, estimate.cost_per_hour)
+        better = _cheapest_feasible_neighbor(model, table, estimator, load, config, estimate.cost_per_hour, pinned)
         if better is None:
             return config, estimate
         config, estimate = better
@@ -129,17 +144,19 @@ def _escape(
     another stage spends (a larger batch, fewer replicas) is out of its reach. Each kick keeps the
     stage's capacity and does not lengthen its batch service time, so it stays feasible.
     """
-    for kick in _upgrade_kicks(table, load, config):
+    for stage, kick in _upgrade_kicks(table, load, config):
         kicked = estimator.estimate(kick)
         if not kicked.feasible:
             continue
-        found = _descend(model, table, estimator, load, kick, kicked)
+        # Pinned first: the cheapest way down would often be straight back to the old hardware.
+        found = _descend(model, table, estimator, load, kick, kicked, pinned=(stage, kick[stage].hardware))
+        found = _descend(model, table, estimator, load, *found)
         if found[1].cost_per_hour < estimate.cost_per_hour - 1e-12:
             return found
     return None
 
 
-def _upgrade_kicks(table: CostTable, load: Load, config: Config) -> list[Config]:
+def _upgrade_kicks(table: CostTable, load: Load, config: Config) -> list[tuple[int, Config]]:
     kicks = []
     for s, c in enumerate(config):
         current = table[s].option(c.hardware)
@@ -154,7 +171,7 @@ def _upgrade_kicks(table: CostTable, load: Load, config: Config) -> list[Config]
                 k = _replica_range(load, table, s, option.hardware, batch, capacity)[-1]
                 best = min(best, (k, batch, option.hardware)) if best is not None else (k, batch, option.hardware)
             if best is not None:
-                kicks.append(_with(config, s, StageConfig(best[2], best[1], best[0])))
+                kicks.append((s, _with(config, s, StageConfig(best[2], best[1], best[0]))))
                 best = None
     return kicks
 
@@ -215,9 +232,20 @@ def neighbors(model: PipelineModel, table: CostTable, load: Load, config: Config
 
 
 def _cheapest_feasible_neighbor(
-    model: PipelineModel, table: CostTable, estimator: Estimator, load: Load, config: Config, cost: float
+    model: PipelineModel,
+    table: CostTable,
+    estimator: Estimator,
+    load: Load,
+    config: Config,
+    cost: float,
+    pinned: tuple[int, str] | None = None,
 ) -> tuple[Config, Estimate] | None:
     around = neighbors(model, table, load, config)
+    helpers = _helper_moves(table, load, config)
+    if pinned is not None:
+        stage, hardware = pinned
+        around = [(c, cand) for c, cand in around if cand[stage].hardware == hardware]
+        helpers = [(s, m) for s, m in helpers if s != stage or m.hardware == hardware]
     candidates = sorted(
         {cand: c for c, cand in around if c < cost - 1e-12}.items(),
         key=lambda item: (item[1], _tie_key(item[0])),
@@ -241,9 +269,7 @@ def _cheapest_feasible_neighbor(
     # A saving move on one stage may need a helper move on another: a batch increase or hardware
     # switch that costs nothing extra (or a little) and keeps that stage's capacity but cuts its latency.
     savers = list(dict.fromkeys(cand for c, cand in around if c < cost - 1e-12))
-    return _cheapest_feasible_pair(
-        model, table, estimator, config, savers, _helper_moves(table, load, config), load, cost
-    )
+    return _cheapest_feasible_pair(model, table, estimator, config, savers, helpers, load, cost)
 
 
 def _keeps_capacity(table: CostTable, config: Config, cand: Config) -> bool:
