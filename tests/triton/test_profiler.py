@@ -40,7 +40,7 @@ def adapter(server: EmbeddedTriton) -> Iterator[TritonAdapter]:
 
 
 def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms(adapter: TritonAdapter) -> None:
-    settings = ProfileSettings(batch_sizes=SIZES, warmup=2, samples=8)
+    settings = ProfileSettings(batch_sizes=SIZES, warmup=5, samples=10)
     profile = profile_model(adapter, "known", "cpu", settings)
     assert profile.batch_sizes("cpu") == SIZES
     for point in profile.points("cpu"):
