@@ -127,3 +127,25 @@ class ServerHandle:
     options: Mapping[str, str]
     """Keyword options for the adapter's `connect` (e.g. the metrics address)."""
     startup_s: float
+
+
+def feed_inputs(
+    info: ModelInfo, available: Mapping[str, NDArray[np.generic]], fallback: Mapping[str, NDArray[np.generic]]
+) -> dict[str, NDArray[np.generic]]:
+    """A child model's inputs from its parents' outputs: by name, else the one output of that item shape.
+
+    An input neither rule finds keeps its value from `fallback` (e.g. random example inputs).
+    """
+    fed = dict(fallback)
+    for spec in info.inputs:
+        if spec.name in available:
+            fed[spec.name] = available[spec.name]
+            continue
+        same_shape = [v for v in available.values() if _fits(v.shape[1:], spec.shape)]
+        if len(same_shape) == 1:
+            fed[spec.name] = same_shape[0].astype(np.dtype(spec.dtype))
+    return fed
+
+
+def _fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from inferline.adapters.base import Adapter, ModelInfo, example_inputs
+from inferline.adapters.base import Adapter, ModelInfo, example_inputs, feed_inputs
 from inferline.routes import resolve_route
 from inferline.spec import PipelineSpec, StageSpec
 
@@ -72,15 +72,7 @@ def _inputs(stage: StageSpec, info: ModelInfo, samples: int, outputs: Mapping[st
     fresh = example_inputs(info, samples, seed)
     if not stage.after:
         return fresh
-    available = {k: v for p in stage.after for k, v in outputs[p].items()}
-    for spec_in in info.inputs:
-        if spec_in.name in available:
-            fresh[spec_in.name] = available[spec_in.name]
-            continue
-        same_shape = [v for v in available.values() if v.shape[1:] == fresh[spec_in.name].shape[1:]]
-        if len(same_shape) == 1:
-            fresh[spec_in.name] = same_shape[0].astype(fresh[spec_in.name].dtype)
-    return fresh
+    return feed_inputs(info, {k: v for p in stage.after for k, v in outputs[p].items()}, fresh)
 
 
 def _run(adapter: Adapter, info: ModelInfo, inputs: Batch, go: NDArray[np.bool_]) -> Batch:

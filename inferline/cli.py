@@ -161,6 +161,7 @@ def _plan(args: argparse.Namespace) -> int:
         update={
             "profiles": str(Path(args.profiles).resolve()),
             "hardware_catalog": str(Path(args.hardware).resolve()) if args.hardware else None,
+            "spec": str(Path(args.spec).resolve()),
         }
     )
     if args.json:

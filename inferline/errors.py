@@ -57,6 +57,10 @@ class ServerError(InferlineError):
     """A model server is unreachable, died, or refused a request."""
 
 
+class ServerUnreachable(ServerError):
+    """The server does not answer at all (not started, died, wrong address)."""
+
+
 class ModelNotFoundError(ServerError):
     """The model server does not know the model."""
 

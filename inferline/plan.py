@@ -61,6 +61,7 @@ class Plan(BaseModel):
     simulations: int | None = None
     profiles: str | None = Field(default=None, description="Profile directory the plan was made from.")
     hardware_catalog: str | None = Field(default=None, description="Catalog file used; none = built-in AWS prices.")
+    spec: str | None = Field(default=None, description="Pipeline spec file the plan was made for.")
     tuner: TunerInfo | None = None
 
     def stage(self, name: str) -> StagePlan:

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 
 from inferline.adapters.base import BatchStats, ModelInfo, ModelStats, ServingConfig, Tensors, TensorSpec
 from inferline.adapters.triton.metrics import fetch_metrics
-from inferline.errors import ModelNotFoundError, ServerError, did_you_mean
+from inferline.errors import ModelNotFoundError, ServerError, ServerUnreachable, did_you_mean
 
 FRAMEWORK = "triton"
 
@@ -188,7 +188,7 @@ def _server_error(what: str, address: str, exc: InferenceServerException, model:
 
 def _unreachable(what: str, address: str, text: str) -> ServerError:
     first = text.splitlines()[0] if text else "no reply"
-    return ServerError(
+    return ServerUnreachable(
         f"cannot {what}: the Triton server at {address} is unreachable ({first})",
         "check that tritonserver is running and the address and port are right",
     )

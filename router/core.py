@@ -1,0 +1,477 @@
+"""The router's core: runs a pipeline's DAG over replicas with the estimator's reference semantics.
+
+Each stage has one centralized FIFO queue shared by its replicas; a replica is a worker thread
+that, whenever it is free and the queue is not empty, takes min(queue length, max batch size)
+queries at once and sends them as one batch through its adapter (it never waits for a batch to
+fill). Conditional edges are decided by the spec's route on the parents' real outputs, or sampled
+with the spec's probability; a stage starts for a query once all its parents that the query
+visited are done (join); the query is answered once every stage it visits is done. These are the
+semantics `planner/estimator.py` simulates, which is what lets measured latency match it.
+
+Overload is refused at the door (`Overloaded`) rather than queued without bound. A replica whose
+server stops answering has its batch put back at the head of the queue for another replica, up
+to `MAX_ATTEMPTS`; queries that cannot be served fail with `QueryFailed`. Every submitted query
+ends exactly once, answered or failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from inferline.adapters.base import Adapter, ModelInfo, TensorSpec, feed_inputs
+from inferline.errors import InferlineError, ServerError, ServerUnreachable
+from inferline.routes import Route, resolve_route
+from inferline.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+"""Tries of one batch on different replicas before its queries fail."""
+PROBE_INTERVAL_S = 0.5
+"""How often a replica whose server stopped answering checks whether it is back."""
+
+Tensors = dict[str, NDArray[np.generic]]
+
+
+class Overloaded(InferlineError):
+    """The router's queues are full: the query is refused, not queued."""
+
+
+class QueryFailed(InferlineError):
+    """A query could not be served (its replicas died, or the model refused the batch)."""
+
+
+class InvalidQuery(InferlineError):
+    """The query's inputs do not match the pipeline's entry inputs."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One serving slot: a model on a server that runs one batch at a time."""
+
+    adapter: Adapter
+    model: str
+    label: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    outputs: dict[str, NDArray[np.generic]]
+    """Every visited stage's outputs, named "stage.OUTPUT", each with a leading batch axis of 1."""
+    visited: tuple[str, ...]
+    latency_ms: float
+
+
+PENDING, QUEUED, DONE, SKIPPED = range(4)
+
+
+@dataclass(eq=False)
+class _Query:
+    id: int
+    arrived: float
+    inputs: Tensors
+    future: Future[QueryResult]
+    state: list[int]
+    outputs: dict[int, Tensors] = field(default_factory=dict)
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class _Item:
+    query: _Query
+    inputs: Tensors
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    name: str
+    queue_length: int
+    in_flight: int
+    replicas: int
+    ready_replicas: int
+    busy_s: float
+    """Cumulative busy replica-seconds (for utilization over a tick)."""
+    arrivals: int
+    """Cumulative queries that reached the stage."""
+
+
+class _Stage:
+    def __init__(self, index: int, name: str, info: ModelInfo, max_batch: int) -> None:
+        self.index, self.name, self.info, self.max_batch = index, name, info, max_batch
+        self.items: collections.deque[_Item] = collections.deque()
+        self.cond = threading.Condition()
+        self.workers: list[_Worker] = []
+        self.in_flight = 0
+        self.busy_s = 0.0
+        self.arrivals = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+
+class _Worker(threading.Thread):
+    def __init__(self, router: PipelineRouter, stage: _Stage, replica: Replica) -> None:
+        super().__init__(name=f"replica-{replica.label}", daemon=True)
+        self.router, self.stage, self.replica = router, stage, replica
+        self.stopping = False
+        self.healthy = True
+
+    def run(self) -> None:
+        stage = self.stage
+        while True:
+            if not self.healthy:
+                # Its server stopped answering: leave the queue to the others and probe now and then.
+                with stage.cond:
+                    if not self.stopping:
+                        stage.cond.wait(PROBE_INTERVAL_S)
+                if self.stopping:
+                    return
+                self.healthy = self.replica.adapter.is_ready()
+                continue
+            with stage.cond:
+                while not self.stopping and not stage.items:
+                    stage.cond.wait()
+                if self.stopping:
+                    return
+                n = min(len(stage.items), stage.max_batch)
+                batch = [stage.items.popleft() for _ in range(n)]
+                stage.in_flight += n
+            self._serve(batch)
+
+    def _serve(self, batch: list[_Item]) -> None:
+        stage = self.stage
+        names = batch[0].inputs.keys()
+        tensors = {name: np.concatenate([item.inputs[name] for item in batch]) for name in names}
+        started = time.perf_counter()
+        try:
+            outputs = self.replica.adapter.infer(self.replica.model, tensors)
+        except ServerUnreachable as exc:
+            self.healthy = False
+            self._settle(batch, started)
+            self.router._retry(stage, batch, exc)
+            return
+        except ServerError as exc:
+            self._settle(batch, started)
+            self.router._fail(batch, f"stage {stage.name!r}: {exc.message}")
+            return
+        except Exception as exc:  # an adapter bug must not kill the replica thread silently
+            log.exception("replica %s failed", self.replica.label)
+            self._settle(batch, started)
+            self.router._fail(batch, f"stage {stage.name!r}: internal error {type(exc).__name__}")
+            return
+        self._settle(batch, started)
+        stage.batch_sizes[len(batch)] += 1
+        for i, item in enumerate(batch):
+            self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
+
+    def _settle(self, batch: list[_Item], started: float) -> None:
+        with self.stage.cond:
+            self.stage.in_flight -= len(batch)
+            self.stage.busy_s += time.perf_counter() - started
+
+
+class PipelineRouter:
+    """A pipeline endpoint's engine; the protocol frontends call `submit`."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        pools: Mapping[str, Sequence[Replica]],
+        max_batch_sizes: Mapping[str, int],
+        slo_ms: float | None = None,
+        max_queue: int = 2000,
+        seed: int = 0,
+    ) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.slo_ms = slo_ms if slo_ms is not None else spec.slo_ms
+        self.max_queue = max_queue
+        order = spec.topological_order()
+        self._order = order
+        self._index = {s.name: i for i, s in enumerate(order)}
+        self._parents = [tuple(self._index[p] for p in s.after) for s in order]
+        self._children = [tuple(j for j, t in enumerate(order) if i in self._parents[j]) for i in range(len(order))]
+        self._routes: list[Route | None] = [resolve_route(s.route, s.name) if s.route else None for s in order]
+        self._probabilities = [s.probability for s in order]
+        missing = [s.name for s in order if not pools.get(s.name)]
+        if missing:
+            raise InferlineError(f"stage(s) {missing} have no replicas", "give every stage at least one replica")
+        self._stages = [
+            _Stage(i, s.name, pools[s.name][0].adapter.model_info(pools[s.name][0].model), max_batch_sizes[s.name])
+            for i, s in enumerate(order)
+        ]
+        self._check_wiring()
+        self._pools = {s.name: list(pools[s.name]) for s in order}
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(seed)
+        self._ids = itertools.count()
+        self._inflight = 0
+        self._arrivals: collections.deque[float] = collections.deque()
+        self._started = False
+        self.metrics_registry = CollectorRegistry()
+        self._metrics = _RouterMetrics(self.metrics_registry, self)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> PipelineRouter:
+        for stage in self._stages:
+            for replica in self._pools[stage.name]:
+                self._add_worker(stage, replica)
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        for stage in self._stages:
+            with stage.cond:
+                for w in stage.workers:
+                    w.stopping = True
+                stage.cond.notify_all()
+        for stage in self._stages:
+            for w in stage.workers:
+                w.join(timeout=30)
+            self._fail(list(stage.items), "the router stopped")
+            stage.items.clear()
+        self._started = False
+
+    def ready(self) -> bool:
+        return self._started and all(any(w.healthy for w in s.workers) for s in self._stages)
+
+    # -- replicas (the live tuner's actuator calls these) ----------------------------------
+    def add_replica(self, stage_name: str, replica: Replica) -> None:
+        stage = self._stages[self._index[stage_name]]
+        self._add_worker(stage, replica)
+
+    def remove_replica(self, stage_name: str) -> Replica | None:
+        """Retire the newest replica of a stage once its current batch is done (never the last one)."""
+        stage = self._stages[self._index[stage_name]]
+        with stage.cond:
+            live = [w for w in stage.workers if not w.stopping]
+            if len(live) <= 1:
+                return None
+            worker = live[-1]
+            worker.stopping = True
+            stage.workers.remove(worker)
+            stage.cond.notify_all()
+        return worker.replica
+
+    def _add_worker(self, stage: _Stage, replica: Replica) -> None:
+        worker = _Worker(self, stage, replica)
+        with stage.cond:
+            stage.workers.append(worker)
+        worker.start()
+
+    # -- queries ---------------------------------------------------------------------------
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        seen: dict[str, TensorSpec] = {}
+        for i, stage in enumerate(self._stages):
+            if not self._parents[i]:
+                for t in stage.info.inputs:
+                    seen.setdefault(t.name, t)
+        return tuple(seen.values())
+
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(f"{s.name}.{t.name}", t.dtype, t.shape) for s in self._stages for t in s.info.outputs)
+
+    def submit(self, inputs: Mapping[str, NDArray[np.generic]]) -> Future[QueryResult]:
+        tensors = self._validated(inputs)
+        future: Future[QueryResult] = Future()
+        future.set_running_or_notify_cancel()
+        now = time.perf_counter()
+        with self._lock:
+            if self._inflight >= self.max_queue:
+                self._metrics.rejected.inc()
+                raise Overloaded(
+                    f"pipeline {self.name!r} has {self._inflight} queries in flight (limit {self.max_queue})",
+                    "retry later or scale the pipeline",
+                )
+            self._inflight += 1
+            self._arrivals.append(now)
+            query = _Query(next(self._ids), now, tensors, future, [PENDING] * len(self._stages))
+            entry = [i for i in range(len(self._stages)) if not self._parents[i]]
+            for i in entry:
+                query.state[i] = QUEUED
+        self._metrics.queries.inc()
+        for i in entry:
+            self._enqueue(i, query, {t.name: tensors[t.name] for t in self._stages[i].info.inputs})
+        return future
+
+    def _validated(self, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        specs = {t.name: t for t in self.input_specs()}
+        missing = sorted(set(specs) - set(inputs))
+        unknown = sorted(set(inputs) - set(specs))
+        if missing or unknown:
+            raise InvalidQuery(
+                f"pipeline {self.name!r} expects inputs {sorted(specs)}; missing {missing}, unknown {unknown}"
+            )
+        out: Tensors = {}
+        for name, spec in specs.items():
+            array = np.asarray(inputs[name])
+            want = (1, *spec.shape)
+            if array.ndim != len(want) or any(w not in (-1, a) for w, a in zip(want, array.shape, strict=True)):
+                raise InvalidQuery(f"input {name!r} has shape {list(array.shape)}, expected {list(want)}")
+            out[name] = array.astype(np.dtype(spec.dtype), copy=False)
+        return out
+
+    def _enqueue(self, index: int, query: _Query, inputs: Tensors) -> None:
+        stage = self._stages[index]
+        with stage.cond:
+            stage.items.append(_Item(query, inputs))
+            stage.arrivals += 1
+            stage.cond.notify_all()  # a plain notify could wake only a replica that is probing its server
+
+    def _stage_done(self, query: _Query, index: int, outputs: Tensors) -> None:
+        ready: list[tuple[int, Tensors]] = []
+        with self._lock:
+            query.outputs[index] = outputs
+            query.state[index] = DONE
+            self._resolve(query, index, ready)
+            finished = all(s in (DONE, SKIPPED) for s in query.state)
+        for child, inputs in ready:
+            self._enqueue(child, query, inputs)
+        if finished:
+            self._answer(query)
+
+    def _resolve(self, query: _Query, index: int, ready: list[tuple[int, Tensors]]) -> None:
+        """Decide the children whose parents are all done or skipped (called under the lock)."""
+        for child in self._children[index]:
+            if query.state[child] != PENDING:
+                continue
+            parents = self._parents[child]
+            if any(query.state[p] not in (DONE, SKIPPED) for p in parents):
+                continue
+            visited = [p for p in parents if query.state[p] == DONE]
+            available = {k: v for p in visited for k, v in query.outputs[p].items()}
+            if visited and self._decide(child, available):
+                query.state[child] = QUEUED
+                ready.append((child, feed_inputs(self._stages[child].info, available, {})))
+            else:
+                query.state[child] = SKIPPED
+                self._resolve(query, child, ready)
+
+    def _decide(self, child: int, available: Tensors) -> bool:
+        route = self._routes[child]
+        if route is not None:
+            return bool(route({k: v[0] for k, v in available.items()}))
+        return bool(self._rng.random() < self._probabilities[child])
+
+    def _answer(self, query: _Query) -> None:
+        latency_ms = (time.perf_counter() - query.arrived) * 1000.0
+        outputs = {f"{self._stages[i].name}.{k}": v for i in sorted(query.outputs) for k, v in query.outputs[i].items()}
+        visited = tuple(self._stages[i].name for i in sorted(query.outputs))
+        with self._lock:
+            self._inflight -= 1
+        self._metrics.observe(latency_ms, self.slo_ms)
+        query.future.set_result(QueryResult(outputs, visited, latency_ms))
+
+    def _fail(self, items: Sequence[_Item], reason: str) -> None:
+        for item in items:
+            if item.query.future.done():
+                continue
+            with self._lock:
+                self._inflight -= 1
+            self._metrics.errors.labels(kind="failed").inc()
+            item.query.future.set_exception(QueryFailed(reason))
+
+    def _retry(self, stage: _Stage, batch: list[_Item], exc: ServerError) -> None:
+        log.warning("stage %s: a replica stopped answering (%s); retrying its batch", stage.name, exc.message)
+        retry = [item for item in batch if item.attempts + 1 < MAX_ATTEMPTS]
+        give_up = [item for item in batch if item.attempts + 1 >= MAX_ATTEMPTS]
+        with stage.cond:
+            alive = any(w.healthy and not w.stopping for w in stage.workers)
+            if alive:
+                for item in reversed(retry):
+                    item.attempts += 1
+                    stage.items.appendleft(item)  # FIFO: the oldest queries go first again
+                stage.cond.notify_all()
+        if not alive:
+            give_up = batch
+        self._fail(give_up, f"stage {stage.name!r}: no replica could serve the query ({exc.message})")
+
+    # -- observation (metrics, the live tuner) -----------------------------------------------
+    def snapshot(self) -> tuple[StageSnapshot, ...]:
+        out = []
+        for stage in self._stages:
+            with stage.cond:
+                live = [w for w in stage.workers if not w.stopping]
+                out.append(
+                    StageSnapshot(
+                        stage.name, len(stage.items), stage.in_flight, len(live),
+                        sum(1 for w in live if w.healthy), stage.busy_s, stage.arrivals,
+                    )
+                )  # fmt: skip
+        return tuple(out)
+
+    def arrivals_since(self, since: float) -> NDArray[np.float64]:
+        """Arrival times (time.perf_counter seconds) after `since`; older ones are dropped."""
+        with self._lock:
+            while self._arrivals and self._arrivals[0] < since:
+                self._arrivals.popleft()
+            return np.fromiter(self._arrivals, dtype=np.float64)
+
+    def batch_sizes(self) -> dict[str, dict[int, int]]:
+        """Batches sent per stage by size: what the plan's max batch size must bound."""
+        return {s.name: dict(s.batch_sizes) for s in self._stages}
+
+    def _check_wiring(self) -> None:
+        """Every non-entry stage's inputs must come from its parents' outputs (by name or shape)."""
+        for i, stage in enumerate(self._stages):
+            if not self._parents[i]:
+                continue
+            available = {
+                t.name: np.zeros((1, *(d if d > 0 else 1 for d in t.shape)), dtype=np.dtype(t.dtype))
+                for p in self._parents[i]
+                for t in self._stages[p].info.outputs
+            }
+            fed = feed_inputs(stage.info, available, {})
+            missing = [t.name for t in stage.info.inputs if t.name not in fed]
+            if missing:
+                raise InferlineError(
+                    f"stage {stage.name!r} needs input(s) {missing} that its parents "
+                    f"{[self._stages[p].name for p in self._parents[i]]} do not output",
+                    "name the parent's output like the child's input, or give them a single matching shape",
+                )
+
+
+class _RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, router: PipelineRouter) -> None:
+        self.queries = Counter("inferline_router_queries", "Queries admitted", registry=registry)
+        self.rejected = Counter("inferline_router_rejected", "Queries refused as overload", registry=registry)
+        self.answered = Counter("inferline_router_answered", "Queries answered", registry=registry)
+        self.errors = Counter("inferline_router_errors", "Queries failed", ["kind"], registry=registry)
+        self.slo_misses = Counter("inferline_router_slo_misses", "Answered queries over the SLO", registry=registry)
+        self.latency = Histogram(
+            "inferline_router_latency_seconds",
+            "End-to-end query latency",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0),
+            registry=registry,
+        )
+        queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
+        replicas = Gauge("inferline_router_replicas", "Live replicas per stage", ["stage"], registry=registry)
+        for name in (s.name for s in router.spec.stages):
+            queue.labels(stage=name).set_function(_snapshot_field(router, name, "queue_length"))
+            replicas.labels(stage=name).set_function(_snapshot_field(router, name, "replicas"))
+
+    def observe(self, latency_ms: float, slo_ms: float | None) -> None:
+        self.answered.inc()
+        self.latency.observe(latency_ms / 1000.0)
+        if slo_ms is not None and latency_ms > slo_ms:
+            self.slo_misses.inc()
+
+
+def _snapshot_field(router: PipelineRouter, stage: str, name: str) -> Callable[[], float]:
+    def read() -> float:
+        for snap in router.snapshot():
+            if snap.name == stage:
+                return float(getattr(snap, name))
+        return 0.0
+
+    return read
