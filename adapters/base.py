@@ -127,6 +127,8 @@ class ServerHandle:
     options: Mapping[str, str]
     """Keyword options for the adapter's `connect` (e.g. the metrics address)."""
     startup_s: float
+    pid: int | None = None
+    """The server's process (the leader of its own process group), so a supervisor can always stop it."""
 
 
 def feed_inputs(

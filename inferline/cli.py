@@ -98,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
     ag.add_argument("--tls-key", help="PEM private key for --tls-cert")
 
+    for command, text in (
+        ("serve", "deploy a plan locally and serve it in the foreground, with the live tuner"),
+        ("up", "deploy a plan locally in the background (inferline down stops it)"),
+    ):
+        sv = sub.add_parser(command, help=text)
+        sv.add_argument("plan", help="plan JSON from `inferline plan --out`")
+        sv.add_argument("--spec", help="pipeline spec (default: the one the plan was made for)")
+        sv.add_argument("--models", default="examples/models", help="model repository for the embedded server")
+        sv.add_argument("--tuner", default="inferline", choices=TUNERS, help="live replica tuner (none = static)")
+        sv.add_argument("--tick-s", type=float, default=1.0, help="tuner control period in seconds")
+        sv.add_argument("--grpc-port", type=int, default=0, help="router gRPC port (0 = a free port)")
+        sv.add_argument("--http-port", type=int, default=0, help="router HTTP port (0 = a free port)")
+        sv.add_argument("--max-queue", type=int, default=2000, help="queries in flight before overload is refused")
+        sv.add_argument("--state-dir", default=".inferline", help="where up.json and the decision log go")
+    dn = sub.add_parser("down", help="stop what `inferline up` started")
+    dn.add_argument("--state-dir", default=".inferline")
+
     d = sub.add_parser("demo", help="the main job on the bundled example (see README)")
     d.add_argument("--out", default="demo-out", help="directory for the report (JSON and plots)")
     return parser
@@ -114,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from inferline.profile_command import run_profile
 
             return run_profile(args, Console(stderr=True))
+        if args.command in ("serve", "up", "down"):
+            from inferline import serve_command
+
+            runner = {"serve": serve_command.run_serve, "up": serve_command.run_up, "down": serve_command.run_down}
+            return runner[args.command](args, Console())
         if args.command == "agent":
             return _agent(args)
         if args.command == "lineage":

@@ -246,4 +246,5 @@ def embedded(repository: str | Path, models: Sequence[str] = ()) -> Iterator[Emb
 def embedded_handle(repository: Path, models: Sequence[str]) -> Iterator[ServerHandle]:
     """The entry point `inferline.embedded_servers: triton` (gRPC address, metrics address)."""
     with embedded(repository, models) as server:
-        yield ServerHandle(server.grpc_address, {"metrics_address": server.metrics_address}, server.startup_s)
+        pid = server.process.pid if server.process is not None else None
+        yield ServerHandle(server.grpc_address, {"metrics_address": server.metrics_address}, server.startup_s, pid)

@@ -1,0 +1,176 @@
+"""The router's core against real tritonserver processes: DAG, batching, failures, overload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inferline.adapters.base import ServingConfig
+from inferline.adapters.triton.adapter import TritonAdapter
+from inferline.adapters.triton.server import EmbeddedTriton
+from inferline.errors import InferlineError, ServerError
+from inferline.router.core import InvalidQuery, Overloaded, PipelineRouter, QueryFailed, QueryResult, Replica
+from inferline.spec import parse_spec
+from tests.model_repos import add_emulated
+
+ROUTED = parse_spec({
+    "name": "routed",
+    "stages": [
+        {"name": "detect", "model": "det"},
+        {"name": "classify", "model": "cls", "after": ["detect"], "probability": 0.5,
+         "route": "tests.triton.routes_for_tests:first_above_half"},
+    ],
+})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    repo = tmp_path_factory.mktemp("repo")
+    add_emulated(repo, "det", 4.0, 1.0, max_batch=8)
+    add_emulated(repo, "cls", 2.0, 0.5, max_batch=8)
+    with EmbeddedTriton(repo, ["det", "cls"]) as s:
+        yield s
+
+
+def replicas(address: str, model: str, n: int) -> list[Replica]:
+    return [Replica(TritonAdapter(address), model, f"{model}-{i}") for i in range(n)]
+
+
+def router_for(server: EmbeddedTriton, det: int = 2, cls: int = 1, **kw: object) -> PipelineRouter:
+    control = TritonAdapter(server.grpc_address)
+    control.configure("det", ServingConfig(8, det))
+    control.configure("cls", ServingConfig(4, cls))
+    pools = {"detect": replicas(server.grpc_address, "det", det), "classify": replicas(server.grpc_address, "cls", cls)}
+    return PipelineRouter(ROUTED, pools, {"detect": 8, "classify": 4}, **kw).start()  # type: ignore[arg-type]
+
+
+def query(value: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    x = rng.random((1, 16)).astype(np.float32)
+    x[0, 0] = value
+    return {"INPUT": x}
+
+
+def test_conditional_edge_follows_the_route_on_real_outputs(server: EmbeddedTriton) -> None:
+    router = router_for(server)
+    rng = np.random.default_rng(0)
+    try:
+        for value in (0.9, 0.1, 0.7, 0.3):
+            inputs = query(value, rng)
+            result = router.submit(inputs).result(timeout=10)
+            expect = ("detect", "classify") if value > 0.5 else ("detect",)
+            assert result.visited == expect
+            np.testing.assert_allclose(result.outputs["detect.OUTPUT"], inputs["INPUT"])
+            if value > 0.5:  # the classifier got the detector's output and echoed it
+                np.testing.assert_allclose(result.outputs["classify.OUTPUT"], inputs["INPUT"])
+    finally:
+        router.stop()
+
+
+def test_batches_respect_the_planned_maximum_and_form_under_load(server: EmbeddedTriton) -> None:
+    router = router_for(server, det=1, cls=1)
+    rng = np.random.default_rng(1)
+    try:
+        futures = [router.submit(query(0.9, rng)) for _ in range(80)]
+        results = [f.result(timeout=30) for f in futures]
+    finally:
+        router.stop()
+    assert all(r.visited == ("detect", "classify") for r in results)
+    sizes = router.batch_sizes()
+    assert max(sizes["detect"]) <= 8 and max(sizes["classify"]) <= 4
+    assert max(sizes["detect"]) > 1 and max(sizes["classify"]) > 1  # greedy batching under a backlog
+    assert sum(n * c for n, c in sizes["detect"].items()) == 80
+
+
+def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton) -> None:
+    router = router_for(server, det=1, cls=1, max_queue=10)
+    rng = np.random.default_rng(2)
+    futures: list[Future[QueryResult]] = []
+    refused = 0
+    try:
+        for _ in range(60):
+            try:
+                futures.append(router.submit(query(0.9, rng)))
+            except Overloaded as exc:
+                refused += 1
+                assert "limit 10" in exc.one_line()
+        answered = sum(1 for f in futures if f.result(timeout=30))
+    finally:
+        router.stop()
+    assert refused > 0 and answered + refused == 60
+
+
+def test_bad_query_inputs_are_refused_with_a_reason(server: EmbeddedTriton) -> None:
+    router = router_for(server)
+    try:
+        with pytest.raises(InvalidQuery, match="missing"):
+            router.submit({"WRONG": np.zeros((1, 16), np.float32)})
+        with pytest.raises(InvalidQuery, match=r"shape \[1, 3\]"):
+            router.submit({"INPUT": np.zeros((1, 3), np.float32)})
+    finally:
+        router.stop()
+
+
+def test_unreachable_server_at_start_is_a_one_line_error() -> None:
+    pools = {"detect": replicas("127.0.0.1:9", "det", 1), "classify": replicas("127.0.0.1:9", "cls", 1)}
+    with pytest.raises(ServerError) as err:
+        PipelineRouter(ROUTED, pools, {"detect": 8, "classify": 4})
+    assert "unreachable" in err.value.one_line() and "\n" not in err.value.one_line()
+
+
+def test_stage_inputs_that_no_parent_outputs_are_refused_at_start(server: EmbeddedTriton, tmp_path: Path) -> None:
+    spec = parse_spec(
+        {"name": "p", "stages": [{"name": "a", "model": "det"}, {"name": "b", "model": "det", "after": ["a"]}]}
+    )
+    pools = {"a": replicas(server.grpc_address, "det", 1), "b": replicas(server.grpc_address, "det", 1)}
+    PipelineRouter(spec, pools, {"a": 8, "b": 8})  # same shapes: fine
+    with pytest.raises(InferlineError, match="stage"):
+        PipelineRouter(spec, {"a": pools["a"]}, {"a": 8, "b": 8})
+
+
+def test_killing_a_replica_mid_load_loses_no_query(tmp_path: Path) -> None:
+    """Stage replicas on two servers; one server is killed while queries flow: all are answered."""
+    repo = tmp_path / "repo"
+    add_emulated(repo, "det", 3.0, 0.5, max_batch=8)
+    add_emulated(repo, "cls", 2.0, 0.5, max_batch=8)
+    spec = parse_spec({"name": "p", "stages": [{"name": "detect", "model": "det"}]})
+    with EmbeddedTriton(repo, ["det"]) as first, EmbeddedTriton(repo, ["det"]) as second:
+        pools = {"detect": replicas(first.grpc_address, "det", 2) + replicas(second.grpc_address, "det", 2)}
+        for s in (first, second):
+            TritonAdapter(s.grpc_address).configure("det", ServingConfig(8, 2))
+        router = PipelineRouter(spec, pools, {"detect": 8}).start()
+        rng = np.random.default_rng(3)
+        futures: list[Future[QueryResult]] = []
+
+        def kill_first() -> None:
+            time.sleep(0.4)
+            assert first.process is not None
+            os.killpg(first.process.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_first)
+        killer.start()
+        started = time.perf_counter()
+        for i in range(300):  # 300 queries at 250 qps, open loop
+            while time.perf_counter() - started < i / 250:
+                time.sleep(0.0005)
+            futures.append(router.submit(query(0.5, rng)))
+        killer.join()
+        outcomes = []
+        for f in futures:
+            try:
+                f.result(timeout=30)
+                outcomes.append("answered")
+            except QueryFailed:
+                outcomes.append("failed")
+        after_kill = router.snapshot()[0]
+        router.stop()
+    assert len(outcomes) == 300
+    assert outcomes.count("answered") == 300, outcomes.count("failed")
+    assert (after_kill.replicas, after_kill.ready_replicas) == (4, 2)  # the dead server's slots stand aside
