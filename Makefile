@@ -12,7 +12,7 @@ TYPECHECK := build/typecheck/inferline
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,plot,agent,triton,examples]'
+	$(BIN)/python -m pip install -q -e '.[dev,plot,agent,router,triton,examples]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -128,7 +128,7 @@ class LocalDeployment:
         self._stack.callback(grpc_frontend.stop)
         http_frontend = serve_http(self.router, self.host, self.http_port)
         self._stack.callback(http_frontend.stop)
-        self.endpoints = Endpoints(grpc_frontend.address, http_frontend.address, f"{http_frontend.address}/metrics")
+        self.endpoints = Endpoints(grpc_frontend.address, http_frontend.address, f"{http_frontend.url}/metrics")
 
     def _connect(self) -> Adapter:
         return connect(self.framework, self._address, **self._options)

@@ -1,8 +1,15 @@
 """Regenerate the committed protobuf/gRPC code and type stubs: `python -m inferline.protos.generate`.
 
 Runs protoc from grpcio-tools with the repository root as the include path, so the generated
-gRPC module imports `from inferline.protos import agent_pb2` (the installed import path), and
+gRPC modules import `from inferline.protos import agent_pb2` (the installed import path), and
 mypy-protobuf's plugins (found next to this interpreter) write the `.pyi` stubs.
+
+`kserve_v2.proto` declares the Open Inference Protocol's messages in the package `inference`,
+the same names as tritonclient's own generated module (Triton's superset of the protocol). Both
+are loaded in one process (the router talks to Triton through tritonclient and serves the
+protocol itself), and protobuf refuses a second file defining the same symbols in its default
+descriptor pool, so the generated kserve_v2_pb2.py is rewritten to build into a private pool.
+The wire format is unaffected: only field numbers and the service's full name travel.
 """
 
 from __future__ import annotations
@@ -12,7 +19,17 @@ from pathlib import Path
 
 PROTOS = Path(__file__).resolve().parent
 ROOT = PROTOS.parent.parent
-SOURCES = ("agent.proto",)
+SOURCES = ("agent.proto", "kserve_v2.proto")
+PRIVATE_POOL = ("kserve_v2.proto",)
+"""Protos whose symbols other installed packages also define (see the module docstring)."""
+
+DEFAULT_POOL_CALL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+PRIVATE_POOL_CALL = (
+    "# Private pool: tritonclient defines the same `inference.*` symbols in the default pool\n"
+    "# (rewritten by inferline/protos/generate.py).\n"
+    "POOL = _descriptor_pool.DescriptorPool()\n"
+    "DESCRIPTOR = POOL.AddSerializedFile("
+)
 
 
 def protoc_args(source: Path) -> list[str]:
@@ -30,6 +47,14 @@ def protoc_args(source: Path) -> list[str]:
     ]
 
 
+def use_private_pool(generated: Path) -> None:
+    """Make a generated `_pb2.py` build its descriptors into its own pool instead of the default one."""
+    text = generated.read_text()
+    if DEFAULT_POOL_CALL not in text:
+        raise RuntimeError(f"{generated.name}: protoc's output changed; update DEFAULT_POOL_CALL in generate.py")
+    generated.write_text(text.replace(DEFAULT_POOL_CALL, PRIVATE_POOL_CALL, 1))
+
+
 def main() -> int:
     try:
         from grpc_tools import protoc  # type: ignore[import-untyped]  # no stubs; a dev-only tool
@@ -40,6 +65,8 @@ def main() -> int:
         if protoc.main(protoc_args(PROTOS / name)) != 0:
             print(f"protoc failed on {name}", file=sys.stderr)
             return 1
+        if name in PRIVATE_POOL:
+            use_private_pool(PROTOS / f"{Path(name).stem}_pb2.py")
         print(f"generated code for {name}")
     return 0
 

@@ -1,0 +1,374 @@
+"""What the KServe v2 (Open Inference Protocol) frontends and client share.
+
+The protocol-neutral half of serving a pipeline as one model: the datatype table and tensor
+codecs (raw little-endian bytes, typed value lists), the checks of a request against the
+pipeline's inputs, the error kinds each protocol maps to its own status codes, and the query
+itself (submit to the router, wait on its future without blocking an event loop).
+
+One query per request: every input carries a leading batch axis of 1, as `PipelineRouter.submit`
+takes it, and the model metadata reports shapes as `[1, *per-item shape]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import math
+import struct
+import threading
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inferline.adapters.base import TensorSpec
+from inferline.errors import InferlineError, did_you_mean
+
+if TYPE_CHECKING:  # the client needs only the codecs, not the router (and its prometheus dependency)
+    from inferline.router.core import QueryResult
+
+T = TypeVar("T")
+Array = NDArray[Any]
+
+SERVER_NAME = "inferline"
+MODEL_VERSION = "1"
+"""A pipeline has one version; requests may name it or leave the version empty."""
+PLATFORM = "inferline_pipeline"
+DEFAULT_TIMEOUT_S = 60.0
+"""How long a query may wait when the client sets no deadline, so nothing waits forever."""
+ERROR_KIND_KEY = "inferline-error"
+"""gRPC trailing-metadata key naming the ErrorKind, so clients tell a failed query (UNAVAILABLE)
+from an unreachable server (also UNAVAILABLE, raised by gRPC itself)."""
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+_BY_NUMPY = {dtype.name: datatype for datatype, dtype in DATATYPES.items()}
+
+
+class ErrorKind(enum.Enum):
+    NOT_FOUND = "not_found"
+    INVALID = "invalid"
+    OVERLOADED = "overloaded"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class RequestError(InferlineError):
+    """A request the frontend answers with an error; `kind` picks the protocol's status code."""
+
+    def __init__(self, kind: ErrorKind, message: str, fix: str | None = None) -> None:
+        self.kind = kind
+        super().__init__(" ".join(message.split()), fix)  # one line, whatever the cause said
+
+
+def server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("inferline")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0"
+
+
+def invalid(message: str, fix: str | None = None) -> RequestError:
+    return RequestError(ErrorKind.INVALID, message, fix)
+
+
+class Pipeline(Protocol):
+    """The router contract the frontends serve (`inferline.router.core.PipelineRouter` fulfils it)."""
+
+    name: str
+    metrics_registry: Any  # prometheus_client.CollectorRegistry (no type stubs)
+
+    def ready(self) -> bool: ...
+
+    def input_specs(self) -> tuple[TensorSpec, ...]: ...
+
+    def output_specs(self) -> tuple[TensorSpec, ...]: ...
+
+    def submit(self, inputs: Mapping[str, NDArray[np.generic]]) -> Future[QueryResult]: ...
+
+
+# -- datatypes and codecs ------------------------------------------------------------------------
+def numpy_dtype(datatype: str, name: str = "") -> np.dtype[Any]:
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        where = f" of input {name!r}" if name else ""
+        raise invalid(f"unsupported datatype {datatype!r}{where}; supported: {', '.join(DATATYPES)}")
+    return dtype
+
+
+def datatype_of(dtype: np.dtype[Any] | str) -> str:
+    """The protocol's datatype for a numpy dtype (or numpy dtype name); str/bytes arrays are BYTES."""
+    resolved = np.dtype(dtype)
+    if resolved.kind in "SUO":
+        return "BYTES"
+    datatype = _BY_NUMPY.get(resolved.name)
+    if datatype is None:
+        raise RequestError(ErrorKind.INTERNAL, f"numpy dtype {resolved.name} has no KServe v2 datatype")
+    return datatype
+
+
+def element_count(shape: Sequence[int], name: str) -> int:
+    if any(d < 0 for d in shape):
+        raise invalid(f"input {name!r} has shape {list(shape)}; a request's shape must not contain -1")
+    return math.prod(shape)
+
+
+def serialize_bytes(array: Array) -> bytes:
+    """BYTES elements as the protocol sends them raw: a 4-byte little-endian length, then the bytes."""
+    parts = []
+    for item in array.reshape(-1):
+        data = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
+    out = np.empty(count, dtype=np.object_)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise invalid(f"raw BYTES of {name!r} end after {i} of {count} elements")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if offset + 4 + length > len(raw):
+            raise invalid(f"raw BYTES element {i} of {name!r} claims {length} bytes past the end of the data")
+        out[i] = raw[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+    if offset != len(raw):
+        raise invalid(f"raw BYTES of {name!r} hold more than the {count} elements of its shape")
+    return out
+
+
+def from_raw(datatype: str, shape: Sequence[int], raw: bytes, name: str) -> Array:
+    """An array from raw little-endian row-major bytes, checked against the declared shape."""
+    dtype = numpy_dtype(datatype, name)
+    count = element_count(shape, name)
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, count, name).reshape(tuple(shape))
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise invalid(
+            f"input {name!r} has {len(raw)} bytes of data; shape {list(shape)} of {datatype} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(tuple(shape))
+
+
+def to_raw(array: Array) -> bytes:
+    if datatype_of(array.dtype) == "BYTES":
+        return serialize_bytes(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def flatten(values: Iterable[Any]) -> list[Any]:
+    """Row-major elements of a flat or nested list (the protocol allows both in JSON)."""
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, list | tuple):
+            out.extend(flatten(value))
+        else:
+            out.append(value)
+    return out
+
+
+def from_values(datatype: str, shape: Sequence[int], values: Iterable[Any], name: str) -> Array:
+    """An array from typed values (gRPC `contents`, HTTP JSON `data`), checked against the shape."""
+    dtype = numpy_dtype(datatype, name)
+    count = element_count(shape, name)
+    items = flatten(values)
+    if len(items) != count:
+        raise invalid(f"input {name!r} has {len(items)} elements; shape {list(shape)} needs {count}")
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in items]
+        return array.reshape(tuple(shape))
+    try:
+        return np.asarray(items, dtype=dtype).reshape(tuple(shape))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise invalid(f"input {name!r} holds values that are not {datatype}: {exc}") from None
+
+
+def to_values(array: Array) -> list[Any]:
+    """Flat row-major values for JSON; BYTES become UTF-8 text (binary data needs the binary extension)."""
+    flat = array.reshape(-1)
+    if datatype_of(array.dtype) != "BYTES":
+        values: list[Any] = flat.tolist()
+        return values
+    try:
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in flat]
+    except UnicodeDecodeError:
+        raise invalid("a BYTES output is not UTF-8 text", "request it with binary_data") from None
+
+
+# -- checks against the pipeline -----------------------------------------------------------------
+def check_model(pipeline: Pipeline, name: str, version: str = "") -> None:
+    if name != pipeline.name:
+        raise RequestError(
+            ErrorKind.NOT_FOUND,
+            f"unknown model {name!r}{did_you_mean(name, [pipeline.name])}; this endpoint serves pipeline "
+            f"{pipeline.name!r}",
+        )
+    if version not in ("", MODEL_VERSION):
+        raise RequestError(ErrorKind.NOT_FOUND, f"model {name!r} has no version {version!r} (only {MODEL_VERSION!r})")
+
+
+def request_shape(spec: TensorSpec) -> list[int]:
+    return [1, *spec.shape]
+
+
+def check_inputs(pipeline: Pipeline, inputs: Mapping[str, Array]) -> None:
+    """Names, datatypes and shapes against the pipeline's inputs; the error names the input."""
+    specs = {s.name: s for s in pipeline.input_specs()}
+    for name in inputs:
+        if name not in specs:
+            raise invalid(f"unknown input {name!r}{did_you_mean(name, specs)}; pipeline inputs: {sorted(specs)}")
+    missing = [name for name in specs if name not in inputs]
+    if missing:
+        raise invalid(f"missing input(s) {missing}; pipeline {pipeline.name!r} needs {sorted(specs)}")
+    for name, spec in specs.items():
+        check_input(spec, inputs[name])
+
+
+def check_input(spec: TensorSpec, array: Array) -> None:
+    got, want = datatype_of(array.dtype), datatype_of(spec.dtype)
+    if got != want:
+        raise invalid(f"input {spec.name!r} has datatype {got}, expected {want}")
+    shape = request_shape(spec)
+    if array.ndim != len(shape) or any(w not in (-1, a) for w, a in zip(shape, array.shape, strict=True)):
+        raise invalid(
+            f"input {spec.name!r} has shape {list(array.shape)}, expected {shape}",
+            "send one query per request, with a leading batch axis of 1 (-1: any size)",
+        )
+
+
+def check_outputs(pipeline: Pipeline, requested: Sequence[str]) -> None:
+    known = [s.name for s in pipeline.output_specs()]
+    for name in requested:
+        if name not in known:
+            raise invalid(f"unknown output {name!r}{did_you_mean(name, known)}; pipeline outputs: {known}")
+
+
+def chosen_outputs(result: QueryResult, requested: Sequence[str]) -> dict[str, Array]:
+    """The requested outputs (all when none are named); stages the query did not visit have none."""
+    if not requested:
+        return dict(result.outputs)
+    return {name: result.outputs[name] for name in requested if name in result.outputs}
+
+
+# -- running a query -----------------------------------------------------------------------------
+def submit(pipeline: Pipeline, inputs: Mapping[str, Array]) -> Future[QueryResult]:
+    from inferline.router.core import InvalidQuery, Overloaded
+
+    try:
+        return pipeline.submit(inputs)
+    except Overloaded as exc:
+        raise RequestError(ErrorKind.OVERLOADED, exc.one_line()) from None
+    except InvalidQuery as exc:
+        raise RequestError(ErrorKind.INVALID, exc.one_line()) from None
+    except InferlineError as exc:  # e.g. the router is not started (yet)
+        raise RequestError(ErrorKind.UNAVAILABLE, exc.one_line()) from None
+    except Exception as exc:  # a bug in the router must still answer one line, not a traceback
+        raise RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}") from None
+
+
+async def wait_for(future: Future[T], timeout_s: float) -> T:
+    """The future's result, awaited without blocking the event loop and without cancelling the future.
+
+    The router's futures are not cancellable (the query keeps its place), so a timeout only stops
+    waiting; the wake-up tolerates an event loop that closed meanwhile (the frontend stopped).
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: Future[T]) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed (frontend stopped): nobody waits any more
+            loop.call_soon_threadsafe(_settle, waiter)
+
+    future.add_done_callback(wake)
+    try:
+        await asyncio.wait_for(waiter, timeout_s)
+    except TimeoutError:
+        raise RequestError(ErrorKind.TIMEOUT, f"no answer within {timeout_s:.3g} s") from None
+    return future.result()
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def run_query(pipeline: Pipeline, inputs: Mapping[str, Array], timeout_s: float) -> QueryResult:
+    """Submit one query and await its result; every failure becomes a RequestError of the right kind."""
+    from inferline.router.core import QueryFailed
+
+    future = submit(pipeline, inputs)
+    try:
+        return await wait_for(future, timeout_s)
+    except RequestError:
+        raise
+    except QueryFailed as exc:
+        raise RequestError(ErrorKind.FAILED, exc.one_line()) from None
+    except InferlineError as exc:
+        raise RequestError(ErrorKind.FAILED, exc.one_line()) from None
+    except Exception as exc:
+        raise RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}") from None
+
+
+def wait_budget(client_timeout_s: float | None, cap_s: float) -> float:
+    """How long to wait: the client's deadline when it set one, never longer than the frontend's cap."""
+    if client_timeout_s is None:
+        return cap_s
+    return max(0.0, min(client_timeout_s, cap_s))
+
+
+# -- an event loop of its own --------------------------------------------------------------------
+class LoopThread:
+    """An asyncio event loop running in a daemon thread, so servers on it can be started and
+    stopped from synchronous code (the CLI, the deployment, tests) without owning their loop."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.call(_cancel_others(), timeout_s=10.0)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10.0)
+        self.loop.close()
+
+
+async def _cancel_others() -> None:
+    """Cancel what is left on the loop (requests still waiting) so it closes without warnings."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

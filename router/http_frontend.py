@@ -1,0 +1,368 @@
+"""The pipeline endpoint over HTTP/REST: the Open Inference Protocol (KServe v2), plus /metrics.
+
+A whole pipeline is served as ONE model named after the pipeline:
+
+    GET  /v2/health/live            200 (the process answers)
+    GET  /v2/health/ready           200 ready, 400 not ready (the protocol's "4xx = not ready")
+    GET  /v2                        server metadata
+    GET  /v2/models/{name}          model metadata: the pipeline's inputs and outputs
+    GET  /v2/models/{name}/ready    200 ready, 400 not ready, 404 unknown model
+    POST /v2/models/{name}/infer    {"inputs": [{"name", "shape", "datatype", "data"}]} -> {"model_name", "outputs"}
+    GET  /metrics                   Prometheus text of the router's registry
+(`/v2/models/{name}/versions/{version}/...` work too.) Inference also accepts Triton's binary
+tensor extension (the `Inference-Header-Content-Length` header, `binary_data_size`,
+`binary_data` / `binary_data_output`), which tritonclient.http uses by default.
+
+Errors answer `{"error": "<one line>"}`: bad input 400, unknown model 404, router overloaded
+503 (with Retry-After), query failed 502 (a bad gateway: the router is up but the model servers
+behind it failed the query, which a client may tell from overload), no answer in time 504,
+router not started 503.
+
+aiohttp runs on an event loop of its own thread; a query awaits the router's future, so waiting
+never blocks the loop and the number of queries in flight is bounded by the router's queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from inferline.errors import InferlineError
+from inferline.router.frontend_types import (
+    DEFAULT_TIMEOUT_S,
+    MODEL_VERSION,
+    PLATFORM,
+    SERVER_NAME,
+    Array,
+    ErrorKind,
+    LoopThread,
+    Pipeline,
+    RequestError,
+    check_inputs,
+    check_model,
+    check_outputs,
+    chosen_outputs,
+    datatype_of,
+    from_raw,
+    from_values,
+    invalid,
+    request_shape,
+    run_query,
+    server_version,
+    to_raw,
+    to_values,
+    wait_budget,
+)
+
+HTTP_STATUS = {
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.INVALID: 400,
+    ErrorKind.OVERLOADED: 503,
+    ErrorKind.FAILED: 502,
+    ErrorKind.TIMEOUT: 504,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.INTERNAL: 500,
+}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+"""Triton's binary extension: the JSON part's length; binary tensor data follows it in the body."""
+MAX_REQUEST_BYTES = 256 * 2**20
+"""aiohttp's default (1 MiB) is far below an image batch; this still bounds a runaway request."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- request parsing and response encoding (pure) ------------------------------------------------
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None
+    """Per-output `binary_data` parameter; None: the request's `binary_data_output` decides."""
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    inputs: dict[str, Array]
+    outputs: tuple[RequestedOutput, ...]
+    binary_outputs: bool
+    timeout_s: float | None
+    """Triton's `timeout` request parameter (sent in microseconds), when given."""
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+    """The JSON document and the binary tail (empty without the binary extension)."""
+    size = len(body)
+    if header_length is not None:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise invalid(f"{HEADER_LENGTH} {header_length!r} is not an integer") from None
+        if not 0 <= size <= len(body):
+            raise invalid(f"{HEADER_LENGTH} {size} is outside the body's {len(body)} bytes")
+    try:
+        doc = json.loads(body[:size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"request body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise invalid("request body must be a JSON object with an 'inputs' list")
+    return doc, body[size:]
+
+
+def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
+    doc, binary = split_body(body, header_length)
+    params = _object(doc.get("parameters", {}), "parameters")
+    timeout_us = params.get("timeout")
+    outputs = doc.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise invalid("'outputs' must be a list")
+    return InferRequest(
+        id=str(doc["id"]) if "id" in doc else None,
+        inputs=decode_inputs(doc.get("inputs"), binary),
+        outputs=tuple(requested_output(o) for o in outputs),
+        binary_outputs=bool(params.get("binary_data_output", False)),
+        timeout_s=timeout_us / 1e6 if isinstance(timeout_us, int | float) and timeout_us > 0 else None,
+    )
+
+
+def decode_inputs(inputs: Any, binary: bytes) -> dict[str, Array]:
+    """Each input from its JSON `data`, or from its `binary_data_size` bytes of the tail, in order."""
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("request needs a non-empty 'inputs' list")
+    out: dict[str, Array] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        name, shape, datatype, params = _input_fields(tensor, i)
+        if name in out:
+            raise invalid(f"input {name!r} appears twice")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise invalid(f"input {name!r} claims binary_data_size {size!r} beyond the {len(binary)} binary bytes")
+            out[name] = from_raw(datatype, shape, binary[offset : offset + size], name)
+            offset += size
+        elif "data" in tensor:
+            data = tensor["data"]
+            out[name] = from_values(datatype, shape, data if isinstance(data, list) else [data], name)
+        else:
+            raise invalid(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
+    if offset != len(binary):
+        raise invalid(f"request has {len(binary) - offset} binary bytes that no input claims")
+    return out
+
+
+def _input_fields(tensor: Any, index: int) -> tuple[str, tuple[int, ...], str, dict[str, Any]]:
+    if not isinstance(tensor, dict):
+        raise invalid(f"inputs[{index}] must be an object with name, shape, datatype and data")
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise invalid(f"inputs[{index}] has no 'name'")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise invalid(f"input {name!r} needs 'shape' as a list of integers")
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str):
+        raise invalid(f"input {name!r} needs a 'datatype' such as \"FP32\"")
+    return name, tuple(shape), datatype, _object(tensor.get("parameters", {}), f"parameters of input {name!r}")
+
+
+def requested_output(entry: Any) -> RequestedOutput:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise invalid("each of 'outputs' must be an object with a 'name'")
+    binary = _object(entry.get("parameters", {}), f"parameters of output {entry['name']!r}").get("binary_data")
+    return RequestedOutput(entry["name"], None if binary is None else bool(binary))
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object")
+    return value
+
+
+def encode_response(
+    model: str, request: InferRequest, outputs: dict[str, Array], visited: tuple[str, ...]
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON part's length when binary tensor data follows it."""
+    binary_flags = {o.name: o.binary for o in request.outputs}
+    entries, tail = [], []
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        flag = binary_flags.get(name)
+        if request.binary_outputs if flag is None else flag:
+            raw = to_raw(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        else:
+            entry["data"] = to_values(array)
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "model_version": MODEL_VERSION, "outputs": entries}
+    doc["parameters"] = {"inferline_visited": ",".join(visited)}
+    if request.id is not None:
+        doc["id"] = request.id
+    head = json.dumps(doc).encode()
+    return (head + b"".join(tail), len(head)) if tail else (head, None)
+
+
+def tensor_metadata(specs: Any) -> list[dict[str, Any]]:
+    return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": request_shape(s)} for s in specs]
+
+
+def error_response(exc: RequestError) -> web.Response:
+    headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else None
+    return web.json_response({"error": exc.one_line()}, status=HTTP_STATUS[exc.kind], headers=headers)
+
+
+# -- the handlers --------------------------------------------------------------------------------
+class Routes:
+    def __init__(self, pipeline: Pipeline, max_wait_s: float) -> None:
+        self.pipeline = pipeline
+        self.max_wait_s = max_wait_s
+
+    def table(self) -> list[web.RouteDef]:
+        model = "/v2/models/{name}"
+        versioned = "/v2/models/{name}/versions/{version}"
+        return [
+            web.get("/v2/health/live", self.live),
+            web.get("/v2/health/ready", self.ready),
+            web.get("/v2", self.server_metadata),
+            *(web.get(prefix, self.model_metadata) for prefix in (model, versioned)),
+            *(web.get(f"{prefix}/ready", self.model_ready) for prefix in (model, versioned)),
+            *(web.post(f"{prefix}/infer", self.infer) for prefix in (model, versioned)),
+            web.get("/metrics", self.metrics),
+        ]
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.pipeline.ready():
+            return web.Response(status=200)
+        return web.json_response({"error": f"pipeline {self.pipeline.name!r} is not ready"}, status=400)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"name": SERVER_NAME, "version": server_version(), "extensions": ["binary_tensor_data"]}
+        )
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        check_model(self.pipeline, request.match_info["name"], request.match_info.get("version", ""))
+        return web.json_response(
+            {
+                "name": self.pipeline.name,
+                "versions": [MODEL_VERSION],
+                "platform": PLATFORM,
+                "inputs": tensor_metadata(self.pipeline.input_specs()),
+                "outputs": tensor_metadata(self.pipeline.output_specs()),
+            }
+        )
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        check_model(self.pipeline, request.match_info["name"], request.match_info.get("version", ""))
+        return await self.ready(request)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        check_model(self.pipeline, request.match_info["name"], request.match_info.get("version", ""))
+        parsed = parse_infer_request(await request.read(), request.headers.get(HEADER_LENGTH))
+        check_inputs(self.pipeline, parsed.inputs)
+        check_outputs(self.pipeline, [o.name for o in parsed.outputs])
+        result = await run_query(self.pipeline, parsed.inputs, wait_budget(parsed.timeout_s, self.max_wait_s))
+        outputs = chosen_outputs(result, [o.name for o in parsed.outputs])
+        body, header_length = encode_response(self.pipeline.name, parsed, outputs, result.visited)
+        if header_length is None:
+            return web.Response(body=body, content_type="application/json")
+        return web.Response(
+            body=body, content_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        # Collectors may take the router's locks: scrape off the loop so queries keep flowing.
+        text = await asyncio.to_thread(generate_latest, self.pipeline.metrics_registry)
+        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as `{"error": "<one line>"}`: ours, aiohttp's (404 path, 405, 413), and bugs."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": f"{exc.reason}: {request.method} {request.path}"}, status=exc.status)
+    except Exception as exc:  # a bug must still answer one line, never a traceback
+        return error_response(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HttpFrontend:
+    """A running HTTP endpoint; `address` is "host:port" (as tritonclient.http takes it), `url` the base URL."""
+
+    address: str
+    port: int
+    _runner: web.AppRunner
+    _loop: LoopThread
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def stop(self) -> None:
+        """Close the listening socket and connections, then end the loop thread."""
+        if self._loop.loop.is_closed():
+            return
+        self._loop.call(self._runner.cleanup(), timeout_s=30.0)
+        self._loop.close()
+
+
+def make_app(router: Pipeline, max_wait_s: float = DEFAULT_TIMEOUT_S) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_REQUEST_BYTES)
+    app.add_routes(Routes(router, max_wait_s).table())
+    return app
+
+
+def serve_http(
+    router: Pipeline, host: str = "127.0.0.1", port: int = 0, max_wait_s: float = DEFAULT_TIMEOUT_S
+) -> HttpFrontend:
+    """Serve `router` as the model `router.name` over KServe v2 HTTP/REST; port 0 picks a free port.
+
+    `max_wait_s` caps how long a query waits (also when the request's `timeout` asks for longer).
+    """
+    sock = bind(host, port)
+    loop = LoopThread("inferline-http-frontend")
+    try:
+        runner = loop.call(_start(make_app(router, max_wait_s), sock))
+    except BaseException:
+        sock.close()
+        loop.close()
+        raise
+    bound = sock.getsockname()[1]
+    return HttpFrontend(f"{host}:{bound}", bound, runner, loop)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a port of 0 is known without reaching into the server's internals."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InferlineError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}", "choose a free port") from None
+    return sock
+
+
+async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner
