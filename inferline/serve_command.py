@@ -67,7 +67,7 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
                 args.tick_s,
                 _decision_log(state),  # type: ignore[arg-type]
             ).start()
-        _write_up(state, deployment, args.tuner)
+        _write_up(state, deployment, args.tuner, Path(args.plan).resolve())
         assert deployment.endpoints is not None
         console.print(
             f"serving pipeline {spec.name!r}: gRPC {deployment.endpoints.grpc} · HTTP {deployment.endpoints.http}"
@@ -91,8 +91,8 @@ def _decision_log(state: Path) -> Any:
     return write
 
 
-def _write_up(state: Path, deployment: LocalDeployment, tuner: str) -> None:
-    info = deployment.describe() | {"pid": os.getpid(), "tuner": tuner, "started_unix": time.time()}
+def _write_up(state: Path, deployment: LocalDeployment, tuner: str, plan: Path) -> None:
+    info = deployment.describe() | {"pid": os.getpid(), "tuner": tuner, "plan": str(plan), "started_unix": time.time()}
     tmp = state / (UP_FILE + ".tmp")
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(state / UP_FILE)

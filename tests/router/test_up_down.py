@@ -1,0 +1,104 @@
+"""`inferline up` / `inferline down` with real processes: serving, one-line errors, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from inferline.router.client import KServeClient
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "inferline.cli", *args], capture_output=True, text=True, timeout=180, cwd=cwd
+    )
+
+
+def plan_file(tmp: Path, pipeline: str = "local-emulated", local: bool = True) -> Path:
+    out = tmp / f"{pipeline}-plan.json"
+    profiles, catalog = (
+        (EXAMPLES / "profiles" / "measured-cpu", EXAMPLES / "catalog-local.yaml")
+        if local
+        else (EXAMPLES / "profiles" / "representative", EXAMPLES / "catalog.yaml")
+    )
+    done = cli(
+        "plan", str(EXAMPLES / "pipelines" / f"{pipeline}.yaml"), "--profiles", str(profiles),
+        "--hardware", str(catalog), "--trace", "gamma:rate=80,cv=2,duration=60,seed=1", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
+    plan = plan_file(tmp_path)
+    state = tmp_path / "state"
+    up = cli("up", str(plan), "--state-dir", str(state), "--tuner", "none")
+    try:
+        assert up.returncode == 0, up.stderr
+        info = json.loads((state / "up.json").read_text())
+        pids = [int(info["pid"]), int(info["server_pid"])]
+        assert all(alive(p) for p in pids)
+        planned = json.loads(plan.read_text())["stages"]
+        assert info["replicas"] == {name: s["replicas"] for name, s in planned.items()}
+        with KServeClient(info["endpoints"]["grpc"]) as client:
+            x = np.random.default_rng(0).random((1, 16)).astype(np.float32)
+            out = client.infer("local-emulated", {"INPUT": x})
+        np.testing.assert_allclose(out["detect.OUTPUT"], x)
+        again = cli("up", str(plan), "--state-dir", str(state))
+        assert again.returncode == 2 and "already up" in again.stderr and again.stderr.count("\n") == 1
+    finally:
+        down = cli("down", "--state-dir", str(state))
+    assert down.returncode == 0, down.stderr
+    assert not any(alive(p) for p in pids)
+    assert not (state / "up.json").exists()
+
+
+def test_a_plan_for_hardware_this_machine_lacks_is_a_one_line_error(tmp_path: Path) -> None:
+    plan = plan_file(tmp_path, "tf-cascade", local=False)
+    done = cli("up", str(plan), "--state-dir", str(tmp_path / "state"))
+    assert done.returncode == 2
+    assert "the local deployment has only 'cpu'" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "state" / "up.json").exists()
+
+
+def test_bad_plan_files_and_down_with_nothing_up_are_one_line_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    infeasible = tmp_path / "infeasible.json"
+    plan = json.loads(plan_file(tmp_path).read_text())
+    infeasible.write_text(json.dumps(plan | {"feasible": False, "reason": "SLO too tight"}))
+    for args, needle in (
+        (["up", str(broken)], "not valid JSON"),
+        (["up", str(infeasible)], "infeasible"),
+        (["down", "--state-dir", str(tmp_path / "none")], "nothing is running"),
+    ):
+        done = cli(*args, "--state-dir", str(tmp_path / "s")) if args[0] == "up" else cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert needle in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_down_stops_the_model_server_even_if_serve_was_killed(tmp_path: Path) -> None:
+    plan = plan_file(tmp_path)
+    state = tmp_path / "state"
+    assert cli("up", str(plan), "--state-dir", str(state), "--tuner", "none").returncode == 0
+    info = json.loads((state / "up.json").read_text())
+    os.kill(int(info["pid"]), 9)
+    down = cli("down", "--state-dir", str(state))
+    assert down.returncode == 0, down.stderr
+    assert not alive(int(info["server_pid"])) and not alive(int(info["pid"]))
