@@ -112,11 +112,23 @@ def _parser() -> argparse.ArgumentParser:
         sv.add_argument("--http-port", type=int, default=0, help="router HTTP port (0 = a free port)")
         sv.add_argument("--max-queue", type=int, default=2000, help="queries in flight before overload is refused")
         sv.add_argument("--state-dir", default=".inferline", help="where up.json and the decision log go")
+    rp = sub.add_parser("replay", help="open-loop load from a trace against a running pipeline, next to the estimate")
+    rp.add_argument("--trace", required=True, help="arrival trace file or generator")
+    rp.add_argument("--state-dir", default=".inferline", help="the pipeline `inferline up` started from here")
+    rp.add_argument("--endpoint", help="a router's gRPC address instead (HOST:PORT)")
+    rp.add_argument("--plan", help="the plan it serves (for the estimate and cost; default: from up.json)")
+    rp.add_argument("--pipeline", help="pipeline (model) name at --endpoint (default: the plan's)")
+    rp.add_argument("--slo-ms", type=float, help="SLO for the miss rate (default: the plan's)")
+    rp.add_argument("--timeout-s", type=float, default=30.0, help="per-query timeout")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the random query inputs")
+    rp.add_argument("--json", action="store_true", help="print the run results as JSON")
+    rp.add_argument("--out", help="also write the run results JSON here")
     dn = sub.add_parser("down", help="stop what `inferline up` started")
     dn.add_argument("--state-dir", default=".inferline")
 
     d = sub.add_parser("demo", help="the main job on the bundled example (see README)")
     d.add_argument("--out", default="demo-out", help="directory for the report (JSON and plots)")
+    d.add_argument("--simulated", action="store_true", help="the all-simulated demo (no model server)")
     return parser
 
 
@@ -136,15 +148,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             runner = {"serve": serve_command.run_serve, "up": serve_command.run_up, "down": serve_command.run_down}
             return runner[args.command](args, Console())
+        if args.command == "replay":
+            from inferline.replay_command import run_replay
+
+            return run_replay(args, Console(stderr=args.json))
         if args.command == "agent":
             return _agent(args)
         if args.command == "lineage":
             from inferline.profile_command import run_lineage
 
             return run_lineage(args, Console())
-        from inferline.demo import run_demo
+        if args.simulated:
+            from inferline.demo import run_demo
 
-        return run_demo(Path(args.out), Console())
+            return run_demo(Path(args.out), Console())
+        from inferline.live_demo import run_live_demo
+
+        return run_live_demo(Path(args.out), Console())
     except InferlineError as exc:
         if os.environ.get("INFERLINE_DEBUG"):
             raise

@@ -11,7 +11,7 @@ from inferline.errors import InferlineError
 from inferline.planner.closedloop import RunResult
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
 
@@ -24,7 +24,7 @@ def _pyplot() -> Any:
 
 def plot_run(result: RunResult, path: str | Path, title: str) -> None:
     """Arrival rate, replicas per stage and P99 latency over time, on one shared time axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_rate, ax_rep, ax_lat) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     bin_s = 1.0
     end = max(result.duration_s, 1.0)

@@ -58,6 +58,7 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
     tuner: LiveTuner | None = None
     try:
         deployment.start()
+        assert deployment.router is not None
         if policy is not None:
             tuner = LiveTuner(
                 deployment.router,
@@ -65,7 +66,7 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
                 policy,
                 plan,
                 args.tick_s,
-                _decision_log(state),  # type: ignore[arg-type]
+                _decision_log(state),
             ).start()
         _write_up(state, deployment, args.tuner, Path(args.plan).resolve())
         assert deployment.endpoints is not None

@@ -1,0 +1,165 @@
+"""`inferline demo`: the whole loop on this machine, with real Triton processes.
+
+1. start Triton with the example models and profile them (real measurements);
+2. plan the bundled pipeline for its SLO on a sample trace;
+3. deploy the plan (Triton instances per stage, the router and its endpoints);
+4. replay a bursty trace open-loop, once with the live tuner and once with the static plan;
+5. print SLO, estimated and measured P99, SLO-miss rate, cost and scaling decisions, and write a
+   report (JSON, and plots: latency CDF measured vs estimated, arrival rate and replicas over time).
+
+The pipeline is `local-emulated`: its models are emulated (they sleep a + b·n ms), because a
+2-core machine cannot host the replicas a burst needs of models that really compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from rich.console import Console
+from rich.table import Table
+
+from inferline.adapters.registry import connect, embedded_server
+from inferline.agent.profiler import ProfileSettings, profile_to_directory
+from inferline.catalog import load_catalog
+from inferline.deployment import LocalDeployment
+from inferline.errors import InferlineError
+from inferline.live_tuner import LiveTuner
+from inferline.plan import Plan
+from inferline.planner.planning import make_plan
+from inferline.planner.tuning.registry import make_policy
+from inferline.profiles import load_profiles
+from inferline.replay_command import Target, progress_printer, replay_against, results_for
+from inferline.router.prediction import predicted_latencies_ms
+from inferline.router.replay import ReplayResult
+from inferline.spec import load_spec
+from inferline.traces import load_trace
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PIPELINE = "local-emulated"
+SAMPLE_TRACE = "gamma:rate=80,cv=2,duration=120,seed=1"
+BURSTY_TRACE = "step:rate=80/200/80,cv=2,every=20,seed=2"
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def run_live_demo(out_dir: Path, console: Console) -> int:
+    if not EXAMPLES.is_dir():
+        raise InferlineError(f"the bundled examples are not at {EXAMPLES}", "run the demo from a source checkout")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = load_spec(EXAMPLES / "pipelines" / f"{PIPELINE}.yaml")
+    repository = EXAMPLES / "models"
+    catalog_path = EXAMPLES / "catalog-local.yaml"
+    models = sorted({s.model for s in spec.stages})
+
+    console.rule(f"1/4 profile {models} on a real Triton server")
+    profiles_dir = out_dir / "profiles"
+    with embedded_server("triton", repository, models) as handle:
+        console.print(f"Triton ready in {handle.startup_s:.2f} s")
+        adapter = connect("triton", handle.address, **handle.options)
+        try:
+            settings = ProfileSettings(BATCH_SIZES, warmup=3, samples=10, budget_s=5.0)
+            for written in profile_to_directory(adapter, models, "cpu", settings, profiles_dir):
+                console.print(f"profiled {written.model} in {written.wall_s:.1f} s -> {written.path}")
+        finally:
+            adapter.close()
+
+    console.rule("2/4 plan")
+    profiles = load_profiles(profiles_dir)
+    catalog = load_catalog(catalog_path)
+    assert spec.slo_ms is not None
+    plan = make_plan(spec, profiles, catalog, load_trace(SAMPLE_TRACE), spec.slo_ms)
+    if not plan.feasible:
+        raise InferlineError(f"the demo pipeline is infeasible on this machine: {plan.reason}")
+    plan = plan.model_copy(
+        update={"profiles": str(profiles_dir), "hardware_catalog": str(catalog_path), "spec": str(spec_path(spec))}
+    )
+    (out_dir / "plan.json").write_text(plan.to_json() + "\n")
+    console.print(
+        f"plan: {', '.join(f'{n} b{s.max_batch_size}×{s.replicas}' for n, s in plan.stages.items())}, "
+        f"${plan.cost_per_hour:.4f}/h, estimated P99 {plan.estimated_p99_ms:.1f} ms (SLO {plan.slo_ms:g} ms)"
+    )
+
+    arrivals = load_trace(BURSTY_TRACE)
+    runs: dict[str, dict[str, Any]] = {}
+    raw: dict[str, ReplayResult] = {}
+    for tuner in ("inferline", "none"):
+        console.rule(f"3/4 deploy and replay {BURSTY_TRACE} with tuner {tuner!r}")
+        runs[tuner], raw[tuner] = _deploy_and_replay(spec, plan, repository, tuner, arrivals, console)
+
+    console.rule("4/4 report")
+    estimated = predicted_latencies_ms(spec, profiles, catalog, plan, arrivals)
+    report = {"plan": json.loads(plan.to_json()), "trace": BURSTY_TRACE, "runs": runs}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    console.print(_summary(plan, runs))
+    try:
+        from inferline.live_plots import plot_live
+
+        plot_live(raw, estimated, runs, plan, out_dir / "report.png")
+        console.print(f"report: {out_dir / 'report.json'}, plots: {out_dir / 'report.png'}")
+    except InferlineError as exc:  # no matplotlib: the report still stands
+        console.print(f"report: {out_dir / 'report.json'} (no plots: {exc.one_line()})")
+    return 0
+
+
+def spec_path(spec: Any) -> Path:
+    return EXAMPLES / "pipelines" / f"{spec.name}.yaml"
+
+
+def _deploy_and_replay(
+    spec: Any, plan: Plan, repository: Path, tuner: str, arrivals: NDArray[np.float64], console: Console
+) -> tuple[dict[str, Any], ReplayResult]:
+    deployment = LocalDeployment(spec, plan, repository).start()
+    live: LiveTuner | None = None
+    try:
+        assert deployment.router is not None and deployment.endpoints is not None
+        policy = make_policy(tuner, plan.tuner)
+        if policy is not None:
+            live = LiveTuner(deployment.router, deployment, policy, plan, tick_s=1.0).start()
+        inputs = [(t.name, t.dtype, t.shape) for t in deployment.router.input_specs()]
+        target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None)
+        started = time.time()
+        result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
+    finally:
+        if live is not None:
+            live.stop()
+        deployment.stop()
+    decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
+    results = results_for(target, result, arrivals, started) | {"decisions": decisions, "tuner": tuner}
+    if live is not None:
+        results = _with_live_cost(results, plan, decisions, result.duration_s)
+    results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
+    return results, result
+
+
+def _with_live_cost(
+    results: dict[str, Any], plan: Plan, decisions: list[dict[str, Any]], duration_s: float
+) -> dict[str, Any]:
+    from inferline.replay_command import replica_cost
+
+    catalog = load_catalog(plan.hardware_catalog) if plan.hardware_catalog else None
+    if catalog is None:
+        return results
+    cost = replica_cost(plan, catalog, decisions, duration_s)
+    return results | {"cost": cost, "cost_per_hour": cost * 3600.0 / max(duration_s, 1e-9)}
+
+
+def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title=f"{plan.pipeline}: live replay of {BURSTY_TRACE} (SLO {plan.slo_ms:g} ms)")
+    for column in ("run", "est. P99 ms", "measured P99 ms", "SLO miss", "errors", "$/hour", "decisions"):
+        table.add_column(column, justify="right")
+    for name, r in runs.items():
+        table.add_row(
+            "plan + live tuner" if name == "inferline" else "static plan",
+            f"{r['estimated_p99_ms']:.1f}" if r.get("estimated_p99_ms") is not None else "-",
+            f"{r['p99_ms']:.1f}" if r.get("p99_ms") is not None else "inf (>1% errors)",
+            f"{100 * r['slo_miss_rate']:.2f}%",
+            str(r["errors"]),
+            f"{r['cost_per_hour']:.4f}" if r.get("cost_per_hour") is not None else "-",
+            str(len(r["decisions"])),
+        )
+    return table

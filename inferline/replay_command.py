@@ -1,0 +1,211 @@
+"""`inferline replay`: open-loop load from a trace against a running pipeline, measured next to the estimate.
+
+It finds the pipeline that `inferline up` started (or takes --endpoint and --plan), sends one
+query per trace arrival with the open-loop engine (`router/replay.py`), and reports measured P99,
+SLO-miss rate, throughput and errors beside the estimator's P99 for the same plan and trace, the
+tuner's decisions during the run and the cost of the replicas it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
+from inferline.errors import InferlineError
+from inferline.plan import Plan, load_plan
+from inferline.profiles import load_profiles
+from inferline.router.client import AsyncKServeClient, ServerOverloaded
+from inferline.router.prediction import predicted_p99_ms
+from inferline.router.replay import ReplayProgress, ReplayResult, replay, run_results
+from inferline.spec import PipelineSpec, load_spec
+
+INPUT_POOL = 64
+"""Distinct random queries cycled through (enough to exercise routes, cheap to build)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    endpoint: str
+    pipeline: str
+    plan: Plan | None
+    spec: PipelineSpec | None
+    decisions_path: Path | None
+
+
+def classify(exc: BaseException) -> str:
+    if isinstance(exc, ServerOverloaded):
+        return "overloaded"
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "timeout"
+    return "failed"
+
+
+def random_queries(
+    specs: Sequence[tuple[str, str, tuple[int, ...]]], count: int, seed: int
+) -> list[dict[str, NDArray[np.generic]]]:
+    """`count` queries of the pipeline's entry inputs (name, numpy dtype, per-item shape)."""
+    rng = np.random.default_rng(seed)
+    queries = []
+    for _ in range(count):
+        q: dict[str, NDArray[np.generic]] = {}
+        for name, dtype, shape in specs:
+            full = (1, *(d if d > 0 else 1 for d in shape))
+            kind = np.dtype(dtype).kind
+            q[name] = (rng.random(full) if kind == "f" else rng.integers(0, 255, size=full)).astype(dtype)
+        queries.append(q)
+    return queries
+
+
+async def replay_against(
+    target: Target,
+    arrivals_s: NDArray[np.float64],
+    slo_ms: float | None,
+    inputs: Sequence[tuple[str, str, tuple[int, ...]]],
+    timeout_s: float,
+    seed: int,
+    on_progress: Any = None,
+) -> ReplayResult:
+    client = AsyncKServeClient(target.endpoint)
+    queries = random_queries(inputs, INPUT_POOL, seed)
+    try:
+
+        async def send(i: int) -> None:
+            await client.infer(target.pipeline, queries[i % len(queries)], timeout_s=timeout_s)
+
+        return await replay(send, arrivals_s, slo_ms, timeout_s=timeout_s, on_progress=on_progress, classify=classify)
+    finally:
+        await client.close()
+
+
+def decisions_between(path: Path | None, start_unix: float, end_unix: float) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            if start_unix <= d.get("unix_time", 0.0) <= end_unix:
+                out.append(d | {"time_s": round(d["unix_time"] - start_unix, 3)})
+    return out
+
+
+def replica_cost(
+    plan: Plan, catalog: HardwareCatalog, decisions: Sequence[Mapping[str, Any]], duration_s: float
+) -> float:
+    """Dollars for the replicas held over the run: the plan's, changed at each decision's time."""
+    replicas = {name: s.replicas for name, s in plan.stages.items()}
+    price = {name: catalog.price(s.hardware) for name, s in plan.stages.items()}
+    cost, last = 0.0, 0.0
+    for d in sorted(decisions, key=lambda d: float(d["time_s"])):
+        t = min(max(float(d["time_s"]), 0.0), duration_s)
+        cost += sum(replicas[s] * price[s] for s in replicas) * (t - last) / 3600.0
+        replicas[str(d["stage"])] = int(d["replicas"])
+        last = t
+    cost += sum(replicas[s] * price[s] for s in replicas) * (duration_s - last) / 3600.0
+    return cost
+
+
+def estimate_for(plan: Plan | None, spec: PipelineSpec | None, arrivals_s: NDArray[np.float64]) -> float | None:
+    if plan is None or spec is None or plan.profiles is None:
+        return None
+    catalog = load_catalog(plan.hardware_catalog) if plan.hardware_catalog else DEFAULT_CATALOG
+    return predicted_p99_ms(spec, load_profiles(plan.profiles), catalog, plan, arrivals_s)
+
+
+def results_for(
+    target: Target, result: ReplayResult, arrivals_s: NDArray[np.float64], started_unix: float
+) -> dict[str, Any]:
+    plan = target.plan
+    decisions = decisions_between(target.decisions_path, started_unix, started_unix + result.duration_s + 1.0)
+    cost_per_hour = None
+    if plan is not None:
+        catalog = load_catalog(plan.hardware_catalog) if plan.hardware_catalog else DEFAULT_CATALOG
+        cost = replica_cost(plan, catalog, decisions, result.duration_s)
+        cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
+    return run_results(
+        result,
+        slo_ms=plan.slo_ms if plan else None,
+        estimated_p99_ms=estimate_for(plan, target.spec, arrivals_s),
+        cost_per_hour=cost_per_hour,
+        decisions=decisions,
+    )
+
+
+def target_from(state_dir: str | None, endpoint: str | None, plan_path: str | None, pipeline: str | None) -> Target:
+    from inferline.serve_command import DECISIONS_FILE, read_up
+
+    up = read_up(state_dir) if endpoint is None and state_dir is not None else None
+    plan_file = plan_path or (up or {}).get("plan")
+    plan = load_plan(plan_file) if plan_file else None
+    spec = load_spec(plan.spec) if plan is not None and plan.spec else None
+    address = endpoint or (up["endpoints"]["grpc"] if up else None)
+    name = pipeline or (up or {}).get("pipeline") or (plan.pipeline if plan else None)
+    if address is None or name is None:
+        raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
+    decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
+    return Target(address, name, plan, spec, decisions)
+
+
+def progress_printer(console: Any) -> Any:
+    last = [0.0]
+
+    def show(p: ReplayProgress) -> None:
+        if time.monotonic() - last[0] >= 5.0:
+            last[0] = time.monotonic()
+            console.print(f"  {p.elapsed_s:5.1f} s: sent {p.sent}/{p.total}, answered {p.answered}, errors {p.errors}")
+
+    return show
+
+
+def run_replay(args: Any, console: Any) -> int:
+    from inferline.router.client import KServeClient
+    from inferline.traces import load_trace
+
+    target = target_from(args.state_dir, args.endpoint, args.plan, args.pipeline)
+    arrivals = load_trace(args.trace)
+    if args.timeout_s <= 0:
+        raise InferlineError(f"--timeout-s must be positive, got {args.timeout_s:g}", "pass seconds")
+    with KServeClient(target.endpoint) as client:
+        meta = client.model_metadata(target.pipeline)
+    inputs = [(t.name, t.dtype, tuple(t.shape[1:])) for t in meta.inputs]
+    slo_ms = args.slo_ms if args.slo_ms is not None else (target.plan.slo_ms if target.plan else None)
+    console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
+    started = time.time()
+    result = asyncio.run(
+        replay_against(target, arrivals, slo_ms, inputs, args.timeout_s, args.seed, progress_printer(console))
+    )
+    results = results_for(target, result, arrivals, started)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        console.print(replay_table(target.pipeline, results))
+    return 0
+
+
+def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    table = Table(title=f"{pipeline}: open-loop replay")
+    for column in ("sent", "answered", "errors", "throughput q/s", "P99 ms", "estimated P99 ms", "SLO miss", "$/hour"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(r["sent"]), str(r["answered"]), str(r["errors"]), f"{r['throughput_qps']:.1f}", ms(r["p99_ms"]),
+        ms(r.get("estimated_p99_ms")),
+        "-" if r.get("slo_miss_rate") is None else f"{100 * r['slo_miss_rate']:.2f}%",
+        "-" if r.get("cost_per_hour") is None else f"{r['cost_per_hour']:.4f}",
+    )  # fmt: skip
+    return table

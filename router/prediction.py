@@ -1,0 +1,76 @@
+"""The estimator's prediction for a plan and a trace, to print beside what a replay measured.
+
+Pure (planner, spec, profiles, catalog and plan only; no network), though it lives with the data
+plane because only the replay tool needs it. It runs the very simulation the planner ran
+(`Estimator.latencies_s`, same seed for the conditional edges), so for the plan's own trace the
+P99 here equals the plan's `estimated_p99_ms`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+
+from inferline.catalog import HardwareCatalog
+from inferline.errors import PlanError
+from inferline.plan import Plan
+from inferline.planner.costtable import build_cost_table
+from inferline.planner.estimator import Estimator, p99
+from inferline.planner.pipeline import Config, pipeline_model
+from inferline.planner.planning import plan_config
+from inferline.profiles import ModelProfile
+from inferline.spec import PipelineSpec
+
+
+def with_replicas(config: Config, names: tuple[str, ...], replicas: Mapping[str, int]) -> Config:
+    """The config with some stages' replica counts replaced (the live tuner changes only those)."""
+    unknown = sorted(set(replicas) - set(names))
+    if unknown:
+        raise PlanError(f"replica override for unknown stages {unknown}", f"use stages of the pipeline: {list(names)}")
+    bad = sorted(name for name, k in replicas.items() if k < 1)
+    if bad:
+        raise PlanError(f"replica override below 1 for stages {bad}", "give every stage at least one replica")
+    return tuple(
+        dataclasses.replace(c, replicas=replicas[name]) if name in replicas else c
+        for name, c in zip(names, config, strict=True)
+    )
+
+
+def predicted_latencies_ms(
+    spec: PipelineSpec,
+    profiles: Mapping[str, ModelProfile],
+    catalog: HardwareCatalog,
+    plan: Plan,
+    arrivals_s: NDArray[np.float64],
+    seed: int = 0,
+    replicas: Mapping[str, int] | None = None,
+) -> NDArray[np.float64]:
+    """Every query's end-to-end latency (ms) as the estimator simulates the plan over the trace.
+
+    `replicas` overrides the plan's replica counts per stage (e.g. what the live tuner chose).
+    `seed` samples the conditional edges; `make_plan` uses 0 by default.
+    """
+    model = pipeline_model(spec)
+    table = build_cost_table(model, profiles, catalog)
+    config = plan_config(model, table, plan)
+    if replicas:
+        config = with_replicas(config, model.names, replicas)
+    estimator = Estimator(model, table, np.asarray(arrivals_s, dtype=np.float64), plan.slo_ms / 1000.0, seed=seed)
+    latencies_s, _ = estimator.latencies_s(config)
+    return latencies_s * 1000.0
+
+
+def predicted_p99_ms(
+    spec: PipelineSpec,
+    profiles: Mapping[str, ModelProfile],
+    catalog: HardwareCatalog,
+    plan: Plan,
+    arrivals_s: NDArray[np.float64],
+    seed: int = 0,
+    replicas: Mapping[str, int] | None = None,
+) -> float:
+    """The estimator's nearest-rank P99 (ms) of the plan over the trace (see `predicted_latencies_ms`)."""
+    return p99(predicted_latencies_ms(spec, profiles, catalog, plan, arrivals_s, seed, replicas))
