@@ -55,7 +55,8 @@ def plot_live(
     replicas = rate.twinx()
     decisions = list(runs.get("inferline", {}).get("decisions", []))
     for stage, (times, values) in replicas_over_time(plan, decisions, float(counts.size)).items():
-        replicas.step(times, values, where="post", label=f"{stage} replicas")
+        style = ("-", "--", ":", "-.")[len(replicas.get_lines()) % 4]
+        replicas.step(times, values, where="post", linestyle=style, label=f"{stage} replicas")
     replicas.set_ylabel("replicas")
     replicas.legend(loc="upper right")
     fig.tight_layout()

@@ -62,6 +62,12 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         np.testing.assert_allclose(out["detect.OUTPUT"], x)
         again = cli("up", str(plan), "--state-dir", str(state))
         assert again.returncode == 2 and "already up" in again.stderr and again.stderr.count("\n") == 1
+        replayed = cli("replay", "--state-dir", str(state), "--trace", "gamma:rate=40,cv=1,duration=3,seed=4", "--json")
+        assert replayed.returncode == 0, replayed.stderr
+        results = json.loads(replayed.stdout)
+        assert results["sent"] == results["answered"] + results["errors"] and results["sent"] > 60
+        assert results["errors"] == 0 and results["p99_ms"] > 0 and results["estimated_p99_ms"] > 0
+        assert results["slo_ms"] == json.loads(plan.read_text())["slo_ms"] and results["cost_per_hour"] > 0
     finally:
         down = cli("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr
@@ -87,6 +93,11 @@ def test_bad_plan_files_and_down_with_nothing_up_are_one_line_errors(tmp_path: P
         (["up", str(broken)], "not valid JSON"),
         (["up", str(infeasible)], "infeasible"),
         (["down", "--state-dir", str(tmp_path / "none")], "nothing is running"),
+        (
+            ["replay", "--endpoint", "127.0.0.1:9", "--pipeline", "p", "--trace", "gamma:rate=5,duration=1"],
+            "unreachable",
+        ),
+        (["replay", "--state-dir", str(tmp_path / "none"), "--trace", "gamma:rate=5,duration=1"], "nothing is running"),
     ):
         done = cli(*args, "--state-dir", str(tmp_path / "s")) if args[0] == "up" else cli(*args)
         assert done.returncode == 2, (args, done.stderr)
