@@ -95,7 +95,7 @@ def test_bad_plan_files_and_down_with_nothing_up_are_one_line_errors(tmp_path: P
         (["down", "--state-dir", str(tmp_path / "none")], "nothing is running"),
         (
             ["replay", "--endpoint", "127.0.0.1:9", "--pipeline", "p", "--trace", "gamma:rate=5,duration=1"],
-            "unreachable",
+            "no KServe v2 server answers",
         ),
         (["replay", "--state-dir", str(tmp_path / "none"), "--trace", "gamma:rate=5,duration=1"], "nothing is running"),
     ):
