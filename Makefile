@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # mypy cannot follow that mapping, so it checks a symlink tree laid out as installed.
 TYPECHECK := build/typecheck/inferline
 
-.PHONY: demo test lint tree typecheck unit bench clean install protos
+.PHONY: demo test lint tree typecheck unit bench bench-live clean install protos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Live benchmarks on real Triton processes: estimator fidelity, router overhead, live tuner.
+bench-live: $(STAMP)
+	$(BIN)/python -m bench.live
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

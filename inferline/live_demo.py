@@ -89,7 +89,7 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
     raw: dict[str, ReplayResult] = {}
     for tuner in ("inferline", "none"):
         console.rule(f"3/4 deploy and replay {BURSTY_TRACE} with tuner {tuner!r}")
-        runs[tuner], raw[tuner] = _deploy_and_replay(spec, plan, repository, tuner, arrivals, console)
+        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console)
 
     console.rule("4/4 report")
     estimated = predicted_latencies_ms(spec, profiles, catalog, plan, arrivals)
@@ -110,7 +110,7 @@ def spec_path(spec: Any) -> Path:
     return EXAMPLES / "pipelines" / f"{spec.name}.yaml"
 
 
-def _deploy_and_replay(
+def deploy_and_replay(
     spec: Any, plan: Plan, repository: Path, tuner: str, arrivals: NDArray[np.float64], console: Console
 ) -> tuple[dict[str, Any], ReplayResult]:
     deployment = LocalDeployment(spec, plan, repository).start()

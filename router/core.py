@@ -201,6 +201,7 @@ class PipelineRouter:
         self._index = {s.name: i for i, s in enumerate(order)}
         self._parents = [tuple(self._index[p] for p in s.after) for s in order]
         self._children = [tuple(j for j, t in enumerate(order) if i in self._parents[j]) for i in range(len(order))]
+        self._ancestors = _ancestors(self._parents)
         self._routes: list[Route | None] = [resolve_route(s.route, s.name) if s.route else None for s in order]
         self._probabilities = [s.probability for s in order]
         missing = [s.name for s in order if not pools.get(s.name)]
@@ -352,10 +353,21 @@ class PipelineRouter:
             available = {k: v for p in visited for k, v in query.outputs[p].items()}
             if visited and self._decide(child, available):
                 query.state[child] = QUEUED
-                ready.append((child, feed_inputs(self._stages[child].info, available, {})))
+                ready.append((child, self._inputs_for(query, child)))
             else:
                 query.state[child] = SKIPPED
                 self._resolve(query, child, ready)
+
+    def _inputs_for(self, query: _Query, child: int) -> Tensors:
+        """A stage's inputs: from its parents' outputs (by name, else by shape), else from its other
+        ancestors' outputs or the query's own inputs (e.g. a cascade's second classifier reading the
+        preprocessed image that its parent, the first classifier, consumed)."""
+        info = self._stages[child].info
+        wider = dict(query.inputs)
+        for a in self._ancestors[child]:
+            wider.update(query.outputs.get(a, {}))
+        parents = {k: v for p in self._parents[child] for k, v in query.outputs.get(p, {}).items()}
+        return feed_inputs(info, parents, feed_inputs(info, wider, {}))
 
     def _decide(self, child: int, available: Tensors) -> bool:
         route = self._routes[child]
@@ -426,19 +438,32 @@ class PipelineRouter:
         for i, stage in enumerate(self._stages):
             if not self._parents[i]:
                 continue
-            available = {
-                t.name: np.zeros((1, *(d if d > 0 else 1 for d in t.shape)), dtype=np.dtype(t.dtype))
-                for p in self._parents[i]
-                for t in self._stages[p].info.outputs
-            }
-            fed = feed_inputs(stage.info, available, {})
+
+            def zeros(specs: Sequence[TensorSpec]) -> Tensors:
+                return {t.name: np.zeros((1, *(d if d > 0 else 1 for d in t.shape)), dtype=t.dtype) for t in specs}
+
+            wider = zeros([*self.input_specs(), *(t for a in self._ancestors[i] for t in self._stages[a].info.outputs)])
+            parents = zeros([t for p in self._parents[i] for t in self._stages[p].info.outputs])
+            fed = feed_inputs(stage.info, parents, feed_inputs(stage.info, wider, {}))
             missing = [t.name for t in stage.info.inputs if t.name not in fed]
             if missing:
                 raise InferlineError(
-                    f"stage {stage.name!r} needs input(s) {missing} that its parents "
-                    f"{[self._stages[p].name for p in self._parents[i]]} do not output",
+                    f"stage {stage.name!r} needs input(s) {missing} that neither the query nor its ancestors "
+                    f"{[self._stages[a].name for a in self._ancestors[i]]} provide",
                     "name the parent's output like the child's input, or give them a single matching shape",
                 )
+
+
+def _ancestors(parents: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Per stage (topological order), its ancestors, farthest first."""
+    out: list[tuple[int, ...]] = []
+    for ps in parents:
+        seen: dict[int, None] = {}
+        for p in ps:
+            for a in (*out[p], p):
+                seen.setdefault(a)
+        out.append(tuple(sorted(seen)))
+    return out
 
 
 class _RouterMetrics:

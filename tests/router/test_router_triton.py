@@ -174,3 +174,36 @@ def test_killing_a_replica_mid_load_loses_no_query(tmp_path: Path) -> None:
     assert len(outcomes) == 300
     assert outcomes.count("answered") == 300, outcomes.count("failed")
     assert (after_kill.replicas, after_kill.ready_replicas) == (4, 2)  # the dead server's slots stand aside
+
+
+def test_a_stage_reads_an_ancestors_output_its_parent_consumed(tmp_path: Path) -> None:
+    """local-cascade: the large classifier needs the preprocessed PIXELS, which its parent (small) only consumed."""
+    from tests.model_repos import EXAMPLES, add_example
+
+    repo = tmp_path / "repo"
+    for model in ("preprocess", "classifier-small", "classifier-large"):
+        add_example(repo, model)
+    spec = parse_spec({
+        "name": "cascade", "stages": [
+            {"name": "pre", "model": "preprocess"},
+            {"name": "small", "model": "classifier-small", "after": ["pre"]},
+            {"name": "large", "model": "classifier-large", "after": ["small"],
+             "route": "inferline.routes:low_confidence"},
+        ],
+    })  # fmt: skip
+    assert EXAMPLES.is_dir()
+    with EmbeddedTriton(repo, ["preprocess", "classifier-small", "classifier-large"]) as s:
+        pools = {
+            "pre": replicas(s.grpc_address, "preprocess", 1),
+            "small": replicas(s.grpc_address, "classifier-small", 1),
+            "large": replicas(s.grpc_address, "classifier-large", 1),
+        }
+        router = PipelineRouter(spec, pools, {"pre": 4, "small": 4, "large": 4}).start()
+        try:
+            image = np.random.default_rng(5).integers(0, 255, size=(1, 64, 64, 3)).astype(np.uint8)
+            result = router.submit({"IMAGE": image}).result(timeout=30)
+        finally:
+            router.stop()
+    assert result.visited == ("pre", "small", "large")  # random weights: never confident, always escalated
+    assert result.outputs["large.PROBS"].shape == (1, 10)
+    assert abs(float(result.outputs["large.PROBS"].sum()) - 1.0) < 1e-4

@@ -1,0 +1,187 @@
+"""Live benchmarks on real Triton processes (`make bench-live`, a few minutes on 2 cores).
+
+1. Estimator fidelity: deploy each local example pipeline's plan (static), replay a stationary
+   trace open-loop, and compare measured with estimated P99 (target: within 10% of measured).
+2. Router overhead: the same queries at 500 q/s through the router, and sent straight to the
+   Triton server stage by stage by a client doing the router's job; the difference of medians.
+3. Tuner live: a rate step replayed with the live tuner and with the static plan; the tuner's
+   miss rate should be lower, at a cost no higher than a static plan for the peak rate.
+Prints a table per part and writes bench/results/live.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from inferline.adapters.base import ServingConfig
+from inferline.adapters.triton.adapter import TritonAdapter
+from inferline.adapters.triton.server import EmbeddedTriton
+from inferline.catalog import load_catalog
+from inferline.live_demo import deploy_and_replay
+from inferline.planner.planning import make_plan
+from inferline.profiles import load_profiles
+from inferline.router.client import AsyncKServeClient
+from inferline.router.core import PipelineRouter, Replica
+from inferline.router.grpc_frontend import serve_grpc
+from inferline.router.replay import replay
+from inferline.spec import load_spec
+from inferline.traces import load_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+OUT = ROOT / "bench" / "results"
+PROFILES = EXAMPLES / "profiles" / "measured-cpu"
+CATALOG = EXAMPLES / "catalog-local.yaml"
+FIDELITY = {
+    "local-emulated": "gamma:rate=100,cv=2,duration=45,seed=5",
+    "local-cascade": "gamma:rate=60,cv=2,duration=45,seed=6",
+}
+STEP = "step:rate=80/200/80,cv=2,every=20,seed=2"
+OVERHEAD_RATE, OVERHEAD_S = 500, 12
+
+
+def _plan(name: str, trace: str, slo_ms: float | None = None) -> Any:
+    spec = load_spec(EXAMPLES / "pipelines" / f"{name}.yaml")
+    plan = make_plan(spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace(trace), slo_ms or spec.slo_ms)
+    extra = {
+        "profiles": str(PROFILES),
+        "hardware_catalog": str(CATALOG),
+        "spec": str(EXAMPLES / "pipelines" / f"{name}.yaml"),
+    }
+    return spec, plan.model_copy(update=extra)
+
+
+def fidelity(console: Console) -> list[dict[str, Any]]:
+    rows = []
+    for name, trace in FIDELITY.items():
+        spec, plan = _plan(name, trace)
+        result, _ = deploy_and_replay(spec, plan, EXAMPLES / "models", "none", load_trace(trace), console)
+        est, meas = result["estimated_p99_ms"], result["p99_ms"]
+        rows.append({
+            "pipeline": name, "trace": trace, "plan": {n: s.model_dump() for n, s in plan.stages.items()},
+            "estimated_p99_ms": est, "measured_p99_ms": meas,
+            "error": abs(est - meas) / meas if est and meas else None,
+            "errors": result["errors"], "batch_sizes": result["batch_sizes"],
+        })  # fmt: skip
+    return rows
+
+
+async def _open_loop(send: Any, arrivals: np.ndarray) -> Any:
+    return await replay(send, arrivals, None, timeout_s=10.0)
+
+
+def router_overhead(console: Console) -> dict[str, Any]:
+    spec = load_spec(EXAMPLES / "pipelines" / "local-emulated.yaml")
+    models = {"detect": ("emulated-detector", 8), "classify": ("emulated-classifier", 4)}
+    arrivals = load_trace(f"gamma:rate={OVERHEAD_RATE},cv=1,duration={OVERHEAD_S},seed=9")
+    x = np.random.default_rng(0).random((1, 16)).astype(np.float32)
+    with EmbeddedTriton(EXAMPLES / "models", [m for m, _ in models.values()]) as server:
+        control = TritonAdapter(server.grpc_address)
+        for model, instances in models.values():
+            control.configure(model, ServingConfig(1, instances, 0))
+        # Direct: a client doing the router's job (detect, then classify for 60% of queries).
+        visits = np.random.default_rng(1).random(arrivals.size) < 0.6
+
+        async def direct() -> Any:
+            client = AsyncKServeClient(server.grpc_address)
+
+            async def send(i: int) -> None:
+                out = await client.infer("emulated-detector", {"INPUT": x})
+                if visits[i]:
+                    await client.infer("emulated-classifier", {"INPUT": out["OUTPUT"]})
+
+            try:
+                return await _open_loop(send, arrivals)
+            finally:
+                await client.close()
+
+        direct_result = asyncio.run(direct())
+        pools = {
+            s: [Replica(TritonAdapter(server.grpc_address), m, f"{s}{i}") for i in range(n)]
+            for s, (m, n) in models.items()
+        }
+        router = PipelineRouter(spec, pools, {"detect": 1, "classify": 1}).start()
+        frontend = serve_grpc(router)
+        try:
+
+            async def routed() -> Any:
+                client = AsyncKServeClient(frontend.address)
+
+                async def send(i: int) -> None:
+                    await client.infer(spec.name, {"INPUT": x})
+
+                try:
+                    return await _open_loop(send, arrivals)
+                finally:
+                    await client.close()
+
+            routed_result = asyncio.run(routed())
+        finally:
+            frontend.stop()
+            router.stop()
+    d, r = np.nanmedian(direct_result.latencies_ms), np.nanmedian(routed_result.latencies_ms)
+    return {
+        "rate_qps": OVERHEAD_RATE, "queries": int(arrivals.size),
+        "direct_median_ms": float(d), "router_median_ms": float(r), "overhead_median_ms": float(r - d),
+        "direct_p99_ms": direct_result.p99_ms, "router_p99_ms": routed_result.p99_ms,
+        "send_lag_p99_ms": routed_result.send_lag_p99_ms,
+    }  # fmt: skip
+
+
+def tuner_live(console: Console) -> dict[str, Any]:
+    spec, plan = _plan("local-emulated", "gamma:rate=80,cv=2,duration=120,seed=1")
+    _, peak = _plan("local-emulated", "gamma:rate=200,cv=2,duration=120,seed=1")
+    arrivals = load_trace(STEP)
+    runs = {
+        t: deploy_and_replay(spec, plan, EXAMPLES / "models", t, arrivals, console)[0] for t in ("inferline", "none")
+    }
+    return {
+        "trace": STEP,
+        "runs": {t: {k: r[k] for k in ("p99_ms", "slo_miss_rate", "cost_per_hour", "errors", "estimated_p99_ms")}
+                 | {"decisions": len(r["decisions"])} for t, r in runs.items()},
+        "peak_plan_cost_per_hour": peak.cost_per_hour,
+        "peak_plan": {n: s.model_dump() for n, s in peak.stages.items()},
+    }  # fmt: skip
+
+
+def main() -> None:
+    console = Console()
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {"fidelity": fidelity(console), "router_overhead": router_overhead(console), "tuner": tuner_live(console)}
+    results["wall_s"] = time.perf_counter() - started
+    (OUT / "live.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    table = Table(title="estimator fidelity (static plan, stationary trace)")
+    for c in ("pipeline", "estimated P99 ms", "measured P99 ms", "error"):
+        table.add_column(c, justify="right")
+    for row in results["fidelity"]:
+        table.add_row(
+            row["pipeline"],
+            f"{row['estimated_p99_ms']:.1f}",
+            f"{row['measured_p99_ms']:.1f}",
+            f"{100 * row['error']:.1f}%",
+        )
+    console.print(table)
+    o = results["router_overhead"]
+    console.print(
+        f"router overhead at {o['rate_qps']} q/s: median {o['router_median_ms']:.2f} ms via router vs "
+        f"{o['direct_median_ms']:.2f} ms direct = {o['overhead_median_ms']:+.2f} ms"
+    )
+    t = results["tuner"]
+    for name, r in t["runs"].items():
+        console.print(
+            f"tuner {name}: P99 {r['p99_ms']} ms, miss {100 * r['slo_miss_rate']:.2f}%, ${r['cost_per_hour']:.4f}/h"
+        )
+    console.print(f"static plan for the peak: ${t['peak_plan_cost_per_hour']:.4f}/h; results: {OUT / 'live.json'}")
+
+
+if __name__ == "__main__":
+    main()
