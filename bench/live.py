@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,16 +24,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from inferline.adapters.base import ServingConfig
-from inferline.adapters.triton.adapter import TritonAdapter
-from inferline.adapters.triton.server import EmbeddedTriton
 from inferline.catalog import load_catalog
 from inferline.live_demo import deploy_and_replay
+from inferline.plan import StagePlan
 from inferline.planner.planning import make_plan
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
-from inferline.router.core import PipelineRouter, Replica
-from inferline.router.grpc_frontend import serve_grpc
 from inferline.router.replay import replay
 from inferline.spec import load_spec
 from inferline.traces import load_trace
@@ -45,7 +44,7 @@ FIDELITY = {
     "local-cascade": "gamma:rate=60,cv=2,duration=45,seed=6",
 }
 STEP = "step:rate=80/200/80,cv=2,every=20,seed=2"
-OVERHEAD_RATE, OVERHEAD_S = 500, 12
+OVERHEAD_RATES, OVERHEAD_S = (250, 500), 10
 
 
 def _plan(name: str, trace: str, slo_ms: float | None = None) -> Any:
@@ -74,62 +73,62 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
-async def _open_loop(send: Any, arrivals: np.ndarray) -> Any:
-    return await replay(send, arrivals, None, timeout_s=10.0)
+def router_overhead(console: Console) -> list[dict[str, Any]]:
+    return [router_overhead_at(rate) for rate in OVERHEAD_RATES]
 
 
-def router_overhead(console: Console) -> dict[str, Any]:
-    spec = load_spec(EXAMPLES / "pipelines" / "local-emulated.yaml")
-    models = {"detect": ("emulated-detector", 8), "classify": ("emulated-classifier", 4)}
-    arrivals = load_trace(f"gamma:rate={OVERHEAD_RATE},cv=1,duration={OVERHEAD_S},seed=9")
+def router_overhead_at(rate: int) -> dict[str, Any]:
+    """The router runs in its own process (`inferline serve`), as deployed; the client in this one."""
+    spec, plan = _plan("local-emulated", "gamma:rate=80,cv=2,duration=60,seed=1")
+    stages = {"detect": StagePlan(hardware="cpu", max_batch_size=1, replicas=8),
+              "classify": StagePlan(hardware="cpu", max_batch_size=1, replicas=4)}  # fmt: skip
+    plan = plan.model_copy(update={"stages": stages})
+    arrivals = load_trace(f"gamma:rate={rate},cv=1,duration={OVERHEAD_S},seed=9")
     x = np.random.default_rng(0).random((1, 16)).astype(np.float32)
-    with EmbeddedTriton(EXAMPLES / "models", [m for m, _ in models.values()]) as server:
-        control = TritonAdapter(server.grpc_address)
-        for model, instances in models.values():
-            control.configure(model, ServingConfig(1, instances, 0))
-        # Direct: a client doing the router's job (detect, then classify for 60% of queries).
-        visits = np.random.default_rng(1).random(arrivals.size) < 0.6
-
-        async def direct() -> Any:
-            client = AsyncKServeClient(server.grpc_address)
-
-            async def send(i: int) -> None:
-                out = await client.infer("emulated-detector", {"INPUT": x})
-                if visits[i]:
-                    await client.infer("emulated-classifier", {"INPUT": out["OUTPUT"]})
-
-            try:
-                return await _open_loop(send, arrivals)
-            finally:
-                await client.close()
-
-        direct_result = asyncio.run(direct())
-        pools = {
-            s: [Replica(TritonAdapter(server.grpc_address), m, f"{s}{i}") for i in range(n)]
-            for s, (m, n) in models.items()
-        }
-        router = PipelineRouter(spec, pools, {"detect": 1, "classify": 1}).start()
-        frontend = serve_grpc(router)
+    visits = np.random.default_rng(1).random(arrivals.size) < 0.6
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_path = Path(tmp) / "plan.json"
+        plan_path.write_text(plan.to_json())
+        state = Path(tmp) / "state"
+        cli = [sys.executable, "-m", "inferline.cli"]
+        up = subprocess.run([*cli, "up", str(plan_path), "--state-dir", str(state), "--tuner", "none"], cwd=ROOT)
+        if up.returncode != 0:
+            raise RuntimeError("inferline up failed")
         try:
+            info = json.loads((state / "up.json").read_text())
+
+            async def direct() -> Any:
+                """A client doing the router's job: detect, then classify for 60% of queries."""
+                client = AsyncKServeClient(info["server_address"])
+
+                async def send(i: int) -> None:
+                    out = await client.infer("emulated-detector", {"INPUT": x})
+                    if visits[i]:
+                        await client.infer("emulated-classifier", {"INPUT": out["OUTPUT"]})
+
+                try:
+                    return await replay(send, arrivals, None, timeout_s=10.0)
+                finally:
+                    await client.close()
 
             async def routed() -> Any:
-                client = AsyncKServeClient(frontend.address)
+                client = AsyncKServeClient(info["endpoints"]["grpc"])
 
                 async def send(i: int) -> None:
                     await client.infer(spec.name, {"INPUT": x})
 
                 try:
-                    return await _open_loop(send, arrivals)
+                    return await replay(send, arrivals, None, timeout_s=10.0)
                 finally:
                     await client.close()
 
+            direct_result = asyncio.run(direct())
             routed_result = asyncio.run(routed())
         finally:
-            frontend.stop()
-            router.stop()
+            subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
     d, r = np.nanmedian(direct_result.latencies_ms), np.nanmedian(routed_result.latencies_ms)
     return {
-        "rate_qps": OVERHEAD_RATE, "queries": int(arrivals.size),
+        "rate_qps": rate, "queries": int(arrivals.size),
         "direct_median_ms": float(d), "router_median_ms": float(r), "overhead_median_ms": float(r - d),
         "direct_p99_ms": direct_result.p99_ms, "router_p99_ms": routed_result.p99_ms,
         "send_lag_p99_ms": routed_result.send_lag_p99_ms,
@@ -139,6 +138,10 @@ def router_overhead(console: Console) -> dict[str, Any]:
 def tuner_live(console: Console) -> dict[str, Any]:
     spec, plan = _plan("local-emulated", "gamma:rate=80,cv=2,duration=120,seed=1")
     _, peak = _plan("local-emulated", "gamma:rate=200,cv=2,duration=120,seed=1")
+    cg_peak = make_plan(
+        spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace("gamma:rate=80,cv=2,duration=120,seed=1"),
+        plan.slo_ms, "cg-peak",
+    )  # fmt: skip
     arrivals = load_trace(STEP)
     runs = {
         t: deploy_and_replay(spec, plan, EXAMPLES / "models", t, arrivals, console)[0] for t in ("inferline", "none")
@@ -148,6 +151,7 @@ def tuner_live(console: Console) -> dict[str, Any]:
         "runs": {t: {k: r[k] for k in ("p99_ms", "slo_miss_rate", "cost_per_hour", "errors", "estimated_p99_ms")}
                  | {"decisions": len(r["decisions"])} for t, r in runs.items()},
         "peak_plan_cost_per_hour": peak.cost_per_hour,
+        "cg_peak_cost_per_hour": cg_peak.cost_per_hour,
         "peak_plan": {n: s.model_dump() for n, s in peak.stages.items()},
     }  # fmt: skip
 
@@ -170,17 +174,20 @@ def main() -> None:
             f"{100 * row['error']:.1f}%",
         )
     console.print(table)
-    o = results["router_overhead"]
-    console.print(
-        f"router overhead at {o['rate_qps']} q/s: median {o['router_median_ms']:.2f} ms via router vs "
-        f"{o['direct_median_ms']:.2f} ms direct = {o['overhead_median_ms']:+.2f} ms"
-    )
+    for o in results["router_overhead"]:
+        console.print(
+            f"router overhead at {o['rate_qps']} q/s: median {o['router_median_ms']:.2f} ms via router vs "
+            f"{o['direct_median_ms']:.2f} ms direct = {o['overhead_median_ms']:+.2f} ms"
+        )
     t = results["tuner"]
     for name, r in t["runs"].items():
         console.print(
             f"tuner {name}: P99 {r['p99_ms']} ms, miss {100 * r['slo_miss_rate']:.2f}%, ${r['cost_per_hour']:.4f}/h"
         )
-    console.print(f"static plan for the peak: ${t['peak_plan_cost_per_hour']:.4f}/h; results: {OUT / 'live.json'}")
+    console.print(
+        f"static InferLine plan for the peak rate: ${t['peak_plan_cost_per_hour']:.4f}/h; "
+        f"CG-Peak: ${t['cg_peak_cost_per_hour']:.4f}/h; results: {OUT / 'live.json'}"
+    )
 
 
 if __name__ == "__main__":

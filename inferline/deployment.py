@@ -182,6 +182,7 @@ class LocalDeployment:
             "replicas": dict(self.replicas),
             "server_startup_s": self.server_startup_s,
             "server_pid": self.server_pid,
+            "server_address": getattr(self, "_address", None),
         }
 
     def stop(self) -> None:
