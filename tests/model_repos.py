@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
+
+from inferline.adapters.base import Adapter, ModelStats
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 EMULATED_SOURCE = EXAMPLES / "emulated" / "1" / "model.py"
@@ -37,3 +40,13 @@ def add_example(repository: Path, name: str) -> Path:
     target = repository / name
     shutil.copytree(EXAMPLES / name, target, ignore=shutil.ignore_patterns("__pycache__"))
     return target
+
+
+def settled_stats(adapter: Adapter, model: str, before: ModelStats, inferences: int, wait_s: float = 5.0) -> ModelStats:
+    """Statistics once `inferences` more are counted: a server may count a request just after answering it."""
+    deadline = time.monotonic() + wait_s
+    after = adapter.stats(model)
+    while after.inferences - before.inferences < inferences and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = adapter.stats(model)
+    return after

@@ -17,7 +17,7 @@ from inferline.adapters.triton.adapter import TritonAdapter
 from inferline.adapters.triton.server import EmbeddedTriton
 from inferline.agent.profiler import ProfileInterrupted, ProfileSettings, profile_model, profile_to_directory
 from inferline.profiles import load_profile
-from tests.model_repos import add_emulated
+from tests.model_repos import add_emulated, settled_stats
 
 A_MS, B_MS = 40.0, 4.0
 SIZES = (1, 2, 4, 8, 16, 32)
@@ -82,7 +82,7 @@ def test_configure_shows_in_config_and_in_statistics_after_traffic(adapter: Trit
     adapter.configure("known", ServingConfig(max_batch_size=4, instance_count=1))
     before = adapter.stats("known")
     burst(12)
-    after = adapter.stats("known")
+    after = settled_stats(adapter, "known", before, 12)
     grown = {b.batch_size for b in after.batches if b.executions > before.executions_at(b.batch_size)}
     assert max(grown) <= 4 and max(grown) > 1  # the server batched queued requests, never beyond 4
     assert after.inferences - before.inferences == 12
