@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -103,9 +103,15 @@ class Adapter(Protocol):
 
 def example_inputs(info: ModelInfo, batch_size: int, seed: int = 0) -> dict[str, NDArray[np.generic]]:
     """Random inputs of the model's declared shapes, for profiling (variable dims become 1)."""
-    rng = np.random.default_rng(seed)
+    return random_inputs(info.inputs, batch_size, np.random.default_rng(seed))
+
+
+def random_inputs(
+    specs: Sequence[TensorSpec], batch_size: int, rng: np.random.Generator
+) -> dict[str, NDArray[np.generic]]:
+    """Random tensors of these declared shapes and dtypes, batch axis first (variable dims become 1)."""
     out: dict[str, NDArray[np.generic]] = {}
-    for spec in info.inputs:
+    for spec in specs:
         shape = (batch_size, *(d if d > 0 else 1 for d in spec.shape))
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":

@@ -81,7 +81,8 @@ class LocalDeployment:
         self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
         self.max_queue, self.seed = max_queue, seed
         self.replicas = {name: plan.stage(name).replicas for name in spec.names}
-        self.events: list[ScaleEvent] = []
+        self._address: str | None = None
+        self._options: dict[str, str] = {}
         self._stack = contextlib.ExitStack()
         self._lock = threading.Lock()
         self.router: PipelineRouter | None = None
@@ -131,6 +132,7 @@ class LocalDeployment:
         self.endpoints = Endpoints(grpc_frontend.address, http_frontend.address, f"{http_frontend.url}/metrics")
 
     def _connect(self) -> Adapter:
+        assert self._address is not None, "start() first"
         return connect(self.framework, self._address, **self._options)
 
     def _replica(self, stage: str, index: int) -> Replica:
@@ -168,7 +170,6 @@ class LocalDeployment:
                 for i in range(current, replicas):
                     self.router.add_replica(stage, self._replica(stage, i))
                 event = ScaleEvent(stage, replicas, time.perf_counter() - started)
-            self.events.append(event)
             return event
 
     def _apply(self, stage: str) -> None:
@@ -182,7 +183,7 @@ class LocalDeployment:
             "replicas": dict(self.replicas),
             "server_startup_s": self.server_startup_s,
             "server_pid": self.server_pid,
-            "server_address": getattr(self, "_address", None),
+            "server_address": self._address,
         }
 
     def stop(self) -> None:

@@ -31,6 +31,7 @@ from inferline.deployment import LocalDeployment
 from inferline.errors import InferlineError
 from inferline.live_tuner import LiveTuner
 from inferline.plan import Plan
+from inferline.planner.estimator import p99
 from inferline.planner.planning import make_plan
 from inferline.planner.tuning.registry import make_policy
 from inferline.profiles import load_profiles
@@ -85,14 +86,14 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
     )
 
     arrivals = load_trace(BURSTY_TRACE)
+    estimated = predicted_latencies_ms(spec, profiles, catalog, plan, arrivals)
     runs: dict[str, dict[str, Any]] = {}
     raw: dict[str, ReplayResult] = {}
     for tuner in ("inferline", "none"):
         console.rule(f"3/4 deploy and replay {BURSTY_TRACE} with tuner {tuner!r}")
-        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console)
+        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console, p99(estimated))
 
     console.rule("4/4 report")
-    estimated = predicted_latencies_ms(spec, profiles, catalog, plan, arrivals)
     report = {"plan": json.loads(plan.to_json()), "trace": BURSTY_TRACE, "runs": runs}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(_summary(plan, runs))
@@ -111,7 +112,13 @@ def spec_path(spec: Any) -> Path:
 
 
 def deploy_and_replay(
-    spec: Any, plan: Plan, repository: Path, tuner: str, arrivals: NDArray[np.float64], console: Console
+    spec: Any,
+    plan: Plan,
+    repository: Path,
+    tuner: str,
+    arrivals: NDArray[np.float64],
+    console: Console,
+    estimated_p99_ms: float | None = None,
 ) -> tuple[dict[str, Any], ReplayResult]:
     deployment = LocalDeployment(spec, plan, repository).start()
     live: LiveTuner | None = None
@@ -120,7 +127,7 @@ def deploy_and_replay(
         policy = make_policy(tuner, plan.tuner)
         if policy is not None:
             live = LiveTuner(deployment.router, deployment, policy, plan, tick_s=1.0).start()
-        inputs = [(t.name, t.dtype, t.shape) for t in deployment.router.input_specs()]
+        inputs = deployment.router.input_specs()
         target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None)
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
@@ -129,23 +136,9 @@ def deploy_and_replay(
             live.stop()
         deployment.stop()
     decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
-    results = results_for(target, result, arrivals, started) | {"decisions": decisions, "tuner": tuner}
-    if live is not None:
-        results = _with_live_cost(results, plan, decisions, result.duration_s)
+    results = results_for(target, result, arrivals, started, decisions, estimated_p99_ms) | {"tuner": tuner}
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     return results, result
-
-
-def _with_live_cost(
-    results: dict[str, Any], plan: Plan, decisions: list[dict[str, Any]], duration_s: float
-) -> dict[str, Any]:
-    from inferline.replay_command import replica_cost
-
-    catalog = load_catalog(plan.hardware_catalog) if plan.hardware_catalog else None
-    if catalog is None:
-        return results
-    cost = replica_cost(plan, catalog, decisions, duration_s)
-    return results | {"cost": cost, "cost_per_hour": cost * 3600.0 / max(duration_s, 1e-9)}
 
 
 def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from inferline.adapters.base import TensorSpec, random_inputs
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.plan import Plan, load_plan
@@ -49,27 +50,17 @@ def classify(exc: BaseException) -> str:
     return "failed"
 
 
-def random_queries(
-    specs: Sequence[tuple[str, str, tuple[int, ...]]], count: int, seed: int
-) -> list[dict[str, NDArray[np.generic]]]:
-    """`count` queries of the pipeline's entry inputs (name, numpy dtype, per-item shape)."""
+def random_queries(specs: Sequence[TensorSpec], count: int, seed: int) -> list[dict[str, NDArray[np.generic]]]:
+    """`count` single-query inputs of the pipeline's entry tensors."""
     rng = np.random.default_rng(seed)
-    queries = []
-    for _ in range(count):
-        q: dict[str, NDArray[np.generic]] = {}
-        for name, dtype, shape in specs:
-            full = (1, *(d if d > 0 else 1 for d in shape))
-            kind = np.dtype(dtype).kind
-            q[name] = (rng.random(full) if kind == "f" else rng.integers(0, 255, size=full)).astype(dtype)
-        queries.append(q)
-    return queries
+    return [random_inputs(specs, 1, rng) for _ in range(count)]
 
 
 async def replay_against(
     target: Target,
     arrivals_s: NDArray[np.float64],
     slo_ms: float | None,
-    inputs: Sequence[tuple[str, str, tuple[int, ...]]],
+    inputs: Sequence[TensorSpec],
     timeout_s: float,
     seed: int,
     on_progress: Any = None,
@@ -114,27 +105,39 @@ def replica_cost(
     return cost
 
 
+def plan_catalog(plan: Plan) -> HardwareCatalog:
+    """The catalog a plan was made with (the built-in AWS prices when it names none)."""
+    return load_catalog(plan.hardware_catalog) if plan.hardware_catalog else DEFAULT_CATALOG
+
+
 def estimate_for(plan: Plan | None, spec: PipelineSpec | None, arrivals_s: NDArray[np.float64]) -> float | None:
     if plan is None or spec is None or plan.profiles is None:
         return None
-    catalog = load_catalog(plan.hardware_catalog) if plan.hardware_catalog else DEFAULT_CATALOG
-    return predicted_p99_ms(spec, load_profiles(plan.profiles), catalog, plan, arrivals_s)
+    return predicted_p99_ms(spec, load_profiles(plan.profiles), plan_catalog(plan), plan, arrivals_s)
 
 
 def results_for(
-    target: Target, result: ReplayResult, arrivals_s: NDArray[np.float64], started_unix: float
+    target: Target,
+    result: ReplayResult,
+    arrivals_s: NDArray[np.float64],
+    started_unix: float,
+    decisions: list[dict[str, Any]] | None = None,
+    estimated_p99_ms: float | None = None,
 ) -> dict[str, Any]:
+    """Run results; `decisions` default to the tuner's log in the state dir, the estimate is computed if not given."""
     plan = target.plan
-    decisions = decisions_between(target.decisions_path, started_unix, started_unix + result.duration_s + 1.0)
+    if decisions is None:
+        decisions = decisions_between(target.decisions_path, started_unix, started_unix + result.duration_s + 1.0)
     cost_per_hour = None
     if plan is not None:
-        catalog = load_catalog(plan.hardware_catalog) if plan.hardware_catalog else DEFAULT_CATALOG
-        cost = replica_cost(plan, catalog, decisions, result.duration_s)
+        cost = replica_cost(plan, plan_catalog(plan), decisions, result.duration_s)
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
     return run_results(
         result,
         slo_ms=plan.slo_ms if plan else None,
-        estimated_p99_ms=estimate_for(plan, target.spec, arrivals_s),
+        estimated_p99_ms=estimated_p99_ms
+        if estimated_p99_ms is not None
+        else estimate_for(plan, target.spec, arrivals_s),
         cost_per_hour=cost_per_hour,
         decisions=decisions,
     )
@@ -176,7 +179,7 @@ def run_replay(args: Any, console: Any) -> int:
         raise InferlineError(f"--timeout-s must be positive, got {args.timeout_s:g}", "pass seconds")
     with KServeClient(target.endpoint) as client:
         meta = client.model_metadata(target.pipeline)
-    inputs = [(t.name, t.dtype, tuple(t.shape[1:])) for t in meta.inputs]
+    inputs = [TensorSpec(t.name, t.dtype, tuple(t.shape[1:])) for t in meta.inputs]
     slo_ms = args.slo_ms if args.slo_ms is not None else (target.plan.slo_ms if target.plan else None)
     console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
     started = time.time()

@@ -84,7 +84,6 @@ class _Query:
     future: Future[QueryResult]
     state: list[int]
     outputs: dict[int, Tensors] = field(default_factory=dict)
-    attempts: int = 0
 
 
 @dataclass(eq=False)
@@ -211,6 +210,9 @@ class PipelineRouter:
             _Stage(i, s.name, pools[s.name][0].adapter.model_info(pools[s.name][0].model), max_batch_sizes[s.name])
             for i, s in enumerate(order)
         ]
+        # Fixed for the router's life; `submit` reads them for every query.
+        self._entry = tuple(i for i in range(len(order)) if not self._parents[i])
+        self._input_specs = self._entry_input_specs()
         self._check_wiring()
         self._pools = {s.name: list(pools[s.name]) for s in order}
         self._lock = threading.Lock()
@@ -272,11 +274,13 @@ class PipelineRouter:
 
     # -- queries ---------------------------------------------------------------------------
     def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self._input_specs
+
+    def _entry_input_specs(self) -> tuple[TensorSpec, ...]:
         seen: dict[str, TensorSpec] = {}
-        for i, stage in enumerate(self._stages):
-            if not self._parents[i]:
-                for t in stage.info.inputs:
-                    seen.setdefault(t.name, t)
+        for i in self._entry:
+            for t in self._stages[i].info.inputs:
+                seen.setdefault(t.name, t)
         return tuple(seen.values())
 
     def output_specs(self) -> tuple[TensorSpec, ...]:
@@ -297,16 +301,15 @@ class PipelineRouter:
             self._inflight += 1
             self._arrivals.append(now)
             query = _Query(next(self._ids), now, tensors, future, [PENDING] * len(self._stages))
-            entry = [i for i in range(len(self._stages)) if not self._parents[i]]
-            for i in entry:
+            for i in self._entry:
                 query.state[i] = QUEUED
         self._metrics.queries.inc()
-        for i in entry:
+        for i in self._entry:
             self._enqueue(i, query, {t.name: tensors[t.name] for t in self._stages[i].info.inputs})
         return future
 
     def _validated(self, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
-        specs = {t.name: t for t in self.input_specs()}
+        specs = {t.name: t for t in self._input_specs}
         missing = sorted(set(specs) - set(inputs))
         unknown = sorted(set(inputs) - set(specs))
         if missing or unknown:

@@ -29,14 +29,3 @@ def fetch_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
             f"cannot read metrics from {url}: {exc}", "check the server's metrics port (--metrics-port)"
         ) from exc
     return parse_metrics(text)
-
-
-def metric(flat: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (0.0 when none)."""
-    total = 0.0
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    for key, value in flat.items():
-        base, _, rest = key.partition("{")
-        if base in (name, f"{name}_total") and all(w in rest for w in want):
-            total += value
-    return total
