@@ -18,14 +18,12 @@ from rich.console import Console
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError, SpecError
 from inferline.plan import load_plan
-from inferline.planner.closedloop import simulate_run
-from inferline.planner.costtable import build_cost_table
-from inferline.planner.pipeline import pipeline_model
-from inferline.planner.planning import STRATEGIES, make_plan, plan_config
-from inferline.planner.tuning.registry import TUNERS, make_policy
+from inferline.planner.planning import STRATEGIES, make_plan
+from inferline.planner.tuning.registry import TUNERS
 from inferline.profiles import load_profiles
-from inferline.runs import run_results
+from inferline.runs import run_results, simulate_plan
 from inferline.spec import PipelineSpec, load_spec
+from inferline.startup import DEFAULT_STARTUP_S, parse_startup
 from inferline.tables import plan_table, runs_table
 from inferline.traces import load_trace
 
@@ -53,7 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tuner", default="inferline", choices=TUNERS, help="replica tuner (none = static plan)")
     s.add_argument("--profiles", help="profile directory (default: the one the plan was made from)")
     s.add_argument("--hardware", help="hardware catalog (default: the one the plan was made with)")
-    s.add_argument("--startup-s", type=float, default=5.0, help="seconds before an added replica serves")
+    s.add_argument(
+        "--startup-s",
+        default=str(DEFAULT_STARTUP_S),
+        metavar="SECONDS|FILE",
+        help="seconds before an added replica serves, or a decisions log (decisions.jsonl) or replay results JSON"
+        " whose measured median replica start-up is used",
+    )
     s.add_argument("--tick-s", type=float, default=0.25, help="tuner control period in seconds")
     s.add_argument("--seed", type=int, default=0, help="seed for conditional edges")
     s.add_argument("--json", action="store_true", help="print run results as JSON")
@@ -221,22 +225,15 @@ def _plan(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     plan = load_plan(args.plan)
-    profiles_dir = args.profiles or plan.profiles
-    if profiles_dir is None:
-        raise InferlineError("the plan does not say where its profiles are", "pass --profiles DIR")
-    catalog = _catalog(args.hardware or plan.hardware_catalog)
-    model = pipeline_model(spec)
-    table = build_cost_table(model, load_profiles(profiles_dir), catalog)
-    config = plan_config(model, table, plan)
     arrivals = load_trace(args.trace)
-    policy = make_policy(args.tuner, plan.tuner)
-    if args.tick_s <= 0 or args.startup_s < 0:
-        raise InferlineError("--tick-s must be positive and --startup-s not negative", "pass sensible durations")
-    result = simulate_run(
-        model, table, config, arrivals, plan.slo_ms / 1000.0, policy,
-        tick_s=args.tick_s, startup_s=args.startup_s, seed=args.seed,
+    startup_s, measured_in = parse_startup(args.startup_s)
+    result = simulate_plan(
+        spec, plan, arrivals, args.tuner, profiles_dir=args.profiles, catalog_path=args.hardware,
+        tick_s=args.tick_s, startup_s=startup_s, seed=args.seed,
     )  # fmt: skip
-    results = run_results(result, args.tuner)
+    results = run_results(result, args.tuner) | {"startup_s": startup_s}
+    if measured_in is not None:
+        results["startup_measured_in"] = measured_in
     if args.json:
         print(json.dumps(results, indent=2))
     else:

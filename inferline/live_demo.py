@@ -128,7 +128,7 @@ def deploy_and_replay(
         if policy is not None:
             live = LiveTuner(deployment.router, deployment, policy, plan, tick_s=1.0).start()
         inputs = deployment.router.input_specs()
-        target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None)
+        target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None, tuner)
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
     finally:
@@ -142,17 +142,27 @@ def deploy_and_replay(
 
 
 def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
+    def percent(rate: Any) -> str:
+        return f"{100 * rate:.2f}%" if rate is not None else "-"
+
     table = Table(title=f"{plan.pipeline}: live replay of {BURSTY_TRACE} (SLO {plan.slo_ms:g} ms)")
-    for column in ("run", "est. P99 ms", "measured P99 ms", "SLO miss", "errors", "$/hour", "decisions"):
+    columns = ("run", "est. P99 ms", "measured P99 ms", "est. SLO miss", "SLO miss", "errors", "$/hour", "decisions")
+    for column in columns:
         table.add_column(column, justify="right")
+    estimates = []
     for name, r in runs.items():
+        label = "plan + live tuner" if name == "inferline" else "static plan"
         table.add_row(
-            "plan + live tuner" if name == "inferline" else "static plan",
+            label,
             f"{r['estimated_p99_ms']:.1f}" if r.get("estimated_p99_ms") is not None else "-",
             f"{r['p99_ms']:.1f}" if r.get("p99_ms") is not None else "inf (>1% errors)",
-            f"{100 * r['slo_miss_rate']:.2f}%",
+            percent(r.get("estimated_slo_miss_rate")),
+            percent(r.get("slo_miss_rate")),
             str(r["errors"]),
             f"{r['cost_per_hour']:.4f}" if r.get("cost_per_hour") is not None else "-",
             str(len(r["decisions"])),
         )
+        if r.get("estimate"):
+            estimates.append(f"{label}: {r['estimate']}")
+    table.caption = "estimates: " + "; ".join(estimates) if estimates else None
     return table

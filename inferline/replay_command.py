@@ -2,7 +2,8 @@
 
 It finds the pipeline that `inferline up` started (or takes --endpoint and --plan), sends one
 query per trace arrival with the open-loop engine (`router/replay.py`), and reports measured P99,
-SLO-miss rate, throughput and errors beside the estimator's P99 for the same plan and trace, the
+SLO-miss rate, throughput and errors beside the estimate for the same plan and trace (closed-loop
+with the same tuner and its measured replica start-up when a tuner runs, else the estimator's), the
 tuner's decisions during the run and the cost of the replicas it held.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +25,14 @@ from inferline.adapters.base import TensorSpec, random_inputs
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.plan import Plan, load_plan
+from inferline.planner.estimator import p99
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
-from inferline.router.prediction import predicted_p99_ms
-from inferline.router.replay import ReplayProgress, ReplayResult, replay, run_results
+from inferline.router.prediction import predicted_latencies_ms
+from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, replay, run_results
+from inferline.runs import simulate_plan
 from inferline.spec import PipelineSpec, load_spec
+from inferline.startup import DEFAULT_STARTUP_S, LIVE_TICK_S, measured_startup_s
 
 INPUT_POOL = 64
 """Distinct random queries cycled through (enough to exercise routes, cheap to build)."""
@@ -40,6 +45,8 @@ class Target:
     plan: Plan | None
     spec: PipelineSpec | None
     decisions_path: Path | None
+    tuner: str | None = None
+    """The live tuner the pipeline runs (`none` or None: a static plan)."""
 
 
 def classify(exc: BaseException) -> str:
@@ -110,10 +117,57 @@ def plan_catalog(plan: Plan) -> HardwareCatalog:
     return load_catalog(plan.hardware_catalog) if plan.hardware_catalog else DEFAULT_CATALOG
 
 
-def estimate_for(plan: Plan | None, spec: PipelineSpec | None, arrivals_s: NDArray[np.float64]) -> float | None:
+def run_estimate(
+    plan: Plan | None,
+    spec: PipelineSpec | None,
+    arrivals_s: NDArray[np.float64],
+    tuner: str | None,
+    decisions: Sequence[Mapping[str, Any]],
+    static_p99_ms: float | None = None,
+    fallback_decisions: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """The estimate keys of a replay's results, for the same plan and trace as the run.
+
+    A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
+    tuner's tick and the replica start-up measured in `decisions` (median; else in
+    `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
+    prediction (`static_p99_ms` when the caller already has it).
+    """
     if plan is None or spec is None or plan.profiles is None:
-        return None
-    return predicted_p99_ms(spec, load_profiles(plan.profiles), plan_catalog(plan), plan, arrivals_s)
+        return no_estimate("no plan with its profiles and spec to estimate from", static_p99_ms)
+    if tuner is None or tuner == "none":
+        latencies_ms = predicted_latencies_ms(spec, load_profiles(plan.profiles), plan_catalog(plan), plan, arrivals_s)
+        return {
+            "estimated_p99_ms": static_p99_ms if static_p99_ms is not None else p99(latencies_ms),
+            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms)),
+            "estimated_startup_s": None,
+            "estimate": "static plan",
+        }
+    measured = measured_startup_s(decisions)
+    if measured is None:
+        measured = measured_startup_s(fallback_decisions)
+    startup_s = measured if measured is not None else DEFAULT_STARTUP_S
+    run = simulate_plan(spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s)
+    how = "measured" if measured is not None else "default, none measured"
+    return {
+        "estimated_p99_ms": run.p99_s * 1000.0,
+        "estimated_slo_miss_rate": _rate(run.slo_miss_rate),
+        "estimated_startup_s": round(startup_s, 3),
+        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {how}",
+    }
+
+
+def no_estimate(why: str, static_p99_ms: float | None = None) -> dict[str, Any]:
+    return {
+        "estimated_p99_ms": static_p99_ms,
+        "estimated_slo_miss_rate": None,
+        "estimated_startup_s": None,
+        "estimate": "static plan" if static_p99_ms is not None else f"none: {why}",
+    }
+
+
+def _rate(value: float | None) -> float | None:
+    return round(value, 6) if value is not None else None
 
 
 def results_for(
@@ -124,23 +178,32 @@ def results_for(
     decisions: list[dict[str, Any]] | None = None,
     estimated_p99_ms: float | None = None,
 ) -> dict[str, Any]:
-    """Run results; `decisions` default to the tuner's log in the state dir, the estimate is computed if not given."""
+    """Run results; `decisions` default to the tuner's log in the state dir.
+
+    The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
+    estimator's (`estimated_p99_ms` when the caller already has it) for a static plan.
+    """
     plan = target.plan
+    fallback: list[dict[str, Any]] = []
     if decisions is None:
         decisions = decisions_between(target.decisions_path, started_unix, started_unix + result.duration_s + 1.0)
+        fallback = decisions_between(target.decisions_path, 0.0, math.inf)  # the whole log
     cost_per_hour = None
     if plan is not None:
         cost = replica_cost(plan, plan_catalog(plan), decisions, result.duration_s)
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
-    return run_results(
+    try:
+        estimate = run_estimate(plan, target.spec, arrivals_s, target.tuner, decisions, estimated_p99_ms, fallback)
+    except InferlineError as exc:  # what was measured stands without an estimate
+        estimate = no_estimate(exc.one_line(), estimated_p99_ms if target.tuner in (None, "none") else None)
+    out = run_results(
         result,
         slo_ms=plan.slo_ms if plan else None,
-        estimated_p99_ms=estimated_p99_ms
-        if estimated_p99_ms is not None
-        else estimate_for(plan, target.spec, arrivals_s),
+        estimated_p99_ms=estimate.pop("estimated_p99_ms"),
         cost_per_hour=cost_per_hour,
         decisions=decisions,
     )
+    return out | estimate
 
 
 def target_from(state_dir: str | None, endpoint: str | None, plan_path: str | None, pipeline: str | None) -> Target:
@@ -155,7 +218,7 @@ def target_from(state_dir: str | None, endpoint: str | None, plan_path: str | No
     if address is None or name is None:
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
-    return Target(address, name, plan, spec, decisions)
+    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"))
 
 
 def progress_printer(console: Any) -> Any:
@@ -202,7 +265,7 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    table = Table(title=f"{pipeline}: open-loop replay")
+    table = Table(title=f"{pipeline}: open-loop replay", caption=f"estimate: {r.get('estimate') or '-'}")
     for column in ("sent", "answered", "errors", "throughput q/s", "P99 ms", "estimated P99 ms", "SLO miss", "$/hour"):
         table.add_column(column, justify="right")
     table.add_row(

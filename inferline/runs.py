@@ -1,11 +1,55 @@
-"""Run results: the design's JSON for `simulate` (and later `replay`)."""
+"""Closed-loop runs of a plan: the simulation behind `inferline simulate` and the design's run-results JSON."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from inferline.planner.closedloop import RunResult
+import numpy as np
+from numpy.typing import NDArray
+
+from inferline.catalog import DEFAULT_CATALOG, load_catalog
+from inferline.errors import InferlineError
+from inferline.plan import Plan
+from inferline.planner.closedloop import RunResult, simulate_run
+from inferline.planner.costtable import build_cost_table
+from inferline.planner.pipeline import pipeline_model
+from inferline.planner.planning import plan_config
+from inferline.planner.tuning.registry import make_policy
+from inferline.profiles import load_profiles
+from inferline.spec import PipelineSpec
+
+
+def simulate_plan(
+    spec: PipelineSpec,
+    plan: Plan,
+    arrivals_s: NDArray[np.float64],
+    tuner: str,
+    *,
+    profiles_dir: str | None = None,
+    catalog_path: str | None = None,
+    tick_s: float = 0.25,
+    startup_s: float = 5.0,
+    seed: int = 0,
+) -> RunResult:
+    """The plan over the trace in the closed-loop simulator, with `tuner` (a policy name, `none` = static).
+
+    Profiles and hardware catalog default to the ones the plan was made with.
+    """
+    profiles = profiles_dir or plan.profiles
+    if profiles is None:
+        raise InferlineError("the plan does not say where its profiles are", "pass --profiles DIR")
+    catalog_file = catalog_path or plan.hardware_catalog
+    catalog = load_catalog(catalog_file) if catalog_file else DEFAULT_CATALOG
+    model = pipeline_model(spec)
+    table = build_cost_table(model, load_profiles(profiles), catalog)
+    config = plan_config(model, table, plan)
+    policy = make_policy(tuner, plan.tuner)
+    if tick_s <= 0 or startup_s < 0:
+        raise InferlineError("--tick-s must be positive and --startup-s not negative", "pass sensible durations")
+    return simulate_run(
+        model, table, config, arrivals_s, plan.slo_ms / 1000.0, policy, tick_s=tick_s, startup_s=startup_s, seed=seed
+    )
 
 
 def run_results(result: RunResult, tuner: str) -> dict[str, Any]:

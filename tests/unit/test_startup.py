@@ -1,0 +1,230 @@
+"""Measured replica start-up fed to the closed-loop simulator: the median, `simulate --startup-s FILE`,
+and the closed-loop estimate of a replay with a tuner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inferline.cli import main
+from inferline.errors import InferlineError
+from inferline.plan import load_plan
+from inferline.replay_command import Target, results_for, run_estimate
+from inferline.router.replay import ReplayResult
+from inferline.runs import simulate_plan
+from inferline.spec import load_spec
+from inferline.startup import DEFAULT_STARTUP_S, decisions_from_file, measured_startup_s, parse_startup
+from inferline.traces import load_trace
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+SPEC = str(EXAMPLES / "pipelines" / "local-emulated.yaml")
+STEP = "step:rate=80/200/80,cv=2,every=20,seed=2"
+
+
+def decision(startup_s: Any, time_s: float = 1.0, replicas: int = 2, **extra: Any) -> dict[str, Any]:
+    return {"time_s": time_s, "stage": "detect", "replicas": replicas, "reason": "r", "message": "m"} | (
+        {"startup_s": startup_s} | extra
+    )
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The live demo's plan on the bundled CPU profiles (its tuner scales up on the step trace)."""
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    argv = ["plan", SPEC, "--profiles", str(EXAMPLES / "profiles" / "measured-cpu")]
+    argv += ["--hardware", str(EXAMPLES / "catalog-local.yaml"), "--trace", "gamma:rate=80,cv=2,duration=120,seed=1"]
+    assert main([*argv, "--out", str(path)]) == 0
+    return path
+
+
+def simulate(capsys: pytest.CaptureFixture[str], plan: Path, startup: str, tuner: str = "inferline") -> dict[str, Any]:
+    argv = ["simulate", SPEC, "--plan", str(plan), "--trace", STEP, "--tuner", tuner, "--tick-s", "1", "--json"]
+    rc = main([*argv, "--startup-s", startup])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+def error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inferline: error: "), err
+    return lines[0]
+
+
+# --- the median ----------------------------------------------------------------------------------
+
+
+def test_median_over_decisions_that_started_replicas() -> None:
+    assert measured_startup_s([decision(3.0), decision(1.0), decision(2.0)]) == 2.0
+    assert measured_startup_s([decision(1.0), decision(4.0)]) == 2.5
+    # scale-downs (0), missing or non-numeric values do not count
+    scaled = [decision(0.0), decision(1.5), decision(0), {"stage": "detect"}, decision(None), decision(True)]
+    assert measured_startup_s(scaled) == 1.5
+    assert measured_startup_s([decision(0.0), {"time_s": 2}]) is None
+    assert measured_startup_s([]) is None
+
+
+def test_decisions_from_a_log_a_results_file_and_a_demo_report(tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("".join(json.dumps(decision(s, unix_time=1e9)) + "\n" for s in (1.0, 0.0, 3.0)) + "\n")
+    assert [d["startup_s"] for d in decisions_from_file(log)] == [1.0, 0.0, 3.0]
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(decision(2.5)) + "\n")
+    assert measured_startup_s(decisions_from_file(one)) == 2.5
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"p99_ms": 100, "decisions": [decision(4.0), decision(6.0)]}, indent=2))
+    assert measured_startup_s(decisions_from_file(results)) == 5.0
+    report = tmp_path / "report.json"
+    runs = {"inferline": {"decisions": [decision(7.0)]}, "none": {"decisions": []}}
+    report.write_text(json.dumps({"plan": {}, "runs": runs}))
+    assert measured_startup_s(decisions_from_file(report)) == 7.0
+
+
+def test_parse_startup_seconds_or_file(tmp_path: Path) -> None:
+    assert parse_startup("2.5") == (2.5, None)
+    assert parse_startup("0") == (0.0, None)
+    log = tmp_path / "d.jsonl"
+    log.write_text(json.dumps(decision(1.25)) + "\n" + json.dumps(decision(0.0)) + "\n")
+    assert parse_startup(str(log)) == (1.25, str(log))
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(InferlineError, match="--startup-s"):
+            parse_startup(bad)
+
+
+# --- inferline simulate --startup-s FILE -----------------------------------------------------------
+
+
+def test_simulate_uses_the_measured_median_start_up(
+    capsys: pytest.CaptureFixture[str], plan_path: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("".join(json.dumps(decision(s)) + "\n" for s in (0.4, 0.0, 0.6, 0.5)))
+    from_file = simulate(capsys, plan_path, str(log))
+    assert from_file["startup_s"] == 0.5 and from_file["startup_measured_in"] == str(log)
+    by_value = simulate(capsys, plan_path, "0.5")
+    assert by_value["startup_s"] == 0.5 and "startup_measured_in" not in by_value
+    assert {k: v for k, v in from_file.items() if k != "startup_measured_in"} == by_value
+    # a slower measured start-up leaves the burst unserved for longer: more misses
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps({"decisions": [decision(15.0), decision(0.0)]}))
+    slower = simulate(capsys, plan_path, str(slow))
+    assert slower["startup_s"] == 15.0 and slower["decisions"]
+    assert slower["slo_miss_rate"] > from_file["slo_miss_rate"]
+    assert slower["p99_ms"] > from_file["p99_ms"]
+    assert simulate(capsys, plan_path, str(DEFAULT_STARTUP_S))["startup_s"] == DEFAULT_STARTUP_S
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "cannot read decisions file"),
+        ("{not json\n", "line 1 is not JSON"),
+        ("", "no measured replica start-up"),
+        (json.dumps(decision(0.0)) + "\n" + json.dumps(decision(0.0)) + "\n", "no measured replica start-up"),
+        (json.dumps({"p99_ms": 1.0, "decisions": [{"time_s": 1, "stage": "a", "replicas": 2}]}), "no measured"),
+        (json.dumps(decision("slow")) + "\n", "malformed decision"),
+        ("[1, 2]", "malformed decision"),
+        (json.dumps({"pipeline": "p", "stages": {}}), "neither a decisions log nor run results"),
+    ],
+    ids=[
+        "missing",
+        "not-json",
+        "empty",
+        "only-scale-downs",
+        "simulated-results",
+        "non-numeric",
+        "not-objects",
+        "a-plan",
+    ],
+)
+def test_a_bad_decisions_file_is_a_one_line_error_naming_it(
+    capsys: pytest.CaptureFixture[str], plan_path: Path, tmp_path: Path, content: str | None, needle: str
+) -> None:
+    path = tmp_path / "decisions.jsonl"
+    if content is not None:
+        path.write_text(content)
+    argv = ["simulate", SPEC, "--plan", str(plan_path), "--trace", STEP, "--startup-s", str(path)]
+    line = error_line(capsys, argv)
+    assert needle in line and str(path) in line
+
+
+def test_a_directory_as_decisions_file_is_a_one_line_error(capsys: pytest.CaptureFixture[str], plan_path: Path) -> None:
+    argv = ["simulate", SPEC, "--plan", str(plan_path), "--trace", STEP, "--startup-s", str(plan_path.parent)]
+    assert str(plan_path.parent) in error_line(capsys, argv)
+
+
+def test_a_bad_decisions_file_exits_non_zero_in_a_real_process(plan_path: Path, tmp_path: Path) -> None:
+    path = tmp_path / "nothing-measured.jsonl"
+    path.write_text(json.dumps(decision(0.0)) + "\n")
+    argv = ["simulate", SPEC, "--plan", str(plan_path), "--trace", STEP, "--startup-s", str(path)]
+    code = "import sys; from inferline.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "no measured replica start-up" in lines[0]
+
+
+# --- the estimate of a replay with a tuner -----------------------------------------------------------
+
+
+def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_path: Path) -> None:
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    fast = run_estimate(plan, spec, arrivals, "inferline", [decision(0.5), decision(0.0)])
+    assert fast["estimated_startup_s"] == 0.5
+    assert fast["estimate"] == "closed-loop tuner inferline, start-up 0.5 s measured"
+    sim = simulate_plan(spec, plan, arrivals, "inferline", tick_s=1.0, startup_s=0.5)
+    assert fast["estimated_p99_ms"] == pytest.approx(sim.p99_s * 1000.0)
+    assert fast["estimated_slo_miss_rate"] == pytest.approx(sim.slo_miss_rate, abs=1e-6)
+    unmeasured = run_estimate(plan, spec, arrivals, "inferline", [decision(0.0)])
+    assert unmeasured["estimated_startup_s"] == DEFAULT_STARTUP_S and "default" in unmeasured["estimate"]
+    assert unmeasured["estimated_slo_miss_rate"] > fast["estimated_slo_miss_rate"]
+    static = run_estimate(plan, spec, arrivals, "none", [])
+    assert static["estimate"] == "static plan" and static["estimated_startup_s"] is None
+    assert static["estimated_p99_ms"] > fast["estimated_p99_ms"]  # the static plan cannot follow the step
+    assert run_estimate(plan, spec, arrivals, None, [], static_p99_ms=123.0)["estimated_p99_ms"] == 123.0
+
+
+def fake_replay(arrivals: np.ndarray[Any, Any], latency_ms: float = 50.0) -> ReplayResult:
+    n = arrivals.size
+    return ReplayResult(
+        arrivals, arrivals.copy(), arrivals + latency_ms / 1000.0, np.full(n, latency_ms), ("ok",) * n, 120.0,
+        float(arrivals[-1]) + 0.05,
+    )  # fmt: skip
+
+
+def test_replay_results_of_a_tuned_pipeline_read_the_start_up_from_the_state_dir(
+    plan_path: Path, tmp_path: Path
+) -> None:
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    started = 1_000_000.0
+    log = tmp_path / "decisions.jsonl"
+    before = decision(9.0, unix_time=started - 500.0)  # an earlier run: not this one's
+    during = [decision(s, time_s=0.0, unix_time=started + t) for s, t in ((0.8, 21.0), (0.0, 45.0), (1.2, 22.0))]
+    log.write_text("".join(json.dumps(d) + "\n" for d in (before, *during)))
+    result = fake_replay(arrivals)
+    tuned = results_for(Target("127.0.0.1:1", spec.name, plan, spec, log, "inferline"), result, arrivals, started)
+    assert [d["startup_s"] for d in tuned["decisions"]] == [0.8, 0.0, 1.2]
+    assert tuned["estimated_startup_s"] == 1.0 and tuned["estimate"].startswith("closed-loop tuner inferline")
+    assert 0.0 <= tuned["estimated_slo_miss_rate"] <= 1.0 and tuned["estimated_p99_ms"] > 0
+    assert tuned["p99_ms"] == pytest.approx(50.0) and tuned["slo_miss_rate"] == 0.0
+    # no decision in this run's window: the state dir's whole log still measured a start-up
+    later = results_for(
+        Target("127.0.0.1:1", spec.name, plan, spec, log, "inferline"), result, arrivals, started + 10_000.0
+    )
+    assert later["decisions"] == [] and later["estimated_startup_s"] == 1.2  # median of 9.0, 0.8, 1.2
+    static = results_for(Target("127.0.0.1:1", spec.name, plan, spec, log, "none"), result, arrivals, started)
+    assert static["estimate"] == "static plan" and static["estimated_startup_s"] is None
+    assert static["estimated_p99_ms"] > 0 and 0.0 <= static["estimated_slo_miss_rate"] <= 1.0
+    bare = results_for(Target("127.0.0.1:1", spec.name, None, None, None), result, arrivals, started)
+    assert bare["estimated_p99_ms"] is None and bare["estimate"].startswith("none")
