@@ -13,23 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from inferline.adapters.registry import connect
 from inferline.catalog import load_catalog
 from inferline.live_demo import deploy_and_replay
-from inferline.plan import StagePlan
 from inferline.planner.planning import make_plan
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
+from inferline.router.core import PipelineRouter, Replica
 from inferline.router.replay import replay
 from inferline.spec import load_spec
 from inferline.traces import load_trace
@@ -78,14 +82,18 @@ def router_overhead(console: Console) -> list[dict[str, Any]]:
 
 
 def router_overhead_at(rate: int) -> dict[str, Any]:
-    """The router runs in its own process (`inferline serve`), as deployed; the client in this one."""
-    spec, plan = _plan("local-emulated", "gamma:rate=80,cv=2,duration=60,seed=1")
-    stages = {"detect": StagePlan(hardware="cpu", max_batch_size=1, replicas=8),
-              "classify": StagePlan(hardware="cpu", max_batch_size=1, replicas=4)}  # fmt: skip
-    plan = plan.model_copy(update={"stages": stages})
+    """What the router's endpoint adds per query, with the plan's batching on both paths.
+
+    Routed: a client calls the pipeline endpoint of `inferline up` (the router in its own
+    process, as deployed). Direct: the same queries go straight to the same Triton server,
+    batched the same way: the client runs the router's dispatch core (per-stage FIFO queues,
+    greedy batching up to the planned max batch, one worker per replica) in its own process,
+    with no endpoint in between. So both paths send batches formed by the same rule and the
+    difference of medians is the endpoint hop: protocol, process boundary and hand-offs.
+    """
+    spec, plan = _plan("local-emulated", f"gamma:rate={rate},cv=1,duration=30,seed=9")
     arrivals = load_trace(f"gamma:rate={rate},cv=1,duration={OVERHEAD_S},seed=9")
     x = np.random.default_rng(0).random((1, 16)).astype(np.float32)
-    visits = np.random.default_rng(1).random(arrivals.size) < 0.6
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = Path(tmp) / "plan.json"
         plan_path.write_text(plan.to_json())
@@ -96,20 +104,19 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             raise RuntimeError("inferline up failed")
         try:
             info = json.loads((state / "up.json").read_text())
+            pools = {
+                s.name: [Replica(connect("triton", info["server_address"]), s.model, f"{s.name}-{i}")
+                         for i in range(plan.stage(s.name).replicas)]
+                for s in spec.stages
+            }  # fmt: skip
+            batches = {name: s.max_batch_size for name, s in plan.stages.items()}
+            core = PipelineRouter(spec, pools, batches, plan.slo_ms).start()
 
             async def direct() -> Any:
-                """A client doing the router's job: detect, then classify for 60% of queries."""
-                client = AsyncKServeClient(info["server_address"])
-
                 async def send(i: int) -> None:
-                    out = await client.infer("emulated-detector", {"INPUT": x})
-                    if visits[i]:
-                        await client.infer("emulated-classifier", {"INPUT": out["OUTPUT"]})
+                    await asyncio.wrap_future(core.submit({"INPUT": x}))
 
-                try:
-                    return await replay(send, arrivals, None, timeout_s=10.0)
-                finally:
-                    await client.close()
+                return await replay(send, arrivals, None, timeout_s=10.0)
 
             async def routed() -> Any:
                 client = AsyncKServeClient(info["endpoints"]["grpc"])
@@ -122,17 +129,55 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                 finally:
                     await client.close()
 
-            direct_result = asyncio.run(direct())
+            try:
+                direct_result = asyncio.run(direct())
+                direct_batches = core.batch_sizes()
+            finally:
+                core.stop()
+                for pool in pools.values():
+                    for replica in pool:
+                        replica.adapter.close()
+            router_cpu = _cpu_s(int(info["pid"]))
             routed_result = asyncio.run(routed())
+            router_cpu = _cpu_s(int(info["pid"])) - router_cpu
+            routed_batches = _router_mean_batches(info["endpoints"]["metrics"])
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
     d, r = np.nanmedian(direct_result.latencies_ms), np.nanmedian(routed_result.latencies_ms)
     return {
-        "rate_qps": rate, "queries": int(arrivals.size),
+        "rate_qps": rate, "queries": int(arrivals.size), "plan": {n: s.model_dump() for n, s in plan.stages.items()},
         "direct_median_ms": float(d), "router_median_ms": float(r), "overhead_median_ms": float(r - d),
         "direct_p99_ms": direct_result.p99_ms, "router_p99_ms": routed_result.p99_ms,
+        "direct_errors": direct_result.errors, "router_errors": routed_result.errors,
+        "direct_mean_batch": _mean_batches(direct_batches), "router_mean_batch": routed_batches,
+        "router_cpu_ms_per_query": 1000.0 * router_cpu / arrivals.size,
         "send_lag_p99_ms": routed_result.send_lag_p99_ms,
     }  # fmt: skip
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process (Linux /proc), its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _router_mean_batches(metrics_url: str) -> dict[str, float]:
+    """Mean batch size per stage, from the router's Prometheus endpoint."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "inferline_router_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    sums.setdefault(sample.labels["stage"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    return {stage: v.get("sum", 0.0) / max(v.get("count", 0.0), 1.0) for stage, v in sums.items()}
+
+
+def _mean_batches(sizes: dict[str, dict[int, int]]) -> dict[str, float]:
+    return {
+        stage: sum(n * c for n, c in counts.items()) / max(sum(counts.values()), 1) for stage, counts in sizes.items()
+    }
 
 
 def tuner_live(console: Console) -> dict[str, Any]:

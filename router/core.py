@@ -116,6 +116,8 @@ class _Stage:
         self.busy_s = 0.0
         self.arrivals = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.batch_seconds: collections.defaultdict[int, float] = collections.defaultdict(float)
+        """Summed call time of successful batches by size: live service times, to set against profiles."""
 
 
 class _Worker(threading.Thread):
@@ -170,6 +172,8 @@ class _Worker(threading.Thread):
             return
         self._settle(batch, started)
         stage.batch_sizes[len(batch)] += 1
+        stage.batch_seconds[len(batch)] += time.perf_counter() - started
+        self.router._metrics.batch_size.labels(stage=stage.name).observe(len(batch))
         for i, item in enumerate(batch):
             self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
 
@@ -436,6 +440,12 @@ class PipelineRouter:
         """Batches sent per stage by size: what the plan's max batch size must bound."""
         return {s.name: dict(s.batch_sizes) for s in self._stages}
 
+    def service_times_ms(self) -> dict[str, dict[int, float]]:
+        """Mean call time per batch size and stage, as the router saw it (queueing excluded)."""
+        return {
+            s.name: {n: 1000.0 * s.batch_seconds[n] / c for n, c in sorted(s.batch_sizes.items())} for s in self._stages
+        }
+
     def _check_wiring(self) -> None:
         """Every non-entry stage's inputs must come from its parents' outputs (by name or shape)."""
         for i, stage in enumerate(self._stages):
@@ -480,6 +490,13 @@ class _RouterMetrics:
             "inferline_router_latency_seconds",
             "End-to-end query latency",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "inferline_router_batch_size",
+            "Queries per batch sent to a replica",
+            ["stage"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
