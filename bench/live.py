@@ -2,8 +2,9 @@
 
 1. Estimator fidelity: deploy each local example pipeline's plan (static), replay a stationary
    trace open-loop, and compare measured with estimated P99 (target: within 10% of measured).
-2. Router overhead: the same queries at 500 q/s through the router, and sent straight to the
-   Triton server stage by stage by a client doing the router's job; the difference of medians.
+2. Router overhead: the same queries at 250 and 500 q/s through the router's endpoint, and straight
+   to the same Triton server batched by the same dispatch core in the client's process; the
+   difference of medians, with each path's mean batch sizes and the router process's CPU per query.
 3. Tuner live: a rate step replayed with the live tuner and with the static plan; the tuner's
    miss rate should be lower, at a cost no higher than a static plan for the peak rate.
 Prints a table per part and writes bench/results/live.json.
@@ -73,8 +74,20 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
             "estimated_p99_ms": est, "measured_p99_ms": meas,
             "error": abs(est - meas) / meas if est and meas else None,
             "errors": result["errors"], "batch_sizes": result["batch_sizes"],
+            "service_ms": _service_vs_profile(spec, plan, result["service_ms"]),
         })  # fmt: skip
     return rows
+
+
+def _service_vs_profile(spec: Any, plan: Any, live_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """Per stage: the router's mean call time at its most frequent batch sizes beside the profile's."""
+    profiles = load_profiles(PROFILES)
+    out: dict[str, Any] = {}
+    for stage, by_size in live_ms.items():
+        stage_plan = plan.stage(stage)
+        table = profiles[spec.stage(stage).model].service_times_ms(stage_plan.hardware, stage_plan.max_batch_size)
+        out[stage] = {n: {"live": round(ms, 2), "profile": round(float(table[n]), 2)} for n, ms in by_size.items()}
+    return out
 
 
 def router_overhead(console: Console) -> list[dict[str, Any]]:
@@ -209,7 +222,7 @@ def main() -> None:
     results["wall_s"] = time.perf_counter() - started
     (OUT / "live.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     table = Table(title="estimator fidelity (static plan, stationary trace)")
-    for c in ("pipeline", "estimated P99 ms", "measured P99 ms", "error"):
+    for c in ("pipeline", "estimated P99 ms", "measured P99 ms", "error", "live / profiled service time"):
         table.add_column(c, justify="right")
     for row in results["fidelity"]:
         table.add_row(
@@ -217,12 +230,15 @@ def main() -> None:
             f"{row['estimated_p99_ms']:.1f}",
             f"{row['measured_p99_ms']:.1f}",
             f"{100 * row['error']:.1f}%",
+            ", ".join(f"{stage} {_inflation(sizes):+.0%}" for stage, sizes in row["service_ms"].items()),
         )
     console.print(table)
     for o in results["router_overhead"]:
         console.print(
             f"router overhead at {o['rate_qps']} q/s: median {o['router_median_ms']:.2f} ms via router vs "
-            f"{o['direct_median_ms']:.2f} ms direct = {o['overhead_median_ms']:+.2f} ms"
+            f"{o['direct_median_ms']:.2f} ms direct = {o['overhead_median_ms']:+.2f} ms; mean batches "
+            f"{_fmt_batches(o['router_mean_batch'])} via router, {_fmt_batches(o['direct_mean_batch'])} direct; "
+            f"router CPU {o['router_cpu_ms_per_query']:.2f} ms/query"
         )
     t = results["tuner"]
     for name, r in t["runs"].items():
@@ -233,6 +249,15 @@ def main() -> None:
         f"static InferLine plan for the peak rate: ${t['peak_plan_cost_per_hour']:.4f}/h; "
         f"CG-Peak: ${t['cg_peak_cost_per_hour']:.4f}/h; results: {OUT / 'live.json'}"
     )
+
+
+def _inflation(sizes: dict[int, dict[str, float]]) -> float:
+    """How much longer calls took live than profiled, averaged over the batch sizes seen."""
+    return float(np.mean([v["live"] / v["profile"] - 1.0 for v in sizes.values()])) if sizes else 0.0
+
+
+def _fmt_batches(means: dict[str, float]) -> str:
+    return "/".join(f"{m:.1f}" for m in means.values())
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ def deploy_and_replay(
     decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
     results = results_for(target, result, arrivals, started, decisions, estimated_p99_ms) | {"tuner": tuner}
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
+    results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}
     return results, result
 
 

@@ -175,7 +175,11 @@ class _Worker(threading.Thread):
         stage.batch_seconds[len(batch)] += time.perf_counter() - started
         self.router._metrics.batch_size.labels(stage=stage.name).observe(len(batch))
         for i, item in enumerate(batch):
-            self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
+            try:
+                self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
+            except Exception as exc:  # e.g. a routing function raising: fail that query, keep the replica
+                log.exception("query %d failed after stage %s", item.query.id, stage.name)
+                self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
     def _settle(self, batch: list[_Item], started: float) -> None:
         with self.stage.cond:

@@ -74,6 +74,27 @@ def test_conditional_edge_follows_the_route_on_real_outputs(server: EmbeddedTrit
         router.stop()
 
 
+def test_a_routing_function_that_raises_fails_its_query_and_the_replica_keeps_serving(server: EmbeddedTriton) -> None:
+    spec = ROUTED.model_copy(
+        update={"stages": (ROUTED.stages[0], ROUTED.stages[1].model_copy(
+            update={"route": "tests.triton.routes_for_tests:refuses_negatives"}))}
+    )  # fmt: skip
+    control = TritonAdapter(server.grpc_address)
+    control.configure("det", ServingConfig(8, 1))
+    control.configure("cls", ServingConfig(4, 1))
+    pools = {"detect": replicas(server.grpc_address, "det", 1), "classify": replicas(server.grpc_address, "cls", 1)}
+    router = PipelineRouter(spec, pools, {"detect": 8, "classify": 4}).start()  # type: ignore[arg-type]
+    rng = np.random.default_rng(3)
+    try:
+        with pytest.raises(QueryFailed, match="routing failed: ValueError: negative score"):
+            router.submit(query(-1.0, rng)).result(timeout=10)
+        # The one detect replica survived the bug: later queries are still answered.
+        for value in (0.9, 0.1):
+            assert router.submit(query(value, rng)).result(timeout=10).visited[0] == "detect"
+    finally:
+        router.stop()
+
+
 def test_batches_respect_the_planned_maximum_and_form_under_load(server: EmbeddedTriton) -> None:
     router = router_for(server, det=1, cls=1)
     rng = np.random.default_rng(1)
@@ -87,6 +108,11 @@ def test_batches_respect_the_planned_maximum_and_form_under_load(server: Embedde
     assert max(sizes["detect"]) <= 8 and max(sizes["classify"]) <= 4
     assert max(sizes["detect"]) > 1 and max(sizes["classify"]) > 1  # greedy batching under a backlog
     assert sum(n * c for n, c in sizes["detect"].items()) == 80
+    # Live call times per batch size: at least the model's own a + b·n (det: 4 + 1·n ms), so
+    # they can be set against the profiles.
+    service = router.service_times_ms()
+    assert set(service["detect"]) == set(sizes["detect"])
+    assert all(ms >= 4.0 + 1.0 * n for n, ms in service["detect"].items())
 
 
 def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton) -> None:
