@@ -1,7 +1,8 @@
 """Lineage profiling: replay sample queries through a pipeline and measure each edge's real rate.
 
 Entry stages get random inputs of their declared shapes; a child's inputs are its parents'
-outputs of the same name (or, when names differ, the one parent output of the right shape);
+outputs of the same name (or, when names differ, the one parent output of the right shape), else
+its other ancestors' outputs or the query's own inputs, as the router feeds them;
 routed edges are decided by the spec's route on the parents' real outputs, the others are
 sampled with the spec's probability as the router would. The result says, per stage, how many
 queries reached it and how many continued into it: the measured probability to check or fill in.
@@ -41,8 +42,12 @@ def measure_lineage(spec: PipelineSpec, adapter: Adapter, samples: int, seed: in
     rng = np.random.default_rng(seed)
     visited: dict[str, NDArray[np.bool_]] = {}
     outputs: dict[str, Batch] = {}
+    query: Batch = {}
+    """What the queries themselves carry: the entry stages' inputs."""
+    ancestors: dict[str, set[str]] = {}
     measures = []
     for stage in spec.topological_order():
+        ancestors[stage.name] = set(stage.after).union(*(ancestors[p] for p in stage.after))
         info = adapter.model_info(stage.model)
         if stage.after:
             reached = np.logical_or.reduce([visited[p] for p in stage.after])
@@ -51,7 +56,10 @@ def measure_lineage(spec: PipelineSpec, adapter: Adapter, samples: int, seed: in
             reached = np.ones(samples, dtype=np.bool_)
             go = reached.copy()
         visited[stage.name] = go
-        outputs[stage.name] = _run(adapter, info, _inputs(stage, info, samples, outputs, seed), go)
+        inputs = _inputs(stage, info, samples, outputs, query, ancestors[stage.name], spec, seed)
+        if not stage.after:
+            query.update(inputs)
+        outputs[stage.name] = _run(adapter, info, inputs, go)
         measures.append(
             EdgeMeasure(stage.name, stage.route is not None, int(reached.sum()), int(go.sum()), stage.probability)
         )
@@ -68,11 +76,24 @@ def _decide(
     return np.array([bool(r) and bool(route({k: v[i] for k, v in merged.items()})) for i, r in enumerate(reached)])
 
 
-def _inputs(stage: StageSpec, info: ModelInfo, samples: int, outputs: Mapping[str, Batch], seed: int) -> Batch:
+def _inputs(
+    stage: StageSpec,
+    info: ModelInfo,
+    samples: int,
+    outputs: Mapping[str, Batch],
+    query: Batch,
+    ancestors: set[str],
+    spec: PipelineSpec,
+    seed: int,
+) -> Batch:
     fresh = example_inputs(info, samples, seed)
     if not stage.after:
         return fresh
-    return feed_inputs(info, {k: v for p in stage.after for k, v in outputs[p].items()}, fresh)
+    wider = dict(query)
+    for a in (s.name for s in spec.topological_order() if s.name in ancestors):
+        wider.update(outputs[a])
+    parents = {k: v for p in stage.after for k, v in outputs[p].items()}
+    return feed_inputs(info, parents, feed_inputs(info, wider, fresh))
 
 
 def _run(adapter: Adapter, info: ModelInfo, inputs: Batch, go: NDArray[np.bool_]) -> Batch:

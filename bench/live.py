@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from inferline.adapters.registry import connect
+from inferline.adapters.registry import connect, embedded_server
+from inferline.agent.lineage import measure_lineage
 from inferline.catalog import load_catalog
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
@@ -36,7 +37,7 @@ from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.replay import replay
-from inferline.spec import load_spec
+from inferline.spec import load_spec, with_probabilities
 from inferline.traces import load_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,11 +50,14 @@ FIDELITY = {
     "local-cascade": "gamma:rate=60,cv=2,duration=45,seed=6",
 }
 STEP = "step:rate=80/200/80,cv=2,every=20,seed=2"
+LINEAGE_SAMPLES = 300
 OVERHEAD_RATES, OVERHEAD_S = (250, 500), 10
 
 
-def _plan(name: str, trace: str, slo_ms: float | None = None) -> Any:
+def _plan(name: str, trace: str, slo_ms: float | None = None, measure_routes: bool = False) -> Any:
     spec = load_spec(EXAMPLES / "pipelines" / f"{name}.yaml")
+    if measure_routes and any(s.route for s in spec.stages):
+        spec = _with_measured_routes(spec)
     plan = make_plan(spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace(trace), slo_ms or spec.slo_ms)
     extra = {
         "profiles": str(PROFILES),
@@ -63,14 +67,28 @@ def _plan(name: str, trace: str, slo_ms: float | None = None) -> Any:
     return spec, plan.model_copy(update=extra)
 
 
+def _with_measured_routes(spec: Any) -> Any:
+    """The spec with routed edges' probabilities measured on the replay's kind of inputs (lineage),
+    as a user would run `inferline lineage` before planning: a route's rate depends on the data."""
+    models = sorted({s.model for s in spec.stages})
+    with embedded_server("triton", EXAMPLES / "models", models) as handle:
+        adapter = connect("triton", handle.address, **handle.options)
+        try:
+            measures = measure_lineage(spec, adapter, samples=LINEAGE_SAMPLES)
+        finally:
+            adapter.close()
+    return with_probabilities(spec, {m.stage: m.measured for m in measures if m.routed})
+
+
 def fidelity(console: Console) -> list[dict[str, Any]]:
     rows = []
     for name, trace in FIDELITY.items():
-        spec, plan = _plan(name, trace)
+        spec, plan = _plan(name, trace, measure_routes=True)
         result, _ = deploy_and_replay(spec, plan, EXAMPLES / "models", "none", load_trace(trace), console)
         est, meas = result["estimated_p99_ms"], result["p99_ms"]
         rows.append({
             "pipeline": name, "trace": trace, "plan": {n: s.model_dump() for n, s in plan.stages.items()},
+            "probabilities": {s.name: s.probability for s in spec.stages if s.after},
             "estimated_p99_ms": est, "measured_p99_ms": meas,
             "error": abs(est - meas) / meas if est and meas else None,
             "errors": result["errors"], "batch_sizes": result["batch_sizes"],
