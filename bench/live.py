@@ -54,11 +54,15 @@ LINEAGE_SAMPLES = 300
 OVERHEAD_RATES, OVERHEAD_S = (250, 500), 10
 
 
-def _plan(name: str, trace: str, slo_ms: float | None = None, measure_routes: bool = False) -> Any:
+def _plan(
+    name: str, trace: str, slo_ms: float | None = None, measure_routes: bool = False, ladder: bool = False
+) -> Any:
     spec = load_spec(EXAMPLES / "pipelines" / f"{name}.yaml")
     if measure_routes and any(s.route for s in spec.stages):
         spec = _with_measured_routes(spec)
-    plan = make_plan(spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace(trace), slo_ms or spec.slo_ms)
+    plan = make_plan(
+        spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace(trace), slo_ms or spec.slo_ms, ladder=ladder
+    )
     extra = {
         "profiles": str(PROFILES),
         "hardware_catalog": str(CATALOG),
@@ -212,20 +216,27 @@ def _mean_batches(sizes: dict[str, dict[int, int]]) -> dict[str, float]:
 
 
 def tuner_live(console: Console) -> dict[str, Any]:
-    spec, plan = _plan("local-emulated", "gamma:rate=80,cv=2,duration=120,seed=1")
+    """The rate step with the tuner (the plan with its scale ladder, and without: the paper's
+    replicas-only rule) and with the static plan, beside static plans made for the peak."""
+    sample = "gamma:rate=80,cv=2,duration=120,seed=1"
+    spec, laddered = _plan("local-emulated", sample, ladder=True)
+    _, plan = _plan("local-emulated", sample)
     _, peak = _plan("local-emulated", "gamma:rate=200,cv=2,duration=120,seed=1")
     cg_peak = make_plan(
-        spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace("gamma:rate=80,cv=2,duration=120,seed=1"),
-        plan.slo_ms, "cg-peak",
+        spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace(sample), plan.slo_ms, "cg-peak"
     )  # fmt: skip
     arrivals = load_trace(STEP)
+    models = EXAMPLES / "models"
     runs = {
-        t: deploy_and_replay(spec, plan, EXAMPLES / "models", t, arrivals, console)[0] for t in ("inferline", "none")
+        "inferline": deploy_and_replay(spec, laddered, models, "inferline", arrivals, console)[0],
+        "inferline-replicas-only": deploy_and_replay(spec, plan, models, "inferline", arrivals, console)[0],
+        "none": deploy_and_replay(spec, plan, models, "none", arrivals, console)[0],
     }
+    keys = ("p99_ms", "slo_miss_rate", "cost_per_hour", "errors", "estimated_p99_ms", "estimated_slo_miss_rate")
     return {
         "trace": STEP,
-        "runs": {t: {k: r[k] for k in ("p99_ms", "slo_miss_rate", "cost_per_hour", "errors", "estimated_p99_ms")}
-                 | {"decisions": len(r["decisions"])} for t, r in runs.items()},
+        "runs": {t: {k: r.get(k) for k in keys} | {"decisions": r["decisions"]} for t, r in runs.items()},
+        "ladder": [step.model_dump() for step in laddered.tuner.ladder] if laddered.tuner else [],
         "peak_plan_cost_per_hour": peak.cost_per_hour,
         "cg_peak_cost_per_hour": cg_peak.cost_per_hour,
         "peak_plan": {n: s.model_dump() for n, s in peak.stages.items()},
@@ -261,7 +272,8 @@ def main() -> None:
     t = results["tuner"]
     for name, r in t["runs"].items():
         console.print(
-            f"tuner {name}: P99 {r['p99_ms']} ms, miss {100 * r['slo_miss_rate']:.2f}%, ${r['cost_per_hour']:.4f}/h"
+            f"tuner {name}: P99 {r['p99_ms']} ms, miss {100 * r['slo_miss_rate']:.2f}%, ${r['cost_per_hour']:.4f}/h, "
+            f"{len(r['decisions'])} decisions; estimated P99 {r['estimated_p99_ms']} ms"
         )
     console.print(
         f"static InferLine plan for the peak rate: ${t['peak_plan_cost_per_hour']:.4f}/h; "

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ms", type=float, help="end-to-end P99 objective in ms (overrides the spec's slo_ms)")
     p.add_argument("--hardware", help="hardware catalog (YAML); default: the InferLine authors' AWS prices")
     p.add_argument("--strategy", default="inferline", choices=STRATEGIES, help="planning strategy")
+    p.add_argument(
+        "--scale-ladder",
+        action="store_true",
+        help="also plan for 1.5-4x the trace's rate, so the tuner can switch batch sizes rather than only add replicas",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", help="also write the plan JSON to this file")
 
@@ -202,7 +207,7 @@ def _plan(args: argparse.Namespace) -> int:
     profiles = load_profiles(args.profiles)
     catalog = _catalog(args.hardware)
     arrivals = load_trace(args.trace)
-    plan = make_plan(spec, profiles, catalog, arrivals, slo_ms, args.strategy)
+    plan = make_plan(spec, profiles, catalog, arrivals, slo_ms, args.strategy, ladder=args.scale_ladder)
     plan = plan.model_copy(
         update={
             "profiles": str(Path(args.profiles).resolve()),

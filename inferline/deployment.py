@@ -62,6 +62,11 @@ def check_plan(spec: PipelineSpec, plan: Plan) -> None:
             )
 
 
+def _ladder_batches(plan: Plan, stage: str) -> list[int]:
+    steps = plan.tuner.ladder if plan.tuner is not None else ()
+    return [step.stages[stage].max_batch_size for step in steps if stage in step.stages]
+
+
 class LocalDeployment:
     def __init__(
         self,
@@ -81,6 +86,12 @@ class LocalDeployment:
         self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
         self.max_queue, self.seed = max_queue, seed
         self.replicas = {name: plan.stage(name).replicas for name in spec.names}
+        self.batches = {name: plan.stage(name).max_batch_size for name in spec.names}
+        """The router's batch cap per stage (the tuner's scale-ladder steps change it)."""
+        self._served_batches = {name: max([b, *_ladder_batches(plan, name)]) for name, b in self.batches.items()}
+        """What the server is configured to take per stage: never below the router's cap. Every batch
+        size of the plan's scale ladder is taken up front, so a ladder step is a change of the
+        router's cap, not a model reload in the middle of a burst."""
         self._address: str | None = None
         self._options: dict[str, str] = {}
         self._stack = contextlib.ExitStack()
@@ -122,8 +133,9 @@ class LocalDeployment:
         for model, config in self._model_configs().items():
             self._agent.configure(model, config)
         pools = {name: [self._replica(name, i) for i in range(self.replicas[name])] for name in self.spec.names}
-        batches = {name: self.plan.stage(name).max_batch_size for name in self.spec.names}
-        self.router = PipelineRouter(self.spec, pools, batches, self.plan.slo_ms, self.max_queue, self.seed).start()
+        self.router = PipelineRouter(
+            self.spec, pools, self.batches, self.plan.slo_ms, self.max_queue, self.seed
+        ).start()
         self._stack.callback(self.router.stop)
         grpc_frontend = serve_grpc(self.router, self.host, self.grpc_port)
         self._stack.callback(grpc_frontend.stop)
@@ -145,32 +157,42 @@ class LocalDeployment:
         batch: dict[str, int] = defaultdict(int)
         for stage in self.spec.stages:
             instances[stage.model] += self.replicas[stage.name]
-            batch[stage.model] = max(batch[stage.model], self.plan.stage(stage.name).max_batch_size)
+            batch[stage.model] = max(batch[stage.model], self._served_batches[stage.name])
         return {m: ServingConfig(batch[m], instances[m], 0) for m in instances}
 
-    def scale(self, stage: str, replicas: int) -> ScaleEvent:
-        """The actuator: give `stage` this many replicas (at least one); returns when they serve."""
+    def scale(self, stage: str, replicas: int, max_batch_size: int | None = None) -> ScaleEvent:
+        """The actuator: give `stage` this many replicas (at least one), and optionally a new batch
+        size; returns when the new configuration serves."""
         assert self.router is not None, "start() first"
         replicas = max(1, replicas)
         with self._lock:
             current = self.replicas[stage]
-            if replicas == current:
+            batch = max_batch_size if max_batch_size is not None else self.batches[stage]
+            if replicas == current and batch == self.batches[stage]:
                 return ScaleEvent(stage, replicas, 0.0)
             started = time.perf_counter()
+            reloaded = batch > self._served_batches[stage]
+            if reloaded:
+                # The server must take the bigger batches before the router sends them; replicas
+                # that become unneeded leave only after that (no capacity dip while it reloads).
+                self._served_batches[stage] = batch
+                self.replicas[stage] = max(replicas, current)
+                self._apply(stage)
+            self.batches[stage] = batch
+            self.router.set_max_batch(stage, batch)
             if replicas < current:
                 for _ in range(current - replicas):
                     self.router.remove_replica(stage)
                 self.replicas[stage] = replicas
                 self._apply(stage)
-                event = ScaleEvent(stage, replicas, 0.0)
-            else:
+            elif replicas > current:
                 # Instances first, slots after: the router never sends more batches than can run.
                 self.replicas[stage] = replicas
                 self._apply(stage)
                 for i in range(current, replicas):
                     self.router.add_replica(stage, self._replica(stage, i))
-                event = ScaleEvent(stage, replicas, time.perf_counter() - started)
-            return event
+            waited = replicas > current or reloaded
+            return ScaleEvent(stage, replicas, time.perf_counter() - started if waited else 0.0)
 
     def _apply(self, stage: str) -> None:
         model = self.spec.stage(stage).model

@@ -73,7 +73,7 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
     profiles = load_profiles(profiles_dir)
     catalog = load_catalog(catalog_path)
     assert spec.slo_ms is not None
-    plan = make_plan(spec, profiles, catalog, load_trace(SAMPLE_TRACE), spec.slo_ms)
+    plan = make_plan(spec, profiles, catalog, load_trace(SAMPLE_TRACE), spec.slo_ms, ladder=True)
     if not plan.feasible:
         raise InferlineError(f"the demo pipeline is infeasible on this machine: {plan.reason}")
     plan = plan.model_copy(

@@ -28,7 +28,7 @@ HISTORY_S = 60.0
 
 
 class Actuator(Protocol):
-    def scale(self, stage: str, replicas: int) -> Any: ...
+    def scale(self, stage: str, replicas: int, max_batch_size: int | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class LiveDecision:
     reason: str
     message: str
     startup_s: float
+    max_batch_size: int | None = None
+    """The stage's new batch size, when the decision changed it (a scale-ladder step)."""
 
     def as_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -112,12 +114,15 @@ class LiveTuner:
 
     def _apply(self, now_s: float, decision: Decision) -> None:
         current = {s.name: s.replicas for s in self.router.snapshot()}
-        if current.get(decision.stage) == decision.replicas:
+        if current.get(decision.stage) == decision.replicas and decision.max_batch_size is None:
             return
-        event = self.actuator.scale(decision.stage, decision.replicas)
+        if decision.max_batch_size is None:
+            event = self.actuator.scale(decision.stage, decision.replicas)
+        else:
+            event = self.actuator.scale(decision.stage, decision.replicas, decision.max_batch_size)
         applied = LiveDecision(
             round(now_s, 3), decision.stage, decision.replicas, decision.reason, decision.message,
-            round(float(getattr(event, "startup_s", 0.0)), 3),
+            round(float(getattr(event, "startup_s", 0.0)), 3), decision.max_batch_size,
         )  # fmt: skip
         self.decisions.append(applied)
         log.info("%s -> %d replicas (%s: %s)", decision.stage, decision.replicas, decision.reason, decision.message)

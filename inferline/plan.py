@@ -33,6 +33,21 @@ class TunerStage(BaseModel):
 
     throughput_qps: float = Field(gt=0, description="μ: one replica's throughput at the planned batch.")
     visit_rate: float = Field(gt=0, le=1, description="s: fraction of pipeline queries visiting the stage.")
+    price_per_hour: float = Field(default=0.0, ge=0, description="One replica's price on the planned hardware.")
+    max_batch_size: int | None = Field(default=None, ge=1, description="The planned batch size.")
+
+
+class LadderStep(BaseModel):
+    """A configuration planned ahead for the sample trace sped up `rate_multiplier` times.
+
+    Planned on each stage's planned hardware: the tuner may switch batch sizes and replicas to it,
+    never hardware."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate_multiplier: float = Field(gt=1)
+    cost_per_hour: float = Field(ge=0)
+    stages: dict[str, StagePlan]
 
 
 class TunerInfo(BaseModel):
@@ -44,6 +59,9 @@ class TunerInfo(BaseModel):
     envelope: tuple[EnvelopePoint, ...]
     rate_5s_qps: float = Field(ge=0, description="Max 5 s rate of the sample trace.")
     stages: dict[str, TunerStage]
+    ladder: tuple[LadderStep, ...] = Field(
+        default=(), description="Configurations planned for faster traffic (`inferline plan --scale-ladder`)."
+    )
 
 
 class Plan(BaseModel):

@@ -6,7 +6,9 @@ arrival before the tick's end is known once the parents have run to it, and a di
 the tick's end takes only such arrivals. So with no policy the result equals the estimator's
 query for query (tested). Between ticks the policy sees each stage's status and may change
 replica counts: an added replica serves after `startup_s`; a removed one leaves at once, and
-the batch it was running still completes (removed replicas are the idle ones first).
+the batch it was running still completes (removed replicas are the idle ones first). A new batch
+size (a scale-ladder step) takes effect at once: deployments configure their servers for every
+batch size of the plan's ladder up front, so a step only changes the router's cap.
 
 Cost is integrated over time over provisioned replicas (starting ones included).
 """
@@ -188,6 +190,8 @@ def simulate_run(
             changes, state = policy.decide(ctx, state)
             for d in changes:
                 s = model.names.index(d.stage)
+                if d.max_batch_size is not None:
+                    stages[s].max_batch = d.max_batch_size
                 if d.replicas != stages[s].provisioned:
                     _resize(stages[s], d.replicas, horizon, startup_s)
                 decisions.append(TimedDecision(horizon, d))

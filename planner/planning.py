@@ -11,12 +11,13 @@ from numpy.typing import NDArray
 
 from inferline.catalog import HardwareCatalog
 from inferline.errors import PlanError
-from inferline.plan import EnvelopePoint, Plan, StagePlan, TunerInfo, TunerStage
+from inferline.plan import EnvelopePoint, LadderStep, Plan, StagePlan, TunerInfo, TunerStage
 from inferline.planner.baselines import plan_coarse
 from inferline.planner.costtable import CostTable, build_cost_table
 from inferline.planner.envelope import envelope, envelope_windows, max_arrivals
 from inferline.planner.estimator import Estimator
 from inferline.planner.exact import plan_exact
+from inferline.planner.ladder import scale_ladder
 from inferline.planner.pipeline import Config, PipelineModel, StageConfig, pipeline_model
 from inferline.planner.search import PlanResult, longest_path_s, plan_greedy
 from inferline.profiles import ModelProfile
@@ -48,6 +49,7 @@ def make_plan(
     slo_ms: float,
     strategy: str = "inferline",
     seed: int = 0,
+    ladder: bool = False,
 ) -> Plan:
     """Plan a pipeline for a sample trace: the design's plan JSON, feasible or with a reason."""
     started = time.perf_counter()
@@ -73,12 +75,15 @@ def make_plan(
         },
         planner_wall_s=round(wall_s, 4),
         simulations=result.simulations,
-        tuner=tuner_info(model, table, estimator, result.config),
+        tuner=tuner_info(model, table, estimator, result.config, ladder and result.feasible, seed),
     )
 
 
-def tuner_info(model: PipelineModel, table: CostTable, estimator: Estimator, config: Config) -> TunerInfo:
-    """What the envelope tuner records at plan time: the sample trace's envelope, μ and s per stage."""
+def tuner_info(
+    model: PipelineModel, table: CostTable, estimator: Estimator, config: Config, ladder: bool = False, seed: int = 0
+) -> TunerInfo:
+    """What the envelope tuner records at plan time: the sample trace's envelope, μ and s per stage,
+    and with `ladder` the configurations planned for faster traffic (`planner/ladder.py`)."""
     service_s = longest_path_s(
         model, [table[s].option(c.hardware).service_time_s(c.max_batch_size) for s, c in enumerate(config)]
     )
@@ -94,9 +99,22 @@ def tuner_info(model: PipelineModel, table: CostTable, estimator: Estimator, con
             name: TunerStage(
                 throughput_qps=table[s].option(c.hardware).throughput_qps(c.max_batch_size),
                 visit_rate=float(max(visit_rates[s], 1e-9)),
+                price_per_hour=table[s].option(c.hardware).price_per_hour,
+                max_batch_size=c.max_batch_size,
             )
             for s, (name, c) in enumerate(zip(model.names, config, strict=True))
         },
+        ladder=tuple(
+            LadderStep(
+                rate_multiplier=step.rate_multiplier,
+                cost_per_hour=round(step.cost_per_hour, 6),
+                stages={
+                    name: StagePlan(hardware=c.hardware, max_batch_size=c.max_batch_size, replicas=c.replicas)
+                    for name, c in zip(model.names, step.config, strict=True)
+                },
+            )
+            for step in (scale_ladder(model, table, config, arrivals, estimator.slo_s, seed=seed) if ladder else ())
+        ),
     )
 
 

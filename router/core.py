@@ -261,6 +261,13 @@ class PipelineRouter:
         stage = self._stages[self._index[stage_name]]
         self._add_worker(stage, replica)
 
+    def set_max_batch(self, stage_name: str, max_batch: int) -> None:
+        """Cap the stage's batches at `max_batch` from its next batch on (the servers must take it)."""
+        stage = self._stages[self._index[stage_name]]
+        with stage.cond:
+            stage.max_batch = max_batch
+            stage.cond.notify_all()
+
     def remove_replica(self, stage_name: str) -> Replica | None:
         """Retire the newest replica of a stage once its current batch is done (never the last one)."""
         stage = self._stages[self._index[stage_name]]

@@ -56,6 +56,8 @@ class Decision:
     replicas: int
     reason: str
     message: str
+    max_batch_size: int | None = None
+    """A new batch size for the stage (a scale-ladder step); None keeps the current one."""
 
 
 def clamp(replicas: int, low: int, high: int) -> int:

@@ -48,6 +48,40 @@ class EnvelopeTunerState:
     replan_noted: bool = False
     ratios: tuple[tuple[float, float], ...] = ()
     """(time_s, envelope ratio) of each tick within the scale-down look-back."""
+    batches: tuple[tuple[str, int], ...] = ()
+    """Each stage's current batch size (0: as planned, for plans without recorded batch sizes)."""
+    step: float = 1.0
+    """Rate multiplier of the ladder step the batch sizes come from (1: the plan itself)."""
+
+
+Placement = dict[str, tuple[int, int]]
+"""{stage: (batch size, replicas)}."""
+
+
+def _falls_short(steps: list[tuple[float, Placement]], step: float, ratio: float, current: Placement) -> bool:
+    """Whether the current replicas fall short of `ratio`, sized as the step they came from was."""
+    for m, placement in steps:
+        if m == step:
+            return any(_scaled(k, ratio, m) > current[n][1] for n, (_, k) in placement.items())
+    return True
+
+
+def _step_of(steps: list[tuple[float, Placement]], placement: Placement) -> float:
+    """The step whose batch sizes a placement has (the largest such multiplier)."""
+    batches = {n: b for n, (b, _) in placement.items()}
+    for m, step in reversed(steps):
+        if all(step[n][0] == batches[n] for n in batches):
+            return m
+    return 1.0
+
+
+def _scaled(replicas: int, ratio: float, multiplier: float) -> int:
+    """Replicas of a configuration sized for `multiplier` x the sample's rate, at `ratio` x it:
+    in proportion past its multiplier (the paper's rule), below it as sized (but in proportion
+    below the plan's own rate, as the paper scales down)."""
+    if multiplier == 1.0:
+        return math.ceil(replicas * ratio - 1e-9)
+    return math.ceil(replicas * max(ratio / multiplier, 1.0) - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -61,42 +95,92 @@ class EnvelopeTuner:
 
     def decide(self, ctx: TunerContext, state: EnvelopeTunerState) -> tuple[list[Decision], EnvelopeTunerState]:
         if state.started_s is None:
-            state = replace(state, started_s=ctx.now_s)
+            state = replace(state, started_s=ctx.now_s, batches=self._planned_batches(ctx))
         ratio, window = self._upscale_ratio(ctx)
         horizon = ctx.now_s - self.config.downscale_lookback_s
         state = replace(state, ratios=(*(r for r in state.ratios if r[0] > horizon), (ctx.now_s, ratio)))
+        current = {st.name: (dict(state.batches)[st.name], st.replicas) for st in ctx.stages}
+        steps = self._steps(ctx)
+        need = self._cheapest(steps, ratio, current, up=True)
+        if need != current and _falls_short(steps, state.step, ratio, current):
+            up = self._decisions(
+                need, current, "ScaleUpEnvelope",
+                f"rate over {window:.3g} s windows is {ratio:.2f}x the planned envelope",
+            )  # fmt: skip
+            return up, replace(
+                state, last_scale_up_s=ctx.now_s, batches=tuple((n, need[n][0]) for n in need),
+                step=_step_of(steps, need),
+            )  # fmt: skip
         decisions: list[Decision] = []
-        scaled_up = False
-        for st in ctx.stages:
-            wanted = clamp(math.ceil(st.planned_replicas * ratio - 1e-9), 1, self.config.max_replicas)
-            if wanted > st.replicas:
-                scaled_up = True
-                decisions.append(
-                    Decision(
-                        st.name, wanted, "ScaleUpEnvelope",
-                        f"rate over {window:.3g} s windows is {ratio:.2f}x the planned envelope; "
-                        f"{st.replicas} -> {wanted} replicas",
-                    )
-                )  # fmt: skip
-        if scaled_up:
-            return decisions, replace(state, last_scale_up_s=ctx.now_s)
         observed_s = ctx.now_s - (state.started_s if state.started_s is not None else ctx.now_s)
         quiet = ctx.now_s - state.last_scale_up_s >= self.config.quiet_period_s
         if quiet and observed_s >= max(self.config.quiet_period_s, self.config.downscale_lookback_s):
             # Never below what the envelope rule asked for within the look-back: that would flap.
             down_ratio = max(self._downscale_ratio(ctx), max(r for _, r in state.ratios))
-            for st in ctx.stages:
-                wanted = clamp(math.ceil(st.planned_replicas * down_ratio - 1e-9), 1, self.config.max_replicas)
-                if wanted < st.replicas:
-                    decisions.append(
-                        Decision(
-                            st.name, wanted, "ScaleDownQuiet",
-                            f"max {self.config.downscale_rate_window_s:g} s rate over the last "
-                            f"{self.config.downscale_lookback_s:g} s is {down_ratio:.2f}x the plan's; "
-                            f"{st.replicas} -> {wanted} replicas",
-                        )
-                    )  # fmt: skip
+            fit = self._cheapest(steps, down_ratio, current, up=False)
+            if self._cost(fit) < self._cost(current) - 1e-12:
+                decisions = self._decisions(
+                    fit, current, "ScaleDownQuiet",
+                    f"max {self.config.downscale_rate_window_s:g} s rate over the last "
+                    f"{self.config.downscale_lookback_s:g} s is {down_ratio:.2f}x the plan's",
+                )  # fmt: skip
+                state = replace(state, batches=tuple((n, fit[n][0]) for n in fit), step=_step_of(steps, fit))
         return decisions, self._note_drift(ctx, state, decisions)
+
+    # -- the plan and its ladder as candidate configurations ---------------------------------------
+    def _planned_batches(self, ctx: TunerContext) -> tuple[tuple[str, int], ...]:
+        return tuple((st.name, self._planned_batch(st.name)) for st in ctx.stages)
+
+    def _planned_batch(self, stage: str) -> int:
+        tuned = self.info.stages.get(stage)
+        return tuned.max_batch_size if tuned is not None and tuned.max_batch_size is not None else 0
+        # 0 stands for "as planned" with plans made before batch sizes were recorded (no ladder then)
+
+    def _steps(self, ctx: TunerContext) -> list[tuple[float, Placement]]:
+        """(rate multiplier, {stage: (batch, replicas)}): the plan itself, then its ladder."""
+        steps = [(1.0, {st.name: (self._planned_batch(st.name), st.planned_replicas) for st in ctx.stages})]
+        names = {st.name for st in ctx.stages}
+        for step in self.info.ladder:
+            if set(step.stages) >= names:
+                placement = {n: (step.stages[n].max_batch_size, step.stages[n].replicas) for n in names}
+                steps.append((step.rate_multiplier, placement))
+        return steps
+
+    def _cheapest(self, steps: list[tuple[float, Placement]], ratio: float, current: Placement, up: bool) -> Placement:
+        """The cheapest step for this rate ratio, ties to the one sized for the least (the smallest
+        batches: the shortest service times that carry the load); a stage that keeps
+        its batch keeps at least (up) or at most (down) its current replicas."""
+        best: Placement | None = None
+        best_key: tuple[float, float] = (math.inf, 0.0)
+        for m, placement in steps:
+            fitted = {}
+            for name, (batch, replicas) in placement.items():
+                wanted = clamp(_scaled(replicas, ratio, m), 1, self.config.max_replicas)
+                if batch == current[name][0]:
+                    wanted = max(wanted, current[name][1]) if up else min(wanted, current[name][1])
+                fitted[name] = (batch, wanted)
+            key = (self._cost(fitted), -m)
+            if key < best_key:
+                best, best_key = fitted, key
+        assert best is not None
+        return best
+
+    def _cost(self, placement: Placement) -> float:
+        prices = {name: (t.price_per_hour or 1.0) for name, t in self.info.stages.items()}
+        return sum(prices.get(name, 1.0) * replicas for name, (_, replicas) in placement.items())
+
+    def _decisions(self, target: Placement, current: Placement, reason: str, why: str) -> list[Decision]:
+        decisions = []
+        for name, (batch, replicas) in target.items():
+            old_batch, old_replicas = current[name]
+            if batch == old_batch and replicas == old_replicas:
+                continue
+            new_batch = batch if batch != old_batch else None
+            change = f"{old_replicas} -> {replicas} replicas" + (
+                f", batch {old_batch} -> {batch}" if new_batch is not None else ""
+            )
+            decisions.append(Decision(name, replicas, reason, f"{why}; {change}", new_batch))
+        return decisions
 
     def _upscale_ratio(self, ctx: TunerContext) -> tuple[float, float]:
         """max_j r_j / r̂_j over windows ending at this tick's arrivals (earlier ends were seen before)."""
