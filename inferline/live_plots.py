@@ -1,4 +1,4 @@
-"""Plots of live replays: latency CDF measured vs estimated; arrival rate and replicas over time."""
+"""Plots of live replays: latency CDF measured vs estimated; arrival rate, replicas and batch caps over time."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ from inferline.router.replay import ReplayResult
 
 
 def replicas_over_time(
-    plan: Plan, decisions: list[dict[str, Any]], end_s: float
+    plan: Plan, decisions: list[dict[str, Any]], end_s: float, key: str = "replicas"
 ) -> dict[str, tuple[list[float], list[int]]]:
-    """Per stage, a step series (times, replicas) starting from the plan."""
-    series = {name: ([0.0], [s.replicas]) for name, s in plan.stages.items()}
+    """Per stage, a step series (times, values) starting from the plan: `replicas`, or
+    `max_batch_size` (which scale-ladder decisions change)."""
+    series = {name: ([0.0], [int(getattr(s, key))]) for name, s in plan.stages.items()}
     for d in sorted(decisions, key=lambda d: float(d["time_s"])):
+        if d.get(key) is None:
+            continue
         times, counts = series[str(d["stage"])]
         times.append(float(d["time_s"]))
-        counts.append(int(d["replicas"]))
+        counts.append(int(d[key]))
     for times, counts in series.values():
         times.append(end_s)
         counts.append(counts[-1])
@@ -45,19 +48,21 @@ def plot_live(
     est = np.sort(estimated_ms)
     cdf.plot(est, np.arange(1, est.size + 1) / est.size, "--", label="estimated (static plan)")
     cdf.axvline(plan.slo_ms, color="grey", linestyle=":", label=f"SLO {plan.slo_ms:g} ms")
-    cdf.set(xlabel="latency (ms)", ylabel="fraction of queries", title="latency CDF", ylim=(0.9, 1.001))
+    cdf.set(xlabel="latency (ms, log scale)", ylabel="fraction of queries", title="latency CDF", ylim=(0.9, 1.001))
+    cdf.set_xscale("log")
     cdf.legend(loc="lower right")
     first = next(iter(results.values()))
     seconds = np.floor(first.scheduled_s - first.scheduled_s[0]).astype(int)
     counts = np.bincount(seconds)
     rate.step(np.arange(counts.size), counts, where="post", color="black", label="arrivals/s")
-    rate.set(xlabel="time (s)", ylabel="queries per second", title="arrival rate and replicas (live tuner)")
+    rate.set(xlabel="time (s)", ylabel="queries per second", title="arrival rate, replicas and batch caps (tuner)")
     replicas = rate.twinx()
     decisions = list(runs.get("inferline", {}).get("decisions", []))
-    for stage, (times, values) in replicas_over_time(plan, decisions, float(counts.size)).items():
-        style = ("-", "--", ":", "-.")[len(replicas.get_lines()) % 4]
-        replicas.step(times, values, where="post", linestyle=style, label=f"{stage} replicas")
-    replicas.set_ylabel("replicas")
+    for key, label, style in (("replicas", "replicas", "-"), ("max_batch_size", "batch cap", ":")):
+        for i, (stage, (times, values)) in enumerate(replicas_over_time(plan, decisions, counts.size, key).items()):
+            replicas.step(times, values, where="post", linestyle=style, color=f"C{i}", label=f"{stage} {label}")
+    replicas.set_ylabel("replicas / batch cap")
+    replicas.set_yscale("log", base=2)
     replicas.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
