@@ -37,7 +37,7 @@ from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.replay import replay
-from inferline.spec import load_spec, with_probabilities
+from inferline.spec import load_spec, with_probabilities, write_spec
 from inferline.traces import load_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,20 +85,56 @@ def _with_measured_routes(spec: Any) -> Any:
 
 
 def fidelity(console: Console) -> list[dict[str, Any]]:
+    """Each pipeline as users run it: `inferline up` (the router in its own process) and
+    `inferline replay` (the load generator in another)."""
     rows = []
     for name, trace in FIDELITY.items():
         spec, plan = _plan(name, trace, measure_routes=True)
-        result, _ = deploy_and_replay(spec, plan, EXAMPLES / "models", "none", load_trace(trace), console)
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_path = Path(tmp) / "spec.yaml"
+            write_spec(spec, spec_path)
+            plan_path = Path(tmp) / "plan.json"
+            plan_path.write_text(plan.model_copy(update={"spec": str(spec_path)}).to_json())
+            state = Path(tmp) / "state"
+            cli = [sys.executable, "-m", "inferline.cli"]
+            up = [*cli, "up", str(plan_path), "--state-dir", str(state), "--tuner", "none"]
+            if subprocess.run(up, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
+                raise RuntimeError("inferline up failed")
+            try:
+                replayed = subprocess.run(
+                    [*cli, "replay", "--state-dir", str(state), "--trace", trace, "--json"],
+                    cwd=ROOT, capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                result = json.loads(replayed.stdout)
+                metrics = json.loads((state / "up.json").read_text())["endpoints"]["metrics"]
+                calls = _router_call_ms(metrics)
+                batches = _router_mean_batches(metrics)
+            finally:
+                subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT, stdout=subprocess.DEVNULL)
         est, meas = result["estimated_p99_ms"], result["p99_ms"]
+        console.print(f"fidelity {name}: estimated {est} ms, measured {meas} ms")
         rows.append({
             "pipeline": name, "trace": trace, "plan": {n: s.model_dump() for n, s in plan.stages.items()},
             "probabilities": {s.name: s.probability for s in spec.stages if s.after},
             "estimated_p99_ms": est, "measured_p99_ms": meas,
             "error": abs(est - meas) / meas if est and meas else None,
-            "errors": result["errors"], "batch_sizes": result["batch_sizes"],
-            "service_ms": _service_vs_profile(spec, plan, result["service_ms"]),
+            "errors": result["errors"], "mean_batch": batches,
+            "service_ms": _service_vs_profile(spec, plan, calls),
         })  # fmt: skip
     return rows
+
+
+def _router_call_ms(metrics_url: str) -> dict[str, dict[int, float]]:
+    """Mean replica call time per stage and batch size, from the router's Prometheus endpoint."""
+    sums: dict[tuple[str, int], dict[str, float]] = {}
+    for sample in _samples(metrics_url, "inferline_router_call_seconds"):
+        if sample.name.endswith(("_sum", "_count")):
+            key = (sample.labels["stage"], int(sample.labels["batch_size"]))
+            sums.setdefault(key, {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    out: dict[str, dict[int, float]] = {}
+    for (stage, n), v in sorted(sums.items()):
+        out.setdefault(stage, {})[n] = 1000.0 * v.get("sum", 0.0) / max(v.get("count", 0.0), 1.0)
+    return out
 
 
 def _service_vs_profile(spec: Any, plan: Any, live_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
@@ -196,16 +232,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _router_mean_batches(metrics_url: str) -> dict[str, float]:
-    """Mean batch size per stage, from the router's Prometheus endpoint."""
+def _samples(metrics_url: str, family_name: str) -> list[Any]:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
+    return [s for f in text_string_to_metric_families(text) if f.name == family_name for s in f.samples]
+
+
+def _router_mean_batches(metrics_url: str) -> dict[str, float]:
+    """Mean batch size per stage, from the router's Prometheus endpoint."""
     sums: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "inferline_router_batch_size":
-            for sample in family.samples:
-                if sample.name.endswith(("_sum", "_count")):
-                    sums.setdefault(sample.labels["stage"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    for sample in _samples(metrics_url, "inferline_router_batch_size"):
+        if sample.name.endswith(("_sum", "_count")):
+            sums.setdefault(sample.labels["stage"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
     return {stage: v.get("sum", 0.0) / max(v.get("count", 0.0), 1.0) for stage, v in sums.items()}
 
 

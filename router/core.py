@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 from inferline.adapters.base import Adapter, ModelInfo, TensorSpec, feed_inputs
 from inferline.errors import InferlineError, ServerError, ServerUnreachable
@@ -172,8 +172,10 @@ class _Worker(threading.Thread):
             return
         self._settle(batch, started)
         stage.batch_sizes[len(batch)] += 1
-        stage.batch_seconds[len(batch)] += time.perf_counter() - started
+        call_s = time.perf_counter() - started
+        stage.batch_seconds[len(batch)] += call_s
         self.router._metrics.batch_size.labels(stage=stage.name).observe(len(batch))
+        self.router._metrics.call_seconds.labels(stage=stage.name, batch_size=str(len(batch))).observe(call_s)
         for i, item in enumerate(batch):
             try:
                 self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
@@ -508,6 +510,12 @@ class _RouterMetrics:
             "Queries per batch sent to a replica",
             ["stage"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
+        self.call_seconds = Summary(
+            "inferline_router_call_seconds",
+            "Time of a replica call by batch size: live service times, to set against the profiles",
+            ["stage", "batch_size"],
             registry=registry,
         )
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from inferline.adapters.base import ServingConfig
 from inferline.adapters.triton.adapter import TritonAdapter
@@ -113,6 +114,10 @@ def test_batches_respect_the_planned_maximum_and_form_under_load(server: Embedde
     service = router.service_times_ms()
     assert set(service["detect"]) == set(sizes["detect"])
     assert all(ms >= 4.0 + 1.0 * n for n, ms in service["detect"].items())
+    # The same calls on the Prometheus endpoint, by stage and batch size.
+    text = generate_latest(router.metrics_registry).decode()
+    for n, count in sizes["detect"].items():
+        assert f'inferline_router_call_seconds_count{{batch_size="{n}",stage="detect"}} {float(count)}' in text
 
 
 def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton) -> None:
