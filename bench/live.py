@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
@@ -106,9 +107,9 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
                     cwd=ROOT, capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 result = json.loads(replayed.stdout)
-                metrics = json.loads((state / "up.json").read_text())["endpoints"]["metrics"]
+                metrics = _metrics_text(json.loads((state / "up.json").read_text())["endpoints"]["metrics"])
                 calls = _router_call_ms(metrics)
-                batches = _router_mean_batches(metrics)
+                batches = _mean_batches(metrics)
             finally:
                 subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT, stdout=subprocess.DEVNULL)
         est, meas = result["estimated_p99_ms"], result["p99_ms"]
@@ -124,10 +125,10 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
-def _router_call_ms(metrics_url: str) -> dict[str, dict[int, float]]:
-    """Mean replica call time per stage and batch size, from the router's Prometheus endpoint."""
+def _router_call_ms(metrics_text: str) -> dict[str, dict[int, float]]:
+    """Mean replica call time per stage and batch size, from a router's Prometheus metrics."""
     sums: dict[tuple[str, int], dict[str, float]] = {}
-    for sample in _samples(metrics_url, "inferline_router_call_seconds"):
+    for sample in _samples(metrics_text, "inferline_router_call_seconds"):
         if sample.name.endswith(("_sum", "_count")):
             key = (sample.labels["stage"], int(sample.labels["batch_size"]))
             sums.setdefault(key, {})[sample.name.rsplit("_", 1)[1]] = sample.value
@@ -202,7 +203,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
             try:
                 direct_result = asyncio.run(direct())
-                direct_batches = core.batch_sizes()
+                direct_batches = _mean_batches(generate_latest(core.metrics_registry).decode())
             finally:
                 core.stop()
                 for pool in pools.values():
@@ -211,7 +212,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             router_cpu = _cpu_s(int(info["pid"]))
             routed_result = asyncio.run(routed())
             router_cpu = _cpu_s(int(info["pid"])) - router_cpu
-            routed_batches = _router_mean_batches(info["endpoints"]["metrics"])
+            routed_batches = _mean_batches(_metrics_text(info["endpoints"]["metrics"]))
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
     d, r = np.nanmedian(direct_result.latencies_ms), np.nanmedian(routed_result.latencies_ms)
@@ -220,7 +221,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "direct_median_ms": float(d), "router_median_ms": float(r), "overhead_median_ms": float(r - d),
         "direct_p99_ms": direct_result.p99_ms, "router_p99_ms": routed_result.p99_ms,
         "direct_errors": direct_result.errors, "router_errors": routed_result.errors,
-        "direct_mean_batch": _mean_batches(direct_batches), "router_mean_batch": routed_batches,
+        "direct_mean_batch": direct_batches, "router_mean_batch": routed_batches,
         "router_cpu_ms_per_query": 1000.0 * router_cpu / arrivals.size,
         "send_lag_p99_ms": routed_result.send_lag_p99_ms,
     }  # fmt: skip
@@ -232,25 +233,22 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _samples(metrics_url: str, family_name: str) -> list[Any]:
+def _metrics_text(metrics_url: str) -> str:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def _samples(text: str, family_name: str) -> list[Any]:
     return [s for f in text_string_to_metric_families(text) if f.name == family_name for s in f.samples]
 
 
-def _router_mean_batches(metrics_url: str) -> dict[str, float]:
-    """Mean batch size per stage, from the router's Prometheus endpoint."""
+def _mean_batches(metrics_text: str) -> dict[str, float]:
+    """Mean batch size per stage, from a router's Prometheus metrics."""
     sums: dict[str, dict[str, float]] = {}
-    for sample in _samples(metrics_url, "inferline_router_batch_size"):
+    for sample in _samples(metrics_text, "inferline_router_batch_size"):
         if sample.name.endswith(("_sum", "_count")):
             sums.setdefault(sample.labels["stage"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
     return {stage: v.get("sum", 0.0) / max(v.get("count", 0.0), 1.0) for stage, v in sums.items()}
-
-
-def _mean_batches(sizes: dict[str, dict[int, int]]) -> dict[str, float]:
-    return {
-        stage: sum(n * c for n, c in counts.items()) / max(sum(counts.values()), 1) for stage, counts in sizes.items()
-    }
 
 
 def tuner_live(console: Console) -> dict[str, Any]:

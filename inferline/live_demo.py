@@ -31,7 +31,6 @@ from inferline.deployment import LocalDeployment
 from inferline.errors import InferlineError
 from inferline.live_tuner import LiveTuner
 from inferline.plan import Plan
-from inferline.planner.estimator import p99
 from inferline.planner.planning import make_plan
 from inferline.planner.tuning.registry import make_policy
 from inferline.profiles import load_profiles
@@ -91,7 +90,7 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
     raw: dict[str, ReplayResult] = {}
     for tuner in ("inferline", "none"):
         console.rule(f"3/4 deploy and replay {BURSTY_TRACE} with tuner {tuner!r}")
-        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console, p99(estimated))
+        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console, estimated)
 
     console.rule("4/4 report")
     # What provisioning for the burst up front would cost: the bar the tuner's cost is held to.
@@ -125,7 +124,7 @@ def deploy_and_replay(
     tuner: str,
     arrivals: NDArray[np.float64],
     console: Console,
-    estimated_p99_ms: float | None = None,
+    estimated_latencies_ms: NDArray[np.float64] | None = None,
 ) -> tuple[dict[str, Any], ReplayResult]:
     deployment = LocalDeployment(spec, plan, repository).start()
     live: LiveTuner | None = None
@@ -143,7 +142,7 @@ def deploy_and_replay(
             live.stop()
         deployment.stop()
     decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
-    results = results_for(target, result, arrivals, started, decisions, estimated_p99_ms) | {"tuner": tuner}
+    results = results_for(target, result, arrivals, started, decisions, estimated_latencies_ms) | {"tuner": tuner}
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}
     return results, result

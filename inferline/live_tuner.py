@@ -116,10 +116,7 @@ class LiveTuner:
         current = {s.name: s.replicas for s in self.router.snapshot()}
         if current.get(decision.stage) == decision.replicas and decision.max_batch_size is None:
             return
-        if decision.max_batch_size is None:
-            event = self.actuator.scale(decision.stage, decision.replicas)
-        else:
-            event = self.actuator.scale(decision.stage, decision.replicas, decision.max_batch_size)
+        event = self.actuator.scale(decision.stage, decision.replicas, decision.max_batch_size)
         applied = LiveDecision(
             round(now_s, 3), decision.stage, decision.replicas, decision.reason, decision.message,
             round(float(getattr(event, "startup_s", 0.0)), 3), decision.max_batch_size,

@@ -123,7 +123,7 @@ def run_estimate(
     arrivals_s: NDArray[np.float64],
     tuner: str | None,
     decisions: Sequence[Mapping[str, Any]],
-    static_p99_ms: float | None = None,
+    static_latencies_ms: NDArray[np.float64] | None = None,
     fallback_decisions: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run.
@@ -131,18 +131,24 @@ def run_estimate(
     A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
-    prediction (`static_p99_ms` when the caller already has it).
+    prediction (`static_latencies_ms` when the caller already has it).
     """
-    if plan is None or spec is None or plan.profiles is None:
-        return no_estimate("no plan with its profiles and spec to estimate from", static_p99_ms)
     if tuner is None or tuner == "none":
-        latencies_ms = predicted_latencies_ms(spec, load_profiles(plan.profiles), plan_catalog(plan), plan, arrivals_s)
+        if static_latencies_ms is not None:
+            latencies_ms = static_latencies_ms
+        elif plan is None or spec is None or plan.profiles is None:
+            return no_estimate("no plan with its profiles and spec to estimate from")
+        else:
+            profiles = load_profiles(plan.profiles)
+            latencies_ms = predicted_latencies_ms(spec, profiles, plan_catalog(plan), plan, arrivals_s)
         return {
-            "estimated_p99_ms": static_p99_ms if static_p99_ms is not None else p99(latencies_ms),
-            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms)),
+            "estimated_p99_ms": p99(latencies_ms),
+            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
             "estimated_startup_s": None,
             "estimate": "static plan",
         }
+    if plan is None or spec is None or plan.profiles is None:
+        return no_estimate("no plan with its profiles and spec to estimate from")
     measured = measured_startup_s(decisions)
     if measured is None:
         measured = measured_startup_s(fallback_decisions)
@@ -157,12 +163,12 @@ def run_estimate(
     }
 
 
-def no_estimate(why: str, static_p99_ms: float | None = None) -> dict[str, Any]:
+def no_estimate(why: str) -> dict[str, Any]:
     return {
-        "estimated_p99_ms": static_p99_ms,
+        "estimated_p99_ms": None,
         "estimated_slo_miss_rate": None,
         "estimated_startup_s": None,
-        "estimate": "static plan" if static_p99_ms is not None else f"none: {why}",
+        "estimate": f"none: {why}",
     }
 
 
@@ -176,12 +182,12 @@ def results_for(
     arrivals_s: NDArray[np.float64],
     started_unix: float,
     decisions: list[dict[str, Any]] | None = None,
-    estimated_p99_ms: float | None = None,
+    estimated_latencies_ms: NDArray[np.float64] | None = None,
 ) -> dict[str, Any]:
     """Run results; `decisions` default to the tuner's log in the state dir.
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
-    estimator's (`estimated_p99_ms` when the caller already has it) for a static plan.
+    estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
     """
     plan = target.plan
     fallback: list[dict[str, Any]] = []
@@ -193,9 +199,11 @@ def results_for(
         cost = replica_cost(plan, plan_catalog(plan), decisions, result.duration_s)
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
     try:
-        estimate = run_estimate(plan, target.spec, arrivals_s, target.tuner, decisions, estimated_p99_ms, fallback)
+        estimate = run_estimate(
+            plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback
+        )
     except InferlineError as exc:  # what was measured stands without an estimate
-        estimate = no_estimate(exc.one_line(), estimated_p99_ms if target.tuner in (None, "none") else None)
+        estimate = no_estimate(exc.one_line())
     out = run_results(
         result,
         slo_ms=plan.slo_ms if plan else None,

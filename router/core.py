@@ -116,8 +116,6 @@ class _Stage:
         self.busy_s = 0.0
         self.arrivals = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
-        self.batch_seconds: collections.defaultdict[int, float] = collections.defaultdict(float)
-        """Summed call time of successful batches by size: live service times, to set against profiles."""
 
 
 class _Worker(threading.Thread):
@@ -172,10 +170,7 @@ class _Worker(threading.Thread):
             return
         self._settle(batch, started)
         stage.batch_sizes[len(batch)] += 1
-        call_s = time.perf_counter() - started
-        stage.batch_seconds[len(batch)] += call_s
-        self.router._metrics.batch_size.labels(stage=stage.name).observe(len(batch))
-        self.router._metrics.call_seconds.labels(stage=stage.name, batch_size=str(len(batch))).observe(call_s)
+        self.router._metrics.observe_batch(stage.name, len(batch), time.perf_counter() - started)
         for i, item in enumerate(batch):
             try:
                 self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
@@ -455,9 +450,7 @@ class PipelineRouter:
 
     def service_times_ms(self) -> dict[str, dict[int, float]]:
         """Mean call time per batch size and stage, as the router saw it (queueing excluded)."""
-        return {
-            s.name: {n: 1000.0 * s.batch_seconds[n] / c for n, c in sorted(s.batch_sizes.items())} for s in self._stages
-        }
+        return {s.name: {n: self._metrics.mean_call_ms(s.name, n) for n in sorted(s.batch_sizes)} for s in self._stages}
 
     def _check_wiring(self) -> None:
         """Every non-entry stage's inputs must come from its parents' outputs (by name or shape)."""
@@ -494,6 +487,7 @@ def _ancestors(parents: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
 
 class _RouterMetrics:
     def __init__(self, registry: CollectorRegistry, router: PipelineRouter) -> None:
+        self.registry = registry
         self.queries = Counter("inferline_router_queries", "Queries admitted", registry=registry)
         self.rejected = Counter("inferline_router_rejected", "Queries refused as overload", registry=registry)
         self.answered = Counter("inferline_router_answered", "Queries answered", registry=registry)
@@ -523,6 +517,16 @@ class _RouterMetrics:
         for name in (s.name for s in router.spec.stages):
             queue.labels(stage=name).set_function(_snapshot_field(router, name, "queue_length"))
             replicas.labels(stage=name).set_function(_snapshot_field(router, name, "replicas"))
+
+    def observe_batch(self, stage: str, size: int, call_s: float) -> None:
+        self.batch_size.labels(stage=stage).observe(size)
+        self.call_seconds.labels(stage=stage, batch_size=str(size)).observe(call_s)
+
+    def mean_call_ms(self, stage: str, size: int) -> float:
+        labels = {"stage": stage, "batch_size": str(size)}
+        total = self.registry.get_sample_value("inferline_router_call_seconds_sum", labels) or 0.0
+        count = self.registry.get_sample_value("inferline_router_call_seconds_count", labels) or 0.0
+        return 1000.0 * total / count if count else float("nan")
 
     def observe(self, latency_ms: float, slo_ms: float | None) -> None:
         self.answered.inc()

@@ -94,13 +94,14 @@ class EnvelopeTuner:
         return EnvelopeTunerState()
 
     def decide(self, ctx: TunerContext, state: EnvelopeTunerState) -> tuple[list[Decision], EnvelopeTunerState]:
-        if state.started_s is None:
-            state = replace(state, started_s=ctx.now_s, batches=self._planned_batches(ctx))
+        steps = self._steps(ctx)
+        if state.started_s is None:  # batch sizes start as planned: the first step is the plan itself
+            state = replace(state, started_s=ctx.now_s, batches=tuple((n, b) for n, (b, _) in steps[0][1].items()))
         ratio, window = self._upscale_ratio(ctx)
         horizon = ctx.now_s - self.config.downscale_lookback_s
         state = replace(state, ratios=(*(r for r in state.ratios if r[0] > horizon), (ctx.now_s, ratio)))
-        current = {st.name: (dict(state.batches)[st.name], st.replicas) for st in ctx.stages}
-        steps = self._steps(ctx)
+        batches = dict(state.batches)
+        current = {st.name: (batches[st.name], st.replicas) for st in ctx.stages}
         need = self._cheapest(steps, ratio, current, up=True)
         if need != current and _falls_short(steps, state.step, ratio, current):
             up = self._decisions(
@@ -128,13 +129,11 @@ class EnvelopeTuner:
         return decisions, self._note_drift(ctx, state, decisions)
 
     # -- the plan and its ladder as candidate configurations ---------------------------------------
-    def _planned_batches(self, ctx: TunerContext) -> tuple[tuple[str, int], ...]:
-        return tuple((st.name, self._planned_batch(st.name)) for st in ctx.stages)
-
     def _planned_batch(self, stage: str) -> int:
+        """The planned batch size; 0 stands for "as planned" in plans made before batch sizes were
+        recorded (they have no ladder, so the batch never changes)."""
         tuned = self.info.stages.get(stage)
         return tuned.max_batch_size if tuned is not None and tuned.max_batch_size is not None else 0
-        # 0 stands for "as planned" with plans made before batch sizes were recorded (no ladder then)
 
     def _steps(self, ctx: TunerContext) -> list[tuple[float, Placement]]:
         """(rate multiplier, {stage: (batch, replicas)}): the plan itself, then its ladder."""

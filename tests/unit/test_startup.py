@@ -192,7 +192,8 @@ def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_pa
     static = run_estimate(plan, spec, arrivals, "none", [])
     assert static["estimate"] == "static plan" and static["estimated_startup_s"] is None
     assert static["estimated_p99_ms"] > fast["estimated_p99_ms"]  # the static plan cannot follow the step
-    assert run_estimate(plan, spec, arrivals, None, [], static_p99_ms=123.0)["estimated_p99_ms"] == 123.0
+    given = np.full(arrivals.size, 123.0)  # a caller's own estimate is used as given
+    assert run_estimate(plan, spec, arrivals, None, [], static_latencies_ms=given)["estimated_p99_ms"] == 123.0
 
 
 def fake_replay(arrivals: np.ndarray[Any, Any], latency_ms: float = 50.0) -> ReplayResult:
