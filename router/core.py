@@ -124,6 +124,7 @@ class _Worker(threading.Thread):
         self.router, self.stage, self.replica = router, stage, replica
         self.stopping = False
         self.healthy = True
+        self.last_call_end: float | None = None
 
     def run(self) -> None:
         stage = self.stage
@@ -138,6 +139,7 @@ class _Worker(threading.Thread):
                 self.healthy = self.replica.adapter.is_ready()
                 continue
             with stage.cond:
+                back_to_back = bool(stage.items)
                 while not self.stopping and not stage.items:
                     stage.cond.wait()
                 if self.stopping:
@@ -145,13 +147,17 @@ class _Worker(threading.Thread):
                 n = min(len(stage.items), stage.max_batch)
                 batch = [stage.items.popleft() for _ in range(n)]
                 stage.in_flight += n
-            self._serve(batch)
+            self._serve(batch, back_to_back)
 
-    def _serve(self, batch: list[_Item]) -> None:
+    def _serve(self, batch: list[_Item], back_to_back: bool) -> None:
         stage = self.stage
         names = batch[0].inputs.keys()
         tensors = {name: np.concatenate([item.inputs[name] for item in batch]) for name in names}
         started = time.perf_counter()
+        if back_to_back and self.last_call_end is not None:
+            # The queue waited while the replica did the router's own work between two calls.
+            self.router._metrics.observe_dispatch(stage.name, started - self.last_call_end)
+        self.last_call_end = None  # set again only when this call succeeds
         try:
             outputs = self.replica.adapter.infer(self.replica.model, tensors)
         except ServerUnreachable as exc:
@@ -168,9 +174,10 @@ class _Worker(threading.Thread):
             self._settle(batch, started)
             self.router._fail(batch, f"stage {stage.name!r}: internal error {type(exc).__name__}")
             return
+        self.last_call_end = time.perf_counter()
         self._settle(batch, started)
         stage.batch_sizes[len(batch)] += 1
-        self.router._metrics.observe_batch(stage.name, len(batch), time.perf_counter() - started)
+        self.router._metrics.observe_batch(stage.name, len(batch), self.last_call_end - started)
         for i, item in enumerate(batch):
             try:
                 self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
@@ -452,6 +459,11 @@ class PipelineRouter:
         """Mean call time per batch size and stage, as the router saw it (queueing excluded)."""
         return {s.name: {n: self._metrics.mean_call_ms(s.name, n) for n in sorted(s.batch_sizes)} for s in self._stages}
 
+    def dispatch_ms(self) -> dict[str, float]:
+        """Mean time per stage between back-to-back calls of a replica (NaN before any): what the
+        router adds to each batch's service time beyond the call itself."""
+        return {s.name: self._metrics.mean_dispatch_ms(s.name) for s in self._stages}
+
     def _check_wiring(self) -> None:
         """Every non-entry stage's inputs must come from its parents' outputs (by name or shape)."""
         for i, stage in enumerate(self._stages):
@@ -512,6 +524,13 @@ class _RouterMetrics:
             ["stage", "batch_size"],
             registry=registry,
         )
+        self.dispatch_seconds = Summary(
+            "inferline_router_dispatch_seconds",
+            "Time a replica spends between two back-to-back calls on the router's own work (handing "
+            "results on, forming the next batch): part of the service time the stage's queue sees",
+            ["stage"],
+            registry=registry,
+        )
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
         replicas = Gauge("inferline_router_replicas", "Live replicas per stage", ["stage"], registry=registry)
         for name in (s.name for s in router.spec.stages):
@@ -521,6 +540,15 @@ class _RouterMetrics:
     def observe_batch(self, stage: str, size: int, call_s: float) -> None:
         self.batch_size.labels(stage=stage).observe(size)
         self.call_seconds.labels(stage=stage, batch_size=str(size)).observe(call_s)
+
+    def observe_dispatch(self, stage: str, seconds: float) -> None:
+        self.dispatch_seconds.labels(stage=stage).observe(seconds)
+
+    def mean_dispatch_ms(self, stage: str) -> float:
+        labels = {"stage": stage}
+        total = self.registry.get_sample_value("inferline_router_dispatch_seconds_sum", labels) or 0.0
+        count = self.registry.get_sample_value("inferline_router_dispatch_seconds_count", labels) or 0.0
+        return 1000.0 * total / count if count else float("nan")
 
     def mean_call_ms(self, stage: str, size: int) -> float:
         labels = {"stage": stage, "batch_size": str(size)}
