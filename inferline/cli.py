@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from inferline.calibration import MIN_CALLS
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError, SpecError
 from inferline.plan import load_plan
@@ -132,6 +133,15 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0, help="seed of the random query inputs")
     rp.add_argument("--json", action="store_true", help="print the run results as JSON")
     rp.add_argument("--out", help="also write the run results JSON here")
+    ca = sub.add_parser(
+        "calibrate", help="rewrite a plan's profiles from the service times its running router measured"
+    )
+    ca.add_argument("plan", help="the plan the pipeline runs (its spec and profiles are found from it)")
+    ca.add_argument("--out", required=True, help="directory for the calibrated profiles (all models, a new one)")
+    ca.add_argument("--state-dir", default=".inferline", help="the pipeline `inferline up` started from here")
+    ca.add_argument("--metrics", help="the router's /metrics URL, or a file saved from it (default: from up.json)")
+    ca.add_argument("--profiles", help="profiles to calibrate (default: the plan's)")
+    ca.add_argument("--min-calls", type=int, default=MIN_CALLS, help="calls a model needs before it is calibrated")
     dn = sub.add_parser("down", help="stop what `inferline up` started")
     dn.add_argument("--state-dir", default=".inferline")
 
@@ -161,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from inferline.replay_command import run_replay
 
             return run_replay(args, Console(stderr=args.json))
+        if args.command == "calibrate":
+            from inferline.calibrate_command import run_calibrate
+
+            return run_calibrate(args, Console())
         if args.command == "agent":
             return _agent(args)
         if args.command == "lineage":

@@ -126,7 +126,7 @@ def require_profiles(models: list[str], profiles: Mapping[str, ModelProfile]) ->
 
 def merge_profiles(old: ModelProfile, new: ModelProfile) -> ModelProfile:
     """`old` with the hardware types of `new` replaced (profiling one hardware keeps the others)."""
-    return ModelProfile(model=new.model, profiles={**old.profiles, **new.profiles})
+    return new.model_copy(update={"profiles": {**old.profiles, **new.profiles}})
 
 
 def write_profile(profile: ModelProfile, directory: str | Path) -> Path:

@@ -1,0 +1,80 @@
+"""`inferline calibrate`: profiles rewritten from the service times a running pipeline's router measured."""
+
+from __future__ import annotations
+
+import argparse
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from inferline.calibration import Calibration, calibrate_profiles, live_stages
+from inferline.errors import InferlineError
+from inferline.plan import load_plan
+from inferline.profiles import load_profiles, write_profile
+from inferline.spec import load_spec
+
+
+def read_metrics(source: str) -> str:
+    """A router's Prometheus text from its /metrics URL or from a file saved from it."""
+    if source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=10) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise InferlineError(f"cannot read metrics from {source} ({reason})", "is the pipeline up?") from None
+    try:
+        return Path(source).read_text()
+    except OSError as exc:
+        raise InferlineError(f"cannot read metrics file {source!r}: {exc.strerror}", "check the path") from None
+
+
+def metrics_source(args: argparse.Namespace) -> str:
+    if args.metrics:
+        return str(args.metrics)
+    from inferline.serve_command import read_up
+
+    return str(read_up(args.state_dir)["endpoints"]["metrics"])
+
+
+def run_calibrate(args: argparse.Namespace, console: Console) -> int:
+    plan = load_plan(args.plan)
+    if plan.spec is None:
+        raise InferlineError(f"plan {args.plan!r} does not name its spec", "make it with `inferline plan`")
+    source_dir = args.profiles or plan.profiles
+    if source_dir is None:
+        raise InferlineError(f"plan {args.plan!r} does not say where its profiles are", "pass --profiles DIR")
+    if Path(args.out).resolve() == Path(source_dir).resolve():
+        raise InferlineError(
+            f"--out {args.out!r} is the profile directory itself", "write calibrated profiles to a new directory"
+        )
+    if args.min_calls < 1:
+        raise InferlineError(f"--min-calls must be at least 1, got {args.min_calls}", "pass a positive count")
+    spec = load_spec(plan.spec)
+    profiles = load_profiles(source_dir)
+    live = live_stages(read_metrics(metrics_source(args)))
+    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls)
+    if all(c.ratio is None for c in done):
+        raise InferlineError(
+            f"the router's metrics hold fewer than {args.min_calls} calls for every stage of {plan.pipeline!r}",
+            "replay traffic through the pipeline first (`inferline replay`), then calibrate",
+        )
+    for profile in calibrated.values():
+        write_profile(profile, args.out)
+    console.print(calibration_table(done))
+    console.print(f"calibrated profiles written to {args.out}; plan with `inferline plan --profiles {args.out}`")
+    return 0
+
+
+def calibration_table(done: tuple[Calibration, ...]) -> Table:
+    table = Table(title="Calibration from the router's measurements")
+    for column in ("model", "hardware", "stages", "calls", "live/profile", "router ms/batch"):
+        left = column in ("model", "hardware", "stages")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "model")
+    for c in done:
+        ratio = f"{c.ratio:.3f}" if c.ratio is not None else "kept: few calls"
+        table.add_row(c.model, c.hardware, ",".join(c.stages), str(c.calls), ratio, f"{c.dispatch_ms:.3f}")
+    return table

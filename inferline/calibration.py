@@ -1,0 +1,156 @@
+"""Profiles calibrated from a running pipeline: the service times its router measured.
+
+An offline profile times one model alone, one call at a time. Live, a stage's queue waits longer
+per batch: the call as the router sees it (other replicas and processes share the machine), and
+the router's own work between two calls of a replica (handing results on, forming the next
+batch). The estimator predicts only as well as its service times, so calibration rewrites each
+planned model's profile from the router's metrics:
+
+    calibrated(n) = profiled(n) * r + d
+    r = sum_n calls(n) * live(n) / sum_n calls(n) * profiled(n)   over the batch sizes the router sent
+    d = mean time between back-to-back calls of a replica        (inferline_router_dispatch_seconds)
+
+One ratio per model and hardware keeps the profile's shape (its batching gain) at sizes live
+traffic never reached, and a size seen a few times weighs only as much as its calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from inferline.errors import InferlineError
+from inferline.plan import Plan
+from inferline.profiles import BatchPoint, LatencyStats, ModelProfile
+from inferline.spec import PipelineSpec
+
+MIN_CALLS = 20
+"""Calls a model needs in the metrics before its profile is calibrated (fewer say too little)."""
+
+
+@dataclass(frozen=True)
+class LiveStage:
+    """What a router measured for one stage."""
+
+    calls: Mapping[int, tuple[float, int]]
+    """Batch size -> (mean call ms, number of calls)."""
+    dispatch_ms: float
+    """Mean router time between back-to-back calls (0 when never back to back)."""
+    dispatches: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    model: str
+    hardware: str
+    stages: tuple[str, ...]
+    calls: int
+    ratio: float | None
+    """Live over profiled call time; None when too few calls to calibrate."""
+    dispatch_ms: float
+
+
+def live_stages(metrics_text: str) -> dict[str, LiveStage]:
+    """Per stage, the call and dispatch times in a router's Prometheus text (its /metrics)."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        raise InferlineError(
+            "reading router metrics needs prometheus-client", "pip install 'inferline[router]'"
+        ) from None
+    sums: dict[tuple[str, str, int], float] = {}
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                kind = sample.name.rsplit("_", 1)[-1]
+                stage = sample.labels.get("stage")
+                if stage is None or kind not in ("sum", "count"):
+                    continue
+                if sample.name.startswith("inferline_router_call_seconds_"):
+                    sums[(f"call_{kind}", stage, int(sample.labels["batch_size"]))] = sample.value
+                elif sample.name.startswith("inferline_router_dispatch_seconds_"):
+                    sums[(f"dispatch_{kind}", stage, 0)] = sample.value
+    except (ValueError, KeyError) as exc:
+        raise InferlineError(
+            f"the metrics are not a router's Prometheus text ({exc})", "pass the router's /metrics"
+        ) from None
+    out: dict[str, LiveStage] = {}
+    for stage in sorted({s for _, s, _ in sums}):
+        calls = {
+            n: (1000.0 * sums[("call_sum", s, n)] / count, int(count))
+            for (kind, s, n), count in sorted(sums.items())
+            if s == stage and kind == "call_count" and count > 0
+        }
+        dispatches = int(sums.get(("dispatch_count", stage, 0), 0.0))
+        dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
+        out[stage] = LiveStage(calls, dispatch_ms, dispatches)
+    return out
+
+
+def calibrate_profiles(
+    spec: PipelineSpec,
+    plan: Plan,
+    profiles: Mapping[str, ModelProfile],
+    live: Mapping[str, LiveStage],
+    min_calls: int = MIN_CALLS,
+) -> tuple[dict[str, ModelProfile], tuple[Calibration, ...]]:
+    """The profiles with each planned model's hardware calibrated; what was done, per model and hardware.
+
+    Stages serving the same model on the same hardware pool their calls. Models with fewer than
+    `min_calls` calls keep their profile (reported with ratio None).
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for stage in spec.stages:
+        groups.setdefault((stage.model, plan.stage(stage.name).hardware), []).append(stage.name)
+    out = dict(profiles)
+    done = []
+    for (model, hardware), stages in groups.items():
+        profile = out[model]
+        points = profile.points(hardware)
+        sizes = np.array([p.batch_size for p in points], dtype=np.float64)
+        means = np.array([p.latency_ms.mean for p in points], dtype=np.float64)
+        observed = [(n, ms, c) for s in stages if s in live for n, (ms, c) in live[s].calls.items()]
+        calls = sum(c for _, _, c in observed)
+        dispatches = sum(live[s].dispatches for s in stages if s in live)
+        dispatch_ms = (
+            sum(live[s].dispatch_ms * live[s].dispatches for s in stages if s in live) / dispatches
+            if dispatches
+            else 0.0
+        )
+        if calls < min_calls:
+            done.append(Calibration(model, hardware, tuple(stages), calls, None, dispatch_ms))
+            continue
+        live_total = sum(ms * c for _, ms, c in observed)
+        profiled_total = sum(float(np.interp(n, sizes, means)) * c for n, _, c in observed)
+        ratio = live_total / profiled_total
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls)
+        done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms))
+    return out, tuple(done)
+
+
+def _scaled(profile: ModelProfile, hardware: str, ratio: float, dispatch_ms: float, calls: int) -> ModelProfile:
+    def stat(v: float | None) -> float | None:
+        return None if v is None else v * ratio + dispatch_ms
+
+    points = tuple(
+        BatchPoint(
+            **{
+                **p.model_dump(exclude={"latency_ms"}),
+                "latency_ms": LatencyStats(
+                    **{
+                        **p.latency_ms.model_dump(),
+                        "mean": p.latency_ms.mean * ratio + dispatch_ms,
+                        "p50": stat(p.latency_ms.p50),
+                        "p99": stat(p.latency_ms.p99),
+                    }
+                ),
+            }
+        )
+        for p in profile.points(hardware)
+    )
+    extra = dict(profile.model_extra or {})
+    record = dict(extra.get("calibration") or {})
+    record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
+    return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}, "calibration": record})

@@ -1,0 +1,218 @@
+"""Calibrating profiles from a router's measurements: the metrics it exports, the arithmetic, the command."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from prometheus_client import generate_latest
+
+from inferline.adapters.base import ModelInfo, ServingConfig, TensorSpec
+from inferline.calibration import LiveStage, calibrate_profiles, live_stages
+from inferline.cli import main
+from inferline.plan import load_plan
+from inferline.profiles import load_profile, load_profiles, parse_profile
+from inferline.router.core import PipelineRouter, Replica
+from inferline.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+PROFILES = EXAMPLES / "profiles" / "measured-cpu"
+CATALOG = EXAMPLES / "catalog-local.yaml"
+EMULATED = EXAMPLES / "pipelines" / "local-emulated.yaml"
+CALL_S = 0.002
+
+Tensors = dict[str, NDArray[np.generic]]
+MODELS = {
+    "a": ((TensorSpec("INPUT", "float32", (4,)),), (TensorSpec("FEAT", "float32", (4,)),)),
+    "b": ((TensorSpec("FEAT", "float32", (4,)),), (TensorSpec("OUT", "float32", (2,)),)),
+}
+SPEC = parse_spec(
+    {
+        "name": "p",
+        "slo_ms": 100,
+        "stages": [{"name": "a", "model": "a"}, {"name": "b", "model": "b", "after": ["a"], "probability": 1.0}],
+    }
+)
+
+
+class SleepingServer:
+    """A stand-in model server whose every call takes CALL_S (the GIL released, as a real call)."""
+
+    def model_info(self, model: str) -> ModelInfo:
+        inputs, outputs = MODELS[model]
+        return ModelInfo(model, True, ServingConfig(8, 1), inputs, outputs)
+
+    def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        time.sleep(CALL_S)
+        n = next(iter(inputs.values())).shape[0]
+        name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
+        return {name: np.zeros((n, width), np.float32)}
+
+
+def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None:
+    pools = {s: [Replica(SleepingServer(), s, f"{s}-0")] for s in ("a", "b")}
+    router = PipelineRouter(SPEC, pools, {"a": 4, "b": 4}).start()  # type: ignore[arg-type]
+    try:
+        futures = [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(200)]
+        for f in futures:
+            f.result(timeout=30)
+        live = live_stages(generate_latest(router.metrics_registry).decode())
+        batches = router.batch_sizes()
+        dispatch = router.dispatch_ms()
+    finally:
+        router.stop()
+    assert set(live) == {"a", "b"}
+    for stage in ("a", "b"):
+        assert {n: c for n, (_, c) in live[stage].calls.items()} == batches[stage]
+        assert all(ms >= 1000 * CALL_S for ms, _ in live[stage].calls.values())
+        # 200 queries queued at once: the replicas ran back to back, and the router's own work
+        # between calls was measured (positive, well under a call).
+        assert live[stage].dispatches > 0
+        assert 0 < live[stage].dispatch_ms < 1000 * CALL_S
+        assert live[stage].dispatch_ms == pytest.approx(dispatch[stage])
+
+
+def _profile(model: str, means: dict[int, float]) -> object:
+    points = [{"batch_size": n, "latency_ms": {"mean": ms, "p99": ms * 1.1}} for n, ms in means.items()]
+    return parse_profile({"model": model, "profiles": {"cpu": points}}, "test")
+
+
+PAIR = parse_spec(
+    {
+        "name": "pair",
+        "slo_ms": 100,
+        "stages": [
+            {"name": "one", "model": "m"},
+            {"name": "two", "model": "m", "after": ["one"]},
+            {"name": "three", "model": "n", "after": ["two"]},
+        ],
+    }
+)
+
+
+def _plan_for(spec: object) -> object:
+    from inferline.plan import Plan
+
+    stages = {s.name: {"hardware": "cpu", "max_batch_size": 4, "replicas": 1} for s in spec.stages}  # type: ignore[attr-defined]
+    return Plan.model_validate(
+        {
+            "pipeline": "pair",
+            "slo_ms": 100,
+            "strategy": "inferline",
+            "cost_per_hour": 1.0,
+            "estimated_p99_ms": 50.0,
+            "feasible": True,
+            "stages": stages,
+        }
+    )
+
+
+def test_calibration_scales_by_the_call_weighted_ratio_and_adds_the_router_time() -> None:
+    profiles = {"m": _profile("m", {1: 10.0, 2: 13.0, 4: 16.0}), "n": _profile("n", {1: 5.0, 4: 8.0})}
+    live = {
+        # "one" and "two" serve the same model on the same hardware: their calls are pooled.
+        "one": LiveStage({1: (12.0, 30)}, dispatch_ms=0.4, dispatches=10),
+        "two": LiveStage({4: (19.2, 10)}, dispatch_ms=0.7, dispatches=30),
+        "three": LiveStage({1: (9.0, 5)}, dispatch_ms=0.1, dispatches=5),  # too few calls: kept
+    }
+    out, done = calibrate_profiles(PAIR, _plan_for(PAIR), profiles, live, min_calls=20)  # type: ignore[arg-type]
+    ratio = (12.0 * 30 + 19.2 * 10) / (10.0 * 30 + 16.0 * 10)  # 1.2
+    dispatch = (0.4 * 10 + 0.7 * 30) / 40  # 0.625
+    means = [p.latency_ms.mean for p in out["m"].points("cpu")]
+    assert means == pytest.approx([10.0 * ratio + dispatch, 13.0 * ratio + dispatch, 16.0 * ratio + dispatch])
+    assert out["m"].points("cpu")[0].latency_ms.p99 == pytest.approx(11.0 * ratio + dispatch)
+    assert out["n"] is profiles["n"]
+    by_model = {c.model: c for c in done}
+    assert by_model["m"].ratio == pytest.approx(ratio)
+    assert by_model["m"].calls == 40
+    assert by_model["m"].stages == ("one", "two")
+    assert by_model["n"].ratio is None
+
+
+def test_calibrated_profile_records_what_was_done_and_round_trips(tmp_path: Path) -> None:
+    from inferline.profiles import write_profile
+
+    profiles = {"m": _profile("m", {1: 10.0, 4: 16.0}), "n": _profile("n", {1: 5.0, 4: 8.0})}
+    live = {s: LiveStage({1: (11.0, 50)}, 0.5, 40) for s in ("one", "two", "three")}
+    out, _ = calibrate_profiles(PAIR, _plan_for(PAIR), profiles, live)  # type: ignore[arg-type]
+    write_profile(out["m"], tmp_path)
+    again = load_profile(tmp_path / "m.json")
+    assert again.model_extra is not None
+    assert again.model_extra["calibration"]["cpu"] == {"ratio": 1.1, "dispatch_ms": 0.5, "calls": 100}
+    assert again.points("cpu")[0].latency_ms.mean == pytest.approx(11.5)
+
+
+METRICS = """\
+# TYPE inferline_router_call_seconds summary
+inferline_router_call_seconds_count{batch_size="1",stage="detect"} 40.0
+inferline_router_call_seconds_sum{batch_size="1",stage="detect"} 0.5
+inferline_router_call_seconds_count{batch_size="1",stage="classify"} 30.0
+inferline_router_call_seconds_sum{batch_size="1",stage="classify"} 0.24
+# TYPE inferline_router_dispatch_seconds summary
+inferline_router_dispatch_seconds_count{stage="detect"} 20.0
+inferline_router_dispatch_seconds_sum{stage="detect"} 0.008
+"""
+
+
+@pytest.fixture
+def emulated_plan(tmp_path: Path) -> Path:
+    plan = tmp_path / "plan.json"
+    argv = ["plan", str(EMULATED), "--profiles", str(PROFILES), "--hardware", str(CATALOG)]
+    assert main([*argv, "--trace", "gamma:rate=50,cv=1,duration=20,seed=1", "--out", str(plan)]) == 0
+    return plan
+
+
+def test_calibrate_command_writes_every_profile_and_plans_with_them(
+    emulated_plan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics = tmp_path / "metrics.txt"
+    metrics.write_text(METRICS)
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", str(emulated_plan), "--metrics", str(metrics), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "emulated-detector" in printed and "emulated-classifier" in printed
+    before, after = load_profiles(PROFILES), load_profiles(out)
+    assert set(after) == set(before)  # a complete profile directory, ready for `inferline plan`
+    detect_before = before["emulated-detector"].points("cpu")[0].latency_ms.mean
+    ratio = 12.5 / detect_before  # 40 calls of 12.5 ms at batch 1
+    assert after["emulated-detector"].points("cpu")[0].latency_ms.mean == pytest.approx(detect_before * ratio + 0.4)
+    assert after["preprocess"] == before["preprocess"]
+    replanned = tmp_path / "replanned.json"
+    argv = ["plan", str(EMULATED), "--profiles", str(out), "--hardware", str(CATALOG)]
+    assert main([*argv, "--trace", "gamma:rate=50,cv=1,duration=20,seed=1", "--out", str(replanned)]) == 0
+    assert load_plan(replanned).estimated_p99_ms > load_plan(emulated_plan).estimated_p99_ms
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("out-is-source", "is the profile directory itself"),
+        ("no-metrics-file", "cannot read metrics file"),
+        ("too-few-calls", "fewer than 20 calls for every stage"),
+        ("unreachable", "cannot read metrics from http://127.0.0.1:9/metrics"),
+        ("nothing-up", "nothing is running from"),
+    ],
+)
+def test_calibrate_bad_input_is_one_line(
+    emulated_plan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
+    metrics = tmp_path / "metrics.txt"
+    metrics.write_text(METRICS.replace("40.0", "4.0").replace("30.0", "3.0"))
+    out = str(tmp_path / "out")
+    argv = {
+        "out-is-source": ["--metrics", str(metrics), "--out", str(PROFILES)],
+        "no-metrics-file": ["--metrics", str(tmp_path / "missing.txt"), "--out", out],
+        "too-few-calls": ["--metrics", str(metrics), "--out", out],
+        "unreachable": ["--metrics", "http://127.0.0.1:9/metrics", "--out", out],
+        "nothing-up": ["--state-dir", str(tmp_path / "nothing"), "--out", out],
+    }[case]
+    assert main(["calibrate", str(emulated_plan), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not Path(out).exists()
+    assert load_profiles(PROFILES)  # the source profiles are untouched
