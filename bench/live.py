@@ -1,7 +1,8 @@
 """Live benchmarks on real Triton processes (`make bench-live`, a few minutes on 2 cores).
 
 1. Estimator fidelity: deploy each local example pipeline's plan (static), replay a stationary
-   trace open-loop, and compare measured with estimated P99 (target: within 10% of measured).
+   trace open-loop, and compare measured with estimated P99 (target: within 10% of measured);
+   then calibrate the profiles from that run's router metrics, plan and replay again.
 2. Router overhead: the same queries at 250 and 500 q/s through the router's endpoint, and straight
    to the same Triton server batched by the same dispatch core in the client's process; the
    difference of medians, with each path's mean batch sizes and the router process's CPU per query.
@@ -31,6 +32,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
+from inferline.calibration import live_stages
 from inferline.catalog import load_catalog
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
@@ -56,16 +58,22 @@ OVERHEAD_RATES, OVERHEAD_S = (250, 500), 10
 
 
 def _plan(
-    name: str, trace: str, slo_ms: float | None = None, measure_routes: bool = False, ladder: bool = False
+    name: str,
+    trace: str,
+    slo_ms: float | None = None,
+    measure_routes: bool = False,
+    ladder: bool = False,
+    profiles: Path = PROFILES,
+    spec: Any = None,
 ) -> Any:
-    spec = load_spec(EXAMPLES / "pipelines" / f"{name}.yaml")
+    spec = spec or load_spec(EXAMPLES / "pipelines" / f"{name}.yaml")
     if measure_routes and any(s.route for s in spec.stages):
         spec = _with_measured_routes(spec)
     plan = make_plan(
-        spec, load_profiles(PROFILES), load_catalog(CATALOG), load_trace(trace), slo_ms or spec.slo_ms, ladder=ladder
+        spec, load_profiles(profiles), load_catalog(CATALOG), load_trace(trace), slo_ms or spec.slo_ms, ladder=ladder
     )
     extra = {
-        "profiles": str(PROFILES),
+        "profiles": str(profiles),
         "hardware_catalog": str(CATALOG),
         "spec": str(EXAMPLES / "pipelines" / f"{name}.yaml"),
     }
@@ -87,42 +95,74 @@ def _with_measured_routes(spec: Any) -> Any:
 
 def fidelity(console: Console) -> list[dict[str, Any]]:
     """Each pipeline as users run it: `inferline up` (the router in its own process) and
-    `inferline replay` (the load generator in another)."""
+    `inferline replay` (the load generator in another), twice: planned from the offline profiles,
+    then, after `inferline calibrate` rewrote them from the first run's router metrics, planned
+    and replayed again with the calibrated profiles."""
     rows = []
     for name, trace in FIDELITY.items():
         spec, plan = _plan(name, trace, measure_routes=True)
         with tempfile.TemporaryDirectory() as tmp:
             spec_path = Path(tmp) / "spec.yaml"
             write_spec(spec, spec_path)
-            plan_path = Path(tmp) / "plan.json"
-            plan_path.write_text(plan.model_copy(update={"spec": str(spec_path)}).to_json())
-            state = Path(tmp) / "state"
+            offline = _fidelity_run(plan.model_copy(update={"spec": str(spec_path)}), trace, Path(tmp) / "offline")
+            console.print(f"fidelity {name}, offline profiles: {_fmt_fidelity(offline)}")
+            calibrated_dir = Path(tmp) / "calibrated"
             cli = [sys.executable, "-m", "inferline.cli"]
-            up = [*cli, "up", str(plan_path), "--state-dir", str(state), "--tuner", "none"]
-            if subprocess.run(up, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
-                raise RuntimeError("inferline up failed")
-            try:
-                replayed = subprocess.run(
-                    [*cli, "replay", "--state-dir", str(state), "--trace", trace, "--json"],
-                    cwd=ROOT, capture_output=True, text=True, check=True,
-                )  # fmt: skip
-                result = json.loads(replayed.stdout)
-                metrics = _metrics_text(json.loads((state / "up.json").read_text())["endpoints"]["metrics"])
-                calls = _router_call_ms(metrics)
-                batches = _mean_batches(metrics)
-            finally:
-                subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT, stdout=subprocess.DEVNULL)
-        est, meas = result["estimated_p99_ms"], result["p99_ms"]
-        console.print(f"fidelity {name}: estimated {est} ms, measured {meas} ms")
+            calibrate = [*cli, "calibrate", offline["plan_path"], "--metrics", offline["metrics_path"]]
+            subprocess.run([*calibrate, "--out", str(calibrated_dir)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            _, replanned = _plan(name, trace, profiles=calibrated_dir, spec=spec)
+            calibrated = _fidelity_run(replanned.model_copy(update={"spec": str(spec_path)}), trace, Path(tmp) / "cal")
+            console.print(f"fidelity {name}, calibrated profiles: {_fmt_fidelity(calibrated)}")
         rows.append({
-            "pipeline": name, "trace": trace, "plan": {n: s.model_dump() for n, s in plan.stages.items()},
+            "pipeline": name, "trace": trace,
             "probabilities": {s.name: s.probability for s in spec.stages if s.after},
-            "estimated_p99_ms": est, "measured_p99_ms": meas,
-            "error": abs(est - meas) / meas if est and meas else None,
-            "errors": result["errors"], "mean_batch": batches,
-            "service_ms": _service_vs_profile(spec, plan, calls),
+            "offline": _public(offline), "calibrated": _public(calibrated),
         })  # fmt: skip
     return rows
+
+
+def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
+    """`up` the plan, `replay` the trace, keep the router's metrics, `down`."""
+    where.mkdir(parents=True)
+    plan_path = where / "plan.json"
+    plan_path.write_text(plan.to_json())
+    state = where / "state"
+    cli = [sys.executable, "-m", "inferline.cli"]
+    up = [*cli, "up", str(plan_path), "--state-dir", str(state), "--tuner", "none"]
+    if subprocess.run(up, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
+        raise RuntimeError("inferline up failed")
+    try:
+        replayed = subprocess.run(
+            [*cli, "replay", "--state-dir", str(state), "--trace", trace, "--json"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        result = json.loads(replayed.stdout)
+        metrics = _metrics_text(json.loads((state / "up.json").read_text())["endpoints"]["metrics"])
+    finally:
+        subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    metrics_path = where / "metrics.txt"
+    metrics_path.write_text(metrics)
+    est, meas = result["estimated_p99_ms"], result["p99_ms"]
+    return {
+        "plan": {n: s.model_dump() for n, s in plan.stages.items()}, "cost_per_hour": plan.cost_per_hour,
+        "estimated_p99_ms": est, "measured_p99_ms": meas,
+        "error": abs(est - meas) / meas if est and meas else None,
+        "errors": result["errors"], "mean_batch": _mean_batches(metrics),
+        "service_ms": _service_vs_profile(plan, _router_call_ms(metrics)),
+        "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live_stages(metrics).items()},
+        "plan_path": str(plan_path), "metrics_path": str(metrics_path),
+    }  # fmt: skip
+
+
+def _public(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if not k.endswith("_path")}
+
+
+def _fmt_fidelity(run: dict[str, Any]) -> str:
+    return (
+        f"estimated {run['estimated_p99_ms']} ms, measured {run['measured_p99_ms']} ms "
+        f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h"
+    )
 
 
 def _router_call_ms(metrics_text: str) -> dict[str, dict[int, float]]:
@@ -138,9 +178,10 @@ def _router_call_ms(metrics_text: str) -> dict[str, dict[int, float]]:
     return out
 
 
-def _service_vs_profile(spec: Any, plan: Any, live_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
-    """Per stage: the router's mean call time at its most frequent batch sizes beside the profile's."""
-    profiles = load_profiles(PROFILES)
+def _service_vs_profile(plan: Any, live_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """Per stage: the router's mean call time at each batch size it sent beside the plan's profile."""
+    spec = load_spec(plan.spec)
+    profiles = load_profiles(plan.profiles)
     out: dict[str, Any] = {}
     for stage, by_size in live_ms.items():
         stage_plan = plan.stage(stage)
@@ -203,7 +244,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
             try:
                 direct_result = asyncio.run(direct())
-                direct_batches = _mean_batches(generate_latest(core.metrics_registry).decode())
+                direct_metrics = generate_latest(core.metrics_registry).decode()
             finally:
                 core.stop()
                 for pool in pools.values():
@@ -212,7 +253,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             router_cpu = _cpu_s(int(info["pid"]))
             routed_result = asyncio.run(routed())
             router_cpu = _cpu_s(int(info["pid"])) - router_cpu
-            routed_batches = _mean_batches(_metrics_text(info["endpoints"]["metrics"]))
+            routed_metrics = _metrics_text(info["endpoints"]["metrics"])
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
     d, r = np.nanmedian(direct_result.latencies_ms), np.nanmedian(routed_result.latencies_ms)
@@ -221,7 +262,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "direct_median_ms": float(d), "router_median_ms": float(r), "overhead_median_ms": float(r - d),
         "direct_p99_ms": direct_result.p99_ms, "router_p99_ms": routed_result.p99_ms,
         "direct_errors": direct_result.errors, "router_errors": routed_result.errors,
-        "direct_mean_batch": direct_batches, "router_mean_batch": routed_batches,
+        "direct_mean_batch": _mean_batches(direct_metrics), "router_mean_batch": _mean_batches(routed_metrics),
+        "direct_call_ms": _router_call_ms(direct_metrics), "router_call_ms": _router_call_ms(routed_metrics),
         "router_cpu_ms_per_query": 1000.0 * router_cpu / arrivals.size,
         "send_lag_p99_ms": routed_result.send_lag_p99_ms,
     }  # fmt: skip
@@ -287,16 +329,20 @@ def main() -> None:
     results["wall_s"] = time.perf_counter() - started
     (OUT / "live.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     table = Table(title="estimator fidelity (static plan, stationary trace)")
-    for c in ("pipeline", "estimated P99 ms", "measured P99 ms", "error", "live / profiled service time"):
+    for c in ("pipeline", "profiles", "estimated P99 ms", "measured P99 ms", "error", "cost $/h", "live / profiled"):
         table.add_column(c, justify="right")
     for row in results["fidelity"]:
-        table.add_row(
-            row["pipeline"],
-            f"{row['estimated_p99_ms']:.1f}",
-            f"{row['measured_p99_ms']:.1f}",
-            f"{100 * row['error']:.1f}%",
-            ", ".join(f"{stage} {_inflation(sizes):+.0%}" for stage, sizes in row["service_ms"].items()),
-        )
+        for kind in ("offline", "calibrated"):
+            run = row[kind]
+            table.add_row(
+                row["pipeline"],
+                kind,
+                f"{run['estimated_p99_ms']:.1f}",
+                f"{run['measured_p99_ms']:.1f}",
+                f"{100 * run['error']:.1f}%",
+                f"{run['cost_per_hour']:.4f}",
+                ", ".join(f"{stage} {_inflation(sizes):+.0%}" for stage, sizes in run["service_ms"].items()),
+            )
     console.print(table)
     for o in results["router_overhead"]:
         console.print(
