@@ -3,7 +3,7 @@
 1. Estimator fidelity: deploy each local example pipeline's plan (static), replay a stationary
    trace open-loop, and compare measured with estimated P99 (target: within 10% of measured);
    then calibrate the profiles from that run's router metrics, plan and replay again.
-2. Router overhead: the same queries at 250 and 500 q/s through the router's endpoint, and straight
+2. Router overhead: the same queries at 250 and 500 q/s through the router's endpoint (gRPC, then HTTP), and straight
    to the same Triton server batched by the same dispatch core in the client's process; the
    difference of medians, with each path's mean batch sizes and the router process's CPU per query.
 3. Tuner live: a rate step replayed with the live tuner and with the static plan; the tuner's
@@ -39,6 +39,7 @@ from inferline.planner.planning import make_plan
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
+from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.replay import replay
 from inferline.spec import load_spec, with_probabilities, write_spec
 from inferline.traces import load_trace
@@ -231,9 +232,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
                 return await replay(send, arrivals, None, timeout_s=10.0)
 
-            async def routed() -> Any:
-                client = AsyncKServeClient(info["endpoints"]["grpc"])
-
+            async def routed(client: Any) -> Any:
                 async def send(i: int) -> None:
                     await client.infer(spec.name, {"INPUT": x})
 
@@ -250,13 +249,19 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                 for pool in pools.values():
                     for replica in pool:
                         replica.adapter.close()
-            router_cpu = _cpu_s(int(info["pid"]))
-            routed_result = asyncio.run(routed())
-            router_cpu = _cpu_s(int(info["pid"])) - router_cpu
-            routed_metrics = _metrics_text(info["endpoints"]["metrics"])
+            routed_runs = {}
+            for protocol, client_type in (("grpc", AsyncKServeClient), ("http", AsyncKServeHttpClient)):
+                router_cpu = _cpu_s(int(info["pid"]))
+                result = asyncio.run(routed(client_type(info["endpoints"][protocol])))
+                router_cpu = _cpu_s(int(info["pid"])) - router_cpu
+                # The router's metrics add up over both runs: batches and call times are the gRPC run's.
+                routed_runs[protocol] = (result, router_cpu, _metrics_text(info["endpoints"]["metrics"]))
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
+    routed_result, router_cpu, routed_metrics = routed_runs["grpc"]
+    http_result, http_cpu, _ = routed_runs["http"]
     d, r = np.nanmedian(direct_result.latencies_ms), np.nanmedian(routed_result.latencies_ms)
+    h = np.nanmedian(http_result.latencies_ms)
     return {
         "rate_qps": rate, "queries": int(arrivals.size), "plan": {n: s.model_dump() for n, s in plan.stages.items()},
         "direct_median_ms": float(d), "router_median_ms": float(r), "overhead_median_ms": float(r - d),
@@ -266,6 +271,10 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "direct_call_ms": _router_call_ms(direct_metrics), "router_call_ms": _router_call_ms(routed_metrics),
         "router_cpu_ms_per_query": 1000.0 * router_cpu / arrivals.size,
         "send_lag_p99_ms": routed_result.send_lag_p99_ms,
+        "http": {
+            "router_median_ms": float(h), "overhead_median_ms": float(h - d), "router_p99_ms": http_result.p99_ms,
+            "router_errors": http_result.errors, "router_cpu_ms_per_query": 1000.0 * http_cpu / arrivals.size,
+        },
     }  # fmt: skip
 
 
@@ -345,11 +354,13 @@ def main() -> None:
             )
     console.print(table)
     for o in results["router_overhead"]:
+        http = o["http"]
         console.print(
             f"router overhead at {o['rate_qps']} q/s: median {o['router_median_ms']:.2f} ms via router vs "
             f"{o['direct_median_ms']:.2f} ms direct = {o['overhead_median_ms']:+.2f} ms; mean batches "
             f"{_fmt_batches(o['router_mean_batch'])} via router, {_fmt_batches(o['direct_mean_batch'])} direct; "
-            f"router CPU {o['router_cpu_ms_per_query']:.2f} ms/query"
+            f"router CPU {o['router_cpu_ms_per_query']:.2f} ms/query; over HTTP: median {http['router_median_ms']:.2f}"
+            f" ms = {http['overhead_median_ms']:+.2f} ms, router CPU {http['router_cpu_ms_per_query']:.2f} ms/query"
         )
     t = results["tuner"]
     for name, r in t["runs"].items():

@@ -125,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="open-loop load from a trace against a running pipeline, next to the estimate")
     rp.add_argument("--trace", required=True, help="arrival trace file or generator")
     rp.add_argument("--state-dir", default=".inferline", help="the pipeline `inferline up` started from here")
-    rp.add_argument("--endpoint", help="a router's gRPC address instead (HOST:PORT)")
+    rp.add_argument("--endpoint", help="a router's address instead (HOST:PORT; for http also a URL)")
+    rp.add_argument(
+        "--protocol", choices=("grpc", "http"), default="grpc", help="KServe v2 over gRPC or over HTTP (cheaper)"
+    )
     rp.add_argument("--plan", help="the plan it serves (for the estimate and cost; default: from up.json)")
     rp.add_argument("--pipeline", help="pipeline (model) name at --endpoint (default: the plan's)")
     rp.add_argument("--slo-ms", type=float, help="SLO for the miss rate (default: the plan's)")

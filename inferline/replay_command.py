@@ -28,6 +28,7 @@ from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
+from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.prediction import predicted_latencies_ms
 from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, replay, run_results
 from inferline.runs import simulate_plan
@@ -47,6 +48,15 @@ class Target:
     decisions_path: Path | None
     tuner: str | None = None
     """The live tuner the pipeline runs (`none` or None: a static plan)."""
+    protocol: str = "grpc"
+    """How `endpoint` is called: "grpc" or "http" (KServe v2 either way)."""
+
+
+PROTOCOLS = ("grpc", "http")
+
+
+def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
+    return AsyncKServeHttpClient(target.endpoint) if target.protocol == "http" else AsyncKServeClient(target.endpoint)
 
 
 def classify(exc: BaseException) -> str:
@@ -72,7 +82,7 @@ async def replay_against(
     seed: int,
     on_progress: Any = None,
 ) -> ReplayResult:
-    client = AsyncKServeClient(target.endpoint)
+    client = client_for(target)
     queries = random_queries(inputs, INPUT_POOL, seed)
     try:
 
@@ -214,19 +224,31 @@ def results_for(
     return out | estimate
 
 
-def target_from(state_dir: str | None, endpoint: str | None, plan_path: str | None, pipeline: str | None) -> Target:
+def target_from(
+    state_dir: str | None, endpoint: str | None, plan_path: str | None, pipeline: str | None, protocol: str = "grpc"
+) -> Target:
     from inferline.serve_command import DECISIONS_FILE, read_up
 
     up = read_up(state_dir) if endpoint is None and state_dir is not None else None
     plan_file = plan_path or (up or {}).get("plan")
     plan = load_plan(plan_file) if plan_file else None
     spec = load_spec(plan.spec) if plan is not None and plan.spec else None
-    address = endpoint or (up["endpoints"]["grpc"] if up else None)
+    address = endpoint or (up["endpoints"][protocol] if up else None)
     name = pipeline or (up or {}).get("pipeline") or (plan.pipeline if plan else None)
     if address is None or name is None:
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
-    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"))
+    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol)
+
+
+async def entry_inputs(target: Target) -> list[TensorSpec]:
+    """The pipeline's entry tensors, per query (its metadata's shapes without the batch axis)."""
+    client = client_for(target)
+    try:
+        meta = await client.model_metadata(target.pipeline)
+    finally:
+        await client.close()
+    return [TensorSpec(t.name, t.dtype, tuple(t.shape[1:])) for t in meta.inputs]
 
 
 def progress_printer(console: Any) -> Any:
@@ -241,16 +263,13 @@ def progress_printer(console: Any) -> Any:
 
 
 def run_replay(args: Any, console: Any) -> int:
-    from inferline.router.client import KServeClient
     from inferline.traces import load_trace
 
-    target = target_from(args.state_dir, args.endpoint, args.plan, args.pipeline)
+    target = target_from(args.state_dir, args.endpoint, args.plan, args.pipeline, args.protocol)
     arrivals = load_trace(args.trace)
     if args.timeout_s <= 0:
         raise InferlineError(f"--timeout-s must be positive, got {args.timeout_s:g}", "pass seconds")
-    with KServeClient(target.endpoint) as client:
-        meta = client.model_metadata(target.pipeline)
-    inputs = [TensorSpec(t.name, t.dtype, tuple(t.shape[1:])) for t in meta.inputs]
+    inputs = asyncio.run(entry_inputs(target))
     slo_ms = args.slo_ms if args.slo_ms is not None else (target.plan.slo_ms if target.plan else None)
     console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
     started = time.time()

@@ -68,6 +68,12 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert results["sent"] == results["answered"] + results["errors"] and results["sent"] > 60
         assert results["errors"] == 0 and results["p99_ms"] > 0 and results["estimated_p99_ms"] > 0
         assert results["slo_ms"] == json.loads(plan.read_text())["slo_ms"] and results["cost_per_hour"] > 0
+        # The HTTP endpoint, named explicitly: a gRPC client could not talk to it at all.
+        http = ["--endpoint", info["endpoints"]["http"], "--protocol", "http", "--plan", str(plan)]
+        replayed = cli("replay", *http, "--trace", "gamma:rate=40,cv=1,duration=2,seed=5", "--json")
+        assert replayed.returncode == 0, replayed.stderr
+        results = json.loads(replayed.stdout)
+        assert results["errors"] == 0 and results["answered"] == results["sent"] > 40 and results["p99_ms"] > 0
     finally:
         down = cli("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr
