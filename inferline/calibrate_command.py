@@ -13,7 +13,7 @@ from rich.table import Table
 from inferline.calibration import Calibration, calibrate_profiles, live_stages
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
-from inferline.profiles import load_profiles, write_profile
+from inferline.profiles import load_profiles, require_profiles, write_profile
 from inferline.spec import load_spec
 
 
@@ -55,6 +55,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         raise InferlineError(f"--min-calls must be at least 1, got {args.min_calls}", "pass a positive count")
     spec = load_spec(plan.spec)
     profiles = load_profiles(source_dir)
+    require_profiles(sorted({s.model for s in spec.stages}), profiles)
     live = live_stages(read_metrics(metrics_source(args)))
     calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls)
     if all(c.ratio is None for c in done):

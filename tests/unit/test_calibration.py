@@ -196,6 +196,8 @@ def test_calibrate_command_writes_every_profile_and_plans_with_them(
         ("too-few-calls", "fewer than 20 calls for every stage"),
         ("unreachable", "cannot read metrics from http://127.0.0.1:9/metrics"),
         ("nothing-up", "nothing is running from"),
+        ("not-metrics", "not a router's Prometheus text"),
+        ("profiles-lack-a-model", "model 'emulated-detector' has no profile"),
     ],
 )
 def test_calibrate_bad_input_is_one_line(
@@ -203,6 +205,11 @@ def test_calibrate_bad_input_is_one_line(
 ) -> None:
     metrics = tmp_path / "metrics.txt"
     metrics.write_text(METRICS.replace("40.0", "4.0").replace("30.0", "3.0"))
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_text("hello world\n")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "emulated-classifier.json").write_text((PROFILES / "emulated-classifier.json").read_text())
     out = str(tmp_path / "out")
     argv = {
         "out-is-source": ["--metrics", str(metrics), "--out", str(PROFILES)],
@@ -210,6 +217,8 @@ def test_calibrate_bad_input_is_one_line(
         "too-few-calls": ["--metrics", str(metrics), "--out", out],
         "unreachable": ["--metrics", "http://127.0.0.1:9/metrics", "--out", out],
         "nothing-up": ["--state-dir", str(tmp_path / "nothing"), "--out", out],
+        "not-metrics": ["--metrics", str(garbage), "--out", out],
+        "profiles-lack-a-model": ["--metrics", str(metrics), "--profiles", str(partial), "--out", out],
     }[case]
     assert main(["calibrate", str(emulated_plan), *argv]) == 2
     err = capsys.readouterr().err.strip()
