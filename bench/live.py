@@ -32,7 +32,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
-from inferline.calibration import live_stages
+from inferline.calibration import calibrate_profiles, live_stages
 from inferline.catalog import load_catalog
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
@@ -40,6 +40,7 @@ from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.http_client import AsyncKServeHttpClient
+from inferline.router.prediction import predicted_p99_ms
 from inferline.router.replay import replay
 from inferline.spec import load_spec, with_probabilities, write_spec
 from inferline.traces import load_trace
@@ -144,10 +145,16 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
     metrics_path = where / "metrics.txt"
     metrics_path.write_text(metrics)
     est, meas = result["estimated_p99_ms"], result["p99_ms"]
+    # The same estimate with this run's own live service times: how far the estimator's semantics
+    # are from the router's, apart from how far the machine's speed drifted from the profiles.
+    spec = load_spec(plan.spec)
+    own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live_stages(metrics), min_calls=1)
+    with_own = predicted_p99_ms(spec, own, load_catalog(CATALOG), plan, load_trace(trace))
     return {
         "plan": {n: s.model_dump() for n, s in plan.stages.items()}, "cost_per_hour": plan.cost_per_hour,
         "estimated_p99_ms": est, "measured_p99_ms": meas,
         "error": abs(est - meas) / meas if est and meas else None,
+        "estimated_with_own_live_p99_ms": round(with_own, 3), "error_with_own_live": abs(with_own - meas) / meas,
         "errors": result["errors"], "mean_batch": _mean_batches(metrics),
         "service_ms": _service_vs_profile(plan, _router_call_ms(metrics)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live_stages(metrics).items()},
@@ -162,7 +169,8 @@ def _public(run: dict[str, Any]) -> dict[str, Any]:
 def _fmt_fidelity(run: dict[str, Any]) -> str:
     return (
         f"estimated {run['estimated_p99_ms']} ms, measured {run['measured_p99_ms']} ms "
-        f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h"
+        f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h; estimated with the run's own "
+        f"live service times {run['estimated_with_own_live_p99_ms']} ms ({100 * run['error_with_own_live']:.1f}%)"
     )
 
 
