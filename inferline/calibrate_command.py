@@ -71,8 +71,11 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
 
 
 def calibration_table(done: tuple[Calibration, ...]) -> Table:
-    table = Table(title="Calibration from the router's measurements")
-    for column in ("model", "hardware", "stages", "calls", "live/profile", "router ms/batch"):
+    table = Table(
+        title="Calibration from the router's measurements",
+        caption="ratio: live over profiled call time; router ms: the router's time per batch between calls",
+    )
+    for column in ("model", "hardware", "stages", "calls", "ratio", "router ms"):
         left = column in ("model", "hardware", "stages")
         table.add_column(column, justify="left" if left else "right", no_wrap=column == "model")
     for c in done:

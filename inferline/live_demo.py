@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from prometheus_client import generate_latest
 from rich.console import Console
 from rich.table import Table
 
@@ -90,7 +92,10 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
     raw: dict[str, ReplayResult] = {}
     for tuner in ("inferline", "none"):
         console.rule(f"3/4 deploy and replay {BURSTY_TRACE} with tuner {tuner!r}")
-        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console, estimated)
+        metrics_out = out_dir / f"router-metrics-{tuner}.txt"
+        runs[tuner], raw[tuner] = deploy_and_replay(
+            spec, plan, repository, tuner, arrivals, console, estimated, metrics_out
+        )
 
     console.rule("4/4 report")
     # What provisioning for the burst up front would cost: the bar the tuner's cost is held to.
@@ -110,6 +115,10 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
         console.print(f"report: {out_dir / 'report.json'}, plots: {out_dir / 'report.png'}")
     except InferlineError as exc:  # no matplotlib: the report still stands
         console.print(f"report: {out_dir / 'report.json'} (no plots: {exc.one_line()})")
+    console.print(
+        f"router metrics of each run: {out_dir}/router-metrics-*.txt (`inferline calibrate "
+        f"{out_dir / 'plan.json'} --metrics FILE --out DIR` rewrites the profiles from them)"
+    )
     return 0
 
 
@@ -125,7 +134,10 @@ def deploy_and_replay(
     arrivals: NDArray[np.float64],
     console: Console,
     estimated_latencies_ms: NDArray[np.float64] | None = None,
+    metrics_out: Path | None = None,
 ) -> tuple[dict[str, Any], ReplayResult]:
+    """Deploy, replay, stop. `metrics_out` keeps the router's Prometheus text of the run, for
+    `inferline calibrate` to read after the deployment is gone."""
     deployment = LocalDeployment(spec, plan, repository).start()
     live: LiveTuner | None = None
     try:
@@ -137,6 +149,8 @@ def deploy_and_replay(
         target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None, tuner)
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
+        if metrics_out is not None:
+            metrics_out.write_bytes(generate_latest(deployment.router.metrics_registry))
     finally:
         if live is not None:
             live.stop()
@@ -145,6 +159,8 @@ def deploy_and_replay(
     results = results_for(target, result, arrivals, started, decisions, estimated_latencies_ms) | {"tuner": tuner}
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}
+    dispatch = deployment.router.dispatch_ms() if deployment.router else {}
+    results["router_ms_per_batch"] = {s: round(ms, 3) for s, ms in dispatch.items() if not math.isnan(ms)}
     return results, result
 
 
