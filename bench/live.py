@@ -34,6 +34,7 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
 from inferline.calibration import calibrate_profiles, live_stages
 from inferline.catalog import load_catalog
+from inferline.heap import freeze_long_lived
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
 from inferline.profiles import load_profiles
@@ -237,6 +238,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             }  # fmt: skip
             batches = {name: s.max_batch_size for name, s in plan.stages.items()}
             core = PipelineRouter(spec, pools, batches, plan.slo_ms).start()
+            freeze_long_lived()  # as `inferline up` and `replay` do: no collector pause in either path
 
             async def direct() -> Any:
                 async def send(i: int) -> None:

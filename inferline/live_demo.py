@@ -31,6 +31,7 @@ from inferline.agent.profiler import ProfileSettings, profile_to_directory
 from inferline.catalog import load_catalog
 from inferline.deployment import LocalDeployment
 from inferline.errors import InferlineError
+from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveTuner
 from inferline.plan import Plan
 from inferline.planner.planning import make_plan
@@ -147,6 +148,7 @@ def deploy_and_replay(
             live = LiveTuner(deployment.router, deployment, policy, plan, tick_s=1.0).start()
         inputs = deployment.router.input_specs()
         target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None, tuner)
+        freeze_long_lived()  # the router runs in this process: no collector pause mid-replay
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
         if metrics_out is not None:

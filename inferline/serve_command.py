@@ -25,6 +25,7 @@ from rich.console import Console
 
 from inferline.deployment import LocalDeployment
 from inferline.errors import InferlineError, PlanError
+from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveDecision, LiveTuner
 from inferline.plan import Plan, load_plan
 from inferline.planner.tuning.registry import make_policy
@@ -68,6 +69,7 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
                 args.tick_s,
                 _decision_log(state),
             ).start()
+        freeze_long_lived()  # everything started now lives as long as the process
         _write_up(state, deployment, args.tuner, Path(args.plan).resolve())
         assert deployment.endpoints is not None
         console.print(
