@@ -149,7 +149,8 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
     # The same estimate with this run's own live service times: how far the estimator's semantics
     # are from the router's, apart from how far the machine's speed drifted from the profiles.
     spec = load_spec(plan.spec)
-    own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live_stages(metrics), min_calls=1)
+    live = live_stages(metrics)
+    own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, min_calls=1)
     with_own = predicted_p99_ms(spec, own, load_catalog(CATALOG), plan, load_trace(trace))
     return {
         "plan": {n: s.model_dump() for n, s in plan.stages.items()}, "cost_per_hour": plan.cost_per_hour,
@@ -157,8 +158,8 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
         "error": abs(est - meas) / meas if est and meas else None,
         "estimated_with_own_live_p99_ms": round(with_own, 3), "error_with_own_live": abs(with_own - meas) / meas,
         "errors": result["errors"], "mean_batch": _mean_batches(metrics),
-        "service_ms": _service_vs_profile(plan, _router_call_ms(metrics)),
-        "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live_stages(metrics).items()},
+        "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
+        "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path),
     }  # fmt: skip
 
@@ -175,22 +176,13 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
     )
 
 
-def _router_call_ms(metrics_text: str) -> dict[str, dict[int, float]]:
-    """Mean replica call time per stage and batch size, from a router's Prometheus metrics."""
-    sums: dict[tuple[str, int], dict[str, float]] = {}
-    for sample in _samples(metrics_text, "inferline_router_call_seconds"):
-        if sample.name.endswith(("_sum", "_count")):
-            key = (sample.labels["stage"], int(sample.labels["batch_size"]))
-            sums.setdefault(key, {})[sample.name.rsplit("_", 1)[1]] = sample.value
-    out: dict[str, dict[int, float]] = {}
-    for (stage, n), v in sorted(sums.items()):
-        out.setdefault(stage, {})[n] = 1000.0 * v.get("sum", 0.0) / max(v.get("count", 0.0), 1.0)
-    return out
+def _router_call_ms(live: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """Mean replica call time per stage and batch size, from a router's parsed metrics (`live_stages`)."""
+    return {stage: {n: ms for n, (ms, _) in measured.calls.items()} for stage, measured in live.items()}
 
 
-def _service_vs_profile(plan: Any, live_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
+def _service_vs_profile(spec: Any, plan: Any, live_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
     """Per stage: the router's mean call time at each batch size it sent beside the plan's profile."""
-    spec = load_spec(plan.spec)
     profiles = load_profiles(plan.profiles)
     out: dict[str, Any] = {}
     for stage, by_size in live_ms.items():
@@ -278,7 +270,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "plan": {n: s.model_dump() for n, s in plan.stages.items()},
         "direct_median_ms": d, "direct_round_medians_ms": medians["direct"],
         "direct_mean_batch": _mean_batches(direct_metrics), "router_mean_batch": _mean_batches(routed_metrics),
-        "direct_call_ms": _router_call_ms(direct_metrics), "router_call_ms": _router_call_ms(routed_metrics),
+        "direct_call_ms": _router_call_ms(live_stages(direct_metrics)),
+        "router_call_ms": _router_call_ms(live_stages(routed_metrics)),
     }  # fmt: skip
     for protocol in ("grpc", "http"):
         r = float(np.median(medians[protocol]))

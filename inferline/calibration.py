@@ -131,26 +131,15 @@ def calibrate_profiles(
 
 
 def _scaled(profile: ModelProfile, hardware: str, ratio: float, dispatch_ms: float, calls: int) -> ModelProfile:
-    def stat(v: float | None) -> float | None:
-        return None if v is None else v * ratio + dispatch_ms
+    def scaled(stats: LatencyStats) -> LatencyStats:
+        values = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99}
+        changed = {k: None if v is None else v * ratio + dispatch_ms for k, v in values.items()}
+        return LatencyStats(**{**stats.model_dump(), **changed})
 
     points = tuple(
-        BatchPoint(
-            **{
-                **p.model_dump(exclude={"latency_ms"}),
-                "latency_ms": LatencyStats(
-                    **{
-                        **p.latency_ms.model_dump(),
-                        "mean": p.latency_ms.mean * ratio + dispatch_ms,
-                        "p50": stat(p.latency_ms.p50),
-                        "p99": stat(p.latency_ms.p99),
-                    }
-                ),
-            }
-        )
+        BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": scaled(p.latency_ms)})
         for p in profile.points(hardware)
     )
-    extra = dict(profile.model_extra or {})
-    record = dict(extra.get("calibration") or {})
+    record = dict((profile.model_extra or {}).get("calibration") or {})
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
     return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}, "calibration": record})

@@ -53,9 +53,6 @@ class Target:
     """How `endpoint` is called: "grpc" or "http" (KServe v2 either way)."""
 
 
-PROTOCOLS = ("grpc", "http")
-
-
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
     return AsyncKServeHttpClient(target.endpoint) if target.protocol == "http" else AsyncKServeClient(target.endpoint)
 

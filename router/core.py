@@ -545,15 +545,15 @@ class _RouterMetrics:
         self.dispatch_seconds.labels(stage=stage).observe(seconds)
 
     def mean_dispatch_ms(self, stage: str) -> float:
-        labels = {"stage": stage}
-        total = self.registry.get_sample_value("inferline_router_dispatch_seconds_sum", labels) or 0.0
-        count = self.registry.get_sample_value("inferline_router_dispatch_seconds_count", labels) or 0.0
-        return 1000.0 * total / count if count else float("nan")
+        return self._mean_ms("inferline_router_dispatch_seconds", {"stage": stage})
 
     def mean_call_ms(self, stage: str, size: int) -> float:
-        labels = {"stage": stage, "batch_size": str(size)}
-        total = self.registry.get_sample_value("inferline_router_call_seconds_sum", labels) or 0.0
-        count = self.registry.get_sample_value("inferline_router_call_seconds_count", labels) or 0.0
+        return self._mean_ms("inferline_router_call_seconds", {"stage": stage, "batch_size": str(size)})
+
+    def _mean_ms(self, summary: str, labels: dict[str, str]) -> float:
+        """A summary's mean in ms (NaN before any observation)."""
+        total = self.registry.get_sample_value(f"{summary}_sum", labels) or 0.0
+        count = self.registry.get_sample_value(f"{summary}_count", labels) or 0.0
         return 1000.0 * total / count if count else float("nan")
 
     def observe(self, latency_ms: float, slo_ms: float | None) -> None:

@@ -21,6 +21,17 @@ from prometheus_client import CollectorRegistry, Counter
 from inferline.adapters.base import TensorSpec
 from inferline.router.core import Overloaded, QueryFailed, QueryResult
 
+FAKE_NAME = "fake-pipeline"
+
+
+def fake_query(seed: int = 0, tokens: int = 3) -> dict[str, NDArray[Any]]:
+    """One query for the fake pipeline: INPUT (1, 4) float32 and TOKENS (1, tokens) int64."""
+    rng = np.random.default_rng(seed)
+    return {
+        "INPUT": rng.random((1, 4)).astype(np.float32),
+        "TOKENS": rng.integers(0, 1000, size=(1, tokens)).astype(np.int64),
+    }
+
 
 class FakeRouter:
     def __init__(self, name: str = "fake-pipeline", delay_s: float = 0.002) -> None:

@@ -36,14 +36,10 @@ from inferline.router.client import (
 )
 from inferline.router.grpc_frontend import GrpcFrontend, serve_grpc
 from inferline.router.http_frontend import HttpFrontend, parse_infer_request, serve_http
-from tests.router.fake_router import FakeRouter
+from tests.router.fake_router import FAKE_NAME, FakeRouter
+from tests.router.fake_router import fake_query as query
 
-NAME = "fake-pipeline"
-
-
-@pytest.fixture(scope="module")
-def fake() -> FakeRouter:
-    return FakeRouter(NAME)
+NAME = FAKE_NAME
 
 
 @pytest.fixture(autouse=True)
@@ -59,24 +55,9 @@ def grpc_frontend(fake: FakeRouter) -> Iterator[GrpcFrontend]:
 
 
 @pytest.fixture(scope="module")
-def http_frontend(fake: FakeRouter) -> Iterator[HttpFrontend]:
-    frontend = serve_http(fake, "127.0.0.1", 0, max_wait_s=5.0)
-    yield frontend
-    frontend.stop()
-
-
-@pytest.fixture(scope="module")
 def client(grpc_frontend: GrpcFrontend) -> Iterator[KServeClient]:
     with KServeClient(grpc_frontend.address) as c:
         yield c
-
-
-def query(seed: int = 0, tokens: int = 3) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "INPUT": rng.random((1, 4)).astype(np.float32),
-        "TOKENS": rng.integers(0, 1000, size=(1, tokens)).astype(np.int64),
-    }
 
 
 def http(method: str, url: str, body: Any = None) -> tuple[int, bytes, dict[str, str]]:

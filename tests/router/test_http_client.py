@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,35 +16,16 @@ import pytest
 from inferline.errors import InferlineError, ModelNotFoundError, ServerUnreachable
 from inferline.router.client import InvalidRequest, QueryError, QueryTimeout, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient, infer_body, infer_outputs
-from inferline.router.http_frontend import HttpFrontend, parse_infer_request, serve_http
-from tests.router.fake_router import FakeRouter
+from inferline.router.http_frontend import HttpFrontend, parse_infer_request
+from tests.router.fake_router import FAKE_NAME, FakeRouter
+from tests.router.fake_router import fake_query as query
 
-NAME = "fake-pipeline"
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeRouter]:
-    yield FakeRouter(NAME)
+NAME = FAKE_NAME
 
 
 @pytest.fixture(autouse=True)
 def fresh(fake: FakeRouter) -> None:
     fake.reset()
-
-
-@pytest.fixture(scope="module")
-def frontend(fake: FakeRouter) -> Iterator[HttpFrontend]:
-    served = serve_http(fake, "127.0.0.1", 0, max_wait_s=5.0)
-    yield served
-    served.stop()
-
-
-def query(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "INPUT": rng.random((1, 4)).astype(np.float32),
-        "TOKENS": rng.integers(0, 1000, size=(1, 3)).astype(np.int64),
-    }
 
 
 def run(address: str, call: Any, timeout_s: float = 10.0) -> Any:
@@ -56,31 +36,31 @@ def run(address: str, call: Any, timeout_s: float = 10.0) -> Any:
     return asyncio.run(asyncio.wait_for(go(), timeout_s))
 
 
-def test_infers_reads_metadata_and_readiness(frontend: HttpFrontend) -> None:
+def test_infers_reads_metadata_and_readiness(http_frontend: HttpFrontend) -> None:
     q = query(3)
-    out = run(frontend.url, lambda c: c.infer(NAME, q, timeout_s=5.0))
+    out = run(http_frontend.url, lambda c: c.infer(NAME, q, timeout_s=5.0))
     assert set(out) == {"double.OUTPUT", "echo.TOKENS"}
     np.testing.assert_array_equal(out["double.OUTPUT"], q["INPUT"] * 2)
     np.testing.assert_array_equal(out["echo.TOKENS"], q["TOKENS"])
     assert out["echo.TOKENS"].dtype == np.int64
-    only = run(frontend.url, lambda c: c.infer(NAME, q, outputs=["echo.TOKENS"]))
+    only = run(http_frontend.url, lambda c: c.infer(NAME, q, outputs=["echo.TOKENS"]))
     assert set(only) == {"echo.TOKENS"}
-    meta = run(frontend.url.removeprefix("http://"), lambda c: c.model_metadata(NAME))  # "host:port" works too
+    meta = run(http_frontend.url.removeprefix("http://"), lambda c: c.model_metadata(NAME))  # "host:port" works too
     assert meta.name == NAME
     assert [(t.name, t.dtype, t.shape) for t in meta.inputs] == [
         ("INPUT", "float32", (1, 4)),
         ("TOKENS", "int64", (1, -1)),
     ]
-    assert run(frontend.url, lambda c: c.ready(NAME)) and not run(frontend.url, lambda c: c.ready("nope"))
+    assert run(http_frontend.url, lambda c: c.ready(NAME)) and not run(http_frontend.url, lambda c: c.ready("nope"))
 
 
-def test_many_in_flight_on_one_session(frontend: HttpFrontend, fake: FakeRouter) -> None:
+def test_many_in_flight_on_one_session(http_frontend: HttpFrontend, fake: FakeRouter) -> None:
     fake.delay_s = 0.05  # 300 queries of 50 ms at once: fast only if no connection limit queues them
 
     async def many(c: AsyncKServeHttpClient) -> list[Any]:
         return await asyncio.gather(*(c.infer(NAME, query(i), timeout_s=5.0) for i in range(300)))
 
-    results = run(frontend.url, many, timeout_s=10.0)
+    results = run(http_frontend.url, many, timeout_s=10.0)
     for i, out in enumerate(results):
         np.testing.assert_array_equal(out["double.OUTPUT"], query(i)["INPUT"] * 2)
 
@@ -94,32 +74,32 @@ def test_many_in_flight_on_one_session(frontend: HttpFrontend, fake: FakeRouter)
     ],
 )
 def test_outcomes_are_told_apart(
-    frontend: HttpFrontend, fake: FakeRouter, flag: str, error: type[Exception], message: str
+    http_frontend: HttpFrontend, fake: FakeRouter, flag: str, error: type[Exception], message: str
 ) -> None:
     setattr(fake, flag, True)
     with pytest.raises(error, match=message) as info:
-        run(frontend.url, lambda c: c.infer(NAME, query(), timeout_s=0.3))
+        run(http_frontend.url, lambda c: c.infer(NAME, query(), timeout_s=0.3))
     assert not isinstance(info.value, ServerUnreachable)
 
 
-def test_bad_input_and_unknown_model(frontend: HttpFrontend, fake: FakeRouter) -> None:
+def test_bad_input_and_unknown_model(http_frontend: HttpFrontend, fake: FakeRouter) -> None:
     wrong = {"INPUT": np.zeros((1, 5), np.float32), "TOKENS": np.zeros((1, 2), np.int64)}
     with pytest.raises(InvalidRequest, match=r"'INPUT' has shape \[1, 5\]"):
-        run(frontend.url, lambda c: c.infer(NAME, wrong))
+        run(http_frontend.url, lambda c: c.infer(NAME, wrong))
     with pytest.raises(ModelNotFoundError, match="unknown model 'other'"):
-        run(frontend.url, lambda c: c.infer("other", query()))
+        run(http_frontend.url, lambda c: c.infer("other", query()))
     assert fake.received == []
 
 
 def test_a_router_not_serving_is_unreachable_not_overload(
-    frontend: HttpFrontend, fake: FakeRouter, monkeypatch: pytest.MonkeyPatch
+    http_frontend: HttpFrontend, fake: FakeRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def not_started(inputs: Any) -> Any:
         raise InferlineError("the router is not started", "start it first")
 
     monkeypatch.setattr(fake, "submit", not_started)
     with pytest.raises(ServerUnreachable, match=r"not serving.*not started"):
-        run(frontend.url, lambda c: c.infer(NAME, query()))
+        run(http_frontend.url, lambda c: c.infer(NAME, query()))
 
 
 def test_nothing_listening_is_unreachable() -> None:
