@@ -383,12 +383,27 @@ def wait_budget(client_timeout_s: float | None, cap_s: float) -> float:
 
 
 # -- an event loop of its own --------------------------------------------------------------------
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (the router extra brings it on Linux and macOS), else asyncio's.
+
+    Frontends pay the loop's cost on every query: measured at 500 q/s on 2 cores, uvloop took the
+    router's CPU per query from 1.09 to 0.92 ms over HTTP (1.21 to 1.07 ms over gRPC). Timers are
+    only deadlines here, so libuv's millisecond timer resolution costs nothing; the replay tool,
+    whose send times are measurements, keeps asyncio's own loop.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class LoopThread:
     """An asyncio event loop running in a daemon thread, so servers on it can be started and
     stopped from synchronous code (the CLI, the deployment, tests) without owning their loop."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
