@@ -213,6 +213,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     x = np.random.default_rng(0).random((1, 16)).astype(np.float32)
     medians: dict[str, list[float]] = {"direct": [], "grpc": [], "http": []}
     cpu: dict[str, float] = {"grpc": 0.0, "http": 0.0}
+    busy: dict[str, list[float]] = {"direct": [], "grpc": [], "http": []}
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = Path(tmp) / "plan.json"
         plan_path.write_text(plan.to_json())
@@ -223,8 +224,9 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             raise RuntimeError("inferline up failed")
         try:
             info = json.loads((state / "up.json").read_text())
+            server = info["server_address"], info["server_options"]  # as the router's replicas connect
             pools = {
-                s.name: [Replica(connect("triton", info["server_address"]), s.model, f"{s.name}-{i}")
+                s.name: [Replica(connect("triton", server[0], **server[1]), s.model, f"{s.name}-{i}")
                          for i in range(plan.stage(s.name).replicas)]
                 for s in spec.stages
             }  # fmt: skip
@@ -249,11 +251,14 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
             try:
                 for _ in range(OVERHEAD_ROUNDS):
+                    machine_before = _machine_busy()
                     medians["direct"].append(float(np.nanmedian(asyncio.run(direct()).latencies_ms)))
+                    busy["direct"].append(_machine_busy(machine_before))
                     for protocol, client_type in (("grpc", AsyncKServeClient), ("http", AsyncKServeHttpClient)):
-                        before = _cpu_s(int(info["pid"]))
+                        before, machine_before = _cpu_s(int(info["pid"])), _machine_busy()
                         result = asyncio.run(routed(client_type(info["endpoints"][protocol])))
                         cpu[protocol] += _cpu_s(int(info["pid"])) - before
+                        busy[protocol].append(_machine_busy(machine_before))
                         medians[protocol].append(float(np.nanmedian(result.latencies_ms)))
                 direct_metrics = generate_latest(core.metrics_registry).decode()
             finally:
@@ -269,6 +274,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "rate_qps": rate, "queries": int(arrivals.size), "rounds": OVERHEAD_ROUNDS,
         "plan": {n: s.model_dump() for n, s in plan.stages.items()},
         "direct_median_ms": d, "direct_round_medians_ms": medians["direct"],
+        "direct_machine_busy": float(np.mean(busy["direct"])),
         "direct_mean_batch": _mean_batches(direct_metrics), "router_mean_batch": _mean_batches(routed_metrics),
         "direct_call_ms": _router_call_ms(live_stages(direct_metrics)),
         "router_call_ms": _router_call_ms(live_stages(routed_metrics)),
@@ -278,8 +284,20 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         out[protocol] = {
             "router_median_ms": r, "overhead_median_ms": r - d, "round_medians_ms": medians[protocol],
             "router_cpu_ms_per_query": 1000.0 * cpu[protocol] / (arrivals.size * OVERHEAD_ROUNDS),
+            "machine_busy": float(np.mean(busy[protocol])),
         }  # fmt: skip
     return out
+
+
+def _machine_busy(since: tuple[float, float] | None = None) -> Any:
+    """The machine's (busy, total) CPU ticks now (Linux /proc/stat); given an earlier reading, the
+    fraction of all cores busy in between: how close a path drove the machine to saturation."""
+    ticks = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    now = (sum(ticks) - idle, sum(ticks))
+    if since is None:
+        return now
+    return (now[0] - since[0]) / max(now[1] - since[1], 1.0)
 
 
 def _cpu_s(pid: int) -> float:

@@ -28,6 +28,8 @@ from inferline.startup import DEFAULT_STARTUP_S, parse_startup
 from inferline.tables import plan_table, runs_table
 from inferline.traces import load_trace
 
+HTTP_HELP = "(Triton) the server's HTTP address HOST:PORT: inference goes over it, cheaper per call than gRPC"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferline", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help="address HOST:PORT of a running model server (Triton: its gRPC port)")
     where.add_argument("--embedded", metavar="MODEL_REPOSITORY", help="start a local server with this repository")
     pr.add_argument("--metrics", help="the server's metrics address HOST:PORT (with --server)")
+    pr.add_argument("--http", help=HTTP_HELP + " (with --server)")
     pr.add_argument("--models", required=True, help="comma-separated model names")
     pr.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated, increasing")
     pr.add_argument("--hardware", required=True, help="hardware label the profiles are recorded under, e.g. cpu")
@@ -100,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     ag.add_argument("--adapter", default="triton", help="serving framework adapter (entry point name)")
     ag.add_argument("--server", required=True, help="the model server's address HOST:PORT (Triton: its gRPC port)")
     ag.add_argument("--metrics", help="the model server's metrics address HOST:PORT")
+    ag.add_argument("--http", help=HTTP_HELP)
     ag.add_argument("--hardware", required=True, help="hardware label of this server, e.g. cpu or v100")
     ag.add_argument("--token-file", help="file holding the token (default: $INFERLINE_AGENT_TOKEN)")
     ag.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -270,13 +274,14 @@ def _simulate(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> int:
     from inferline.agent.auth import load_token
     from inferline.agent.server import AgentServer, run
+    from inferline.profile_command import adapter_options
 
     def announce(agent: AgentServer) -> None:
         print(f"inferline agent serving on {agent.address}; metrics on {agent.metrics_address}", flush=True)
 
     run(
         args.adapter, args.server, args.hardware, load_token(args.token_file),
-        adapter_options={"metrics_address": args.metrics} if args.metrics else None,
+        adapter_options=adapter_options(args),
         host=args.host, port=args.port, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, on_ready=announce,
     )  # fmt: skip

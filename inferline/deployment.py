@@ -206,6 +206,7 @@ class LocalDeployment:
             "server_startup_s": self.server_startup_s,
             "server_pid": self.server_pid,
             "server_address": self._address,
+            "server_options": dict(self._options),
         }
 
     def stop(self) -> None:

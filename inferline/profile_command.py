@@ -38,9 +38,13 @@ def server_for(args: argparse.Namespace, models: list[str]) -> Iterator[ServerHa
         with embedded_server(args.adapter, args.embedded, models) as handle:
             yield handle
     else:
-        yield ServerHandle(
-            args.server, {"metrics_address": args.metrics} if getattr(args, "metrics", None) else {}, 0.0
-        )
+        yield ServerHandle(args.server, adapter_options(args), 0.0)
+
+
+def adapter_options(args: argparse.Namespace) -> dict[str, str]:
+    """The adapter options that `--metrics` and `--http` name (for a server given by address)."""
+    named = {"metrics_address": getattr(args, "metrics", None), "http_address": getattr(args, "http", None)}
+    return {key: value for key, value in named.items() if value}
 
 
 def run_profile(args: argparse.Namespace, console: Console) -> int:

@@ -244,7 +244,9 @@ def embedded(repository: str | Path, models: Sequence[str] = ()) -> Iterator[Emb
 
 @contextlib.contextmanager
 def embedded_handle(repository: Path, models: Sequence[str]) -> Iterator[ServerHandle]:
-    """The entry point `inferline.embedded_servers: triton` (gRPC address, metrics address)."""
+    """The entry point `inferline.embedded_servers: triton` (gRPC address for control, HTTP address
+    for inference, metrics address)."""
     with embedded(repository, models) as server:
         pid = server.process.pid if server.process is not None else None
-        yield ServerHandle(server.grpc_address, {"metrics_address": server.metrics_address}, server.startup_s, pid)
+        options = {"metrics_address": server.metrics_address, "http_address": server.http_address}
+        yield ServerHandle(server.grpc_address, options, server.startup_s, pid)

@@ -33,11 +33,24 @@ class Harness:
 
 @contextmanager
 def triton_harness(tmp: Path) -> Iterator[Harness]:
+    """As deployments connect: control over gRPC, inference over HTTP."""
     add_emulated(tmp, "echo", ECHO_A_MS, ECHO_B_MS, max_batch=8)
     with embedded_server("triton", tmp, ["echo"]) as handle:
         adapter = connect("triton", handle.address, **handle.options)
         try:
             yield Harness(adapter, "echo", connect("triton", "127.0.0.1:9"))
+        finally:
+            adapter.close()
+
+
+@contextmanager
+def triton_grpc_harness(tmp: Path) -> Iterator[Harness]:
+    """The adapter as it is for a server whose HTTP endpoint it is not told: inference over gRPC too."""
+    add_emulated(tmp, "echo", ECHO_A_MS, ECHO_B_MS, max_batch=8)
+    with EmbeddedTriton(tmp, ["echo"]) as server:
+        adapter = TritonAdapter(server.grpc_address, metrics_address=server.metrics_address)
+        try:
+            yield Harness(adapter, "echo", TritonAdapter("127.0.0.1:9"))
         finally:
             adapter.close()
 
@@ -56,6 +69,7 @@ def triton_http_harness(tmp: Path) -> Iterator[Harness]:
 
 HARNESSES: dict[str, Callable[[Path], AbstractContextManager[Harness]]] = {
     "triton": triton_harness,
+    "triton-grpc": triton_grpc_harness,
     "triton-http": triton_http_harness,
 }
 

@@ -1,0 +1,146 @@
+"""The Triton adapter's HTTP data path: errors a router can act on, kept-alive connections that
+the server closed, and one connection per calling thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from inferline.adapters.triton.adapter import TritonAdapter
+from inferline.adapters.triton.http_inference import HEADER_LENGTH, HttpInference, InferenceFailed
+from inferline.adapters.triton.server import EmbeddedTriton
+from inferline.errors import ModelNotFoundError, ServerError, ServerUnreachable
+from tests.model_repos import add_emulated
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """A KServe v2 binary-extension echo that drops the connection after every answer without
+    saying so (no `Connection: close`), as a server whose keep-alive timer ran out does."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[set[tuple[str, int]]] = set()
+
+    def do_POST(self) -> None:
+        self.connections.add(self.client_address)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v2/models/bad/infer":
+            error = json.dumps({"error": "inference request for\n model 'bad' failed"}).encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        head_length = int(self.headers[HEADER_LENGTH])
+        request = json.loads(body[:head_length])
+        tensor = request["inputs"][0]
+        head = json.dumps({
+            "model_name": "echo",
+            "outputs": [{"name": "OUTPUT", "datatype": tensor["datatype"], "shape": tensor["shape"],
+                         "parameters": {"binary_data_size": len(body) - head_length}}],
+        }).encode()  # fmt: skip
+        answer = head + body[head_length:]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(answer)))
+        self.send_header(HEADER_LENGTH, str(len(head)))
+        self.end_headers()
+        self.wfile.write(answer)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def echo_server() -> Iterator[str]:
+    _EchoHandler.connections = set()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_connection_the_server_closed_is_replaced_and_the_query_sent_once_more(echo_server: str) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
+    for _ in range(3):
+        np.testing.assert_array_equal(http.infer("echo", {"INPUT": x}, ["OUTPUT"])["OUTPUT"], x)
+    http.close()
+    assert len(_EchoHandler.connections) == 3  # a new connection each time the old one was dropped
+
+
+def test_each_thread_has_its_own_connection(echo_server: str) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+    answers: dict[int, bool] = {}
+
+    def call(i: int) -> None:
+        x = np.full((1, 16), i, dtype=np.float32)
+        answers[i] = all(np.array_equal(http.infer("echo", {"INPUT": x}, ["OUTPUT"])["OUTPUT"], x) for _ in range(5))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == {i: True for i in range(6)}
+
+
+def test_an_error_answer_carries_its_status_and_one_line_message(echo_server: str) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+    with pytest.raises(InferenceFailed) as err:
+        http.infer("bad", {"INPUT": np.zeros((1, 16), np.float32)}, ["OUTPUT"])
+    assert (err.value.status, err.value.text) == (400, "inference request for model 'bad' failed")
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]:
+    repository = tmp_path_factory.mktemp("repo-http-inference")
+    add_emulated(repository, "echo", 2.0, 0.0, max_batch=4)
+    with EmbeddedTriton(repository, ["echo"]) as server:
+        yield server
+
+
+def test_triton_refusing_a_batch_is_a_query_error_not_an_unreachable_server(triton: EmbeddedTriton) -> None:
+    adapter = TritonAdapter(triton.grpc_address, http_address=triton.http_address)
+    try:
+        with pytest.raises(ServerError) as err:
+            adapter.infer("echo", {"INPUT": np.zeros((5, 16), np.float32)})  # over max_batch_size 4
+        assert not isinstance(err.value, ServerUnreachable)
+        assert "\n" not in err.value.one_line() and "echo" in err.value.one_line()
+        out = adapter.infer("echo", {"INPUT": np.ones((4, 16), np.float32)})  # the connection still serves
+        np.testing.assert_array_equal(out["OUTPUT"], np.ones((4, 16), np.float32))
+    finally:
+        adapter.close()
+
+
+def test_an_unknown_model_is_not_found(triton: EmbeddedTriton) -> None:
+    adapter = TritonAdapter(triton.grpc_address, http_address=triton.http_address)
+    try:
+        with pytest.raises(ModelNotFoundError):
+            adapter.infer("nope", {"INPUT": np.zeros((1, 16), np.float32)})
+    finally:
+        adapter.close()
+
+
+def test_nothing_listening_at_the_http_address_is_an_unreachable_server(tmp_path: Path) -> None:
+    add_emulated(tmp_path, "echo", 1.0, 0.0, max_batch=4)
+    with EmbeddedTriton(tmp_path, ["echo"]) as server:
+        adapter = TritonAdapter(server.grpc_address, http_address=server.http_address)
+        adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})  # a kept-alive connection now
+    try:
+        with pytest.raises(ServerUnreachable) as err:  # the server is gone: the router retries elsewhere
+            adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})
+        assert "unreachable" in err.value.one_line()
+    finally:
+        adapter.close()
