@@ -5,7 +5,10 @@
    then calibrate the profiles from that run's router metrics, plan and replay again.
 2. Router overhead: the same queries at 250 and 500 q/s through the router's endpoint (gRPC, then HTTP), and straight
    to the same Triton server batched by the same dispatch core in the client's process; the
-   difference of medians, with each path's mean batch sizes and the router process's CPU per query.
+   difference of medians, with each path's mean batch sizes and the router process's CPU per query;
+   apart from it, what the hop itself takes (the client's mean latency minus the router's own mean,
+   submit to answer), how much longer replica calls take in the router's process than in the direct
+   path's, and how busy the whole machine was on each path.
 3. Tuner live: a rate step replayed with the live tuner and with the static plan; the tuner's
    miss rate should be lower, at a cost no higher than a static plan for the peak rate.
 Prints a table per part and writes bench/results/live.json.
@@ -214,6 +217,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     medians: dict[str, list[float]] = {"direct": [], "grpc": [], "http": []}
     cpu: dict[str, float] = {"grpc": 0.0, "http": 0.0}
     busy: dict[str, list[float]] = {"direct": [], "grpc": [], "http": []}
+    hop: dict[str, list[float]] = {"grpc": [], "http": []}
+    client_cpu: dict[str, float] = {"direct": 0.0, "grpc": 0.0, "http": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = Path(tmp) / "plan.json"
         plan_path.write_text(plan.to_json())
@@ -251,15 +256,22 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
             try:
                 for _ in range(OVERHEAD_ROUNDS):
-                    machine_before = _machine_busy()
+                    machine_before, client_before = _machine_busy(), time.process_time()
                     medians["direct"].append(float(np.nanmedian(asyncio.run(direct()).latencies_ms)))
                     busy["direct"].append(_machine_busy(machine_before))
+                    client_cpu["direct"] += time.process_time() - client_before
                     for protocol, client_type in (("grpc", AsyncKServeClient), ("http", AsyncKServeHttpClient)):
                         before, machine_before = _cpu_s(int(info["pid"])), _machine_busy()
+                        core_before = _core_latency_s(info["endpoints"]["metrics"])
+                        client_before = time.process_time()
                         result = asyncio.run(routed(client_type(info["endpoints"][protocol])))
+                        client_cpu[protocol] += time.process_time() - client_before
                         cpu[protocol] += _cpu_s(int(info["pid"])) - before
                         busy[protocol].append(_machine_busy(machine_before))
                         medians[protocol].append(float(np.nanmedian(result.latencies_ms)))
+                        core_after = _core_latency_s(info["endpoints"]["metrics"])
+                        core_mean_ms = 1000.0 * (core_after[0] - core_before[0]) / (core_after[1] - core_before[1])
+                        hop[protocol].append(float(np.nanmean(result.latencies_ms)) - core_mean_ms)
                 direct_metrics = generate_latest(core.metrics_registry).decode()
             finally:
                 core.stop()
@@ -275,6 +287,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "plan": {n: s.model_dump() for n, s in plan.stages.items()},
         "direct_median_ms": d, "direct_round_medians_ms": medians["direct"],
         "direct_machine_busy": float(np.mean(busy["direct"])),
+        "direct_client_cpu_ms_per_query": 1000.0 * client_cpu["direct"] / (arrivals.size * OVERHEAD_ROUNDS),
         "direct_mean_batch": _mean_batches(direct_metrics), "router_mean_batch": _mean_batches(routed_metrics),
         "direct_call_ms": _router_call_ms(live_stages(direct_metrics)),
         "router_call_ms": _router_call_ms(live_stages(routed_metrics)),
@@ -285,6 +298,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             "router_median_ms": r, "overhead_median_ms": r - d, "round_medians_ms": medians[protocol],
             "router_cpu_ms_per_query": 1000.0 * cpu[protocol] / (arrivals.size * OVERHEAD_ROUNDS),
             "machine_busy": float(np.mean(busy[protocol])),
+            "hop_mean_ms": float(np.median(hop[protocol])),
+            "client_cpu_ms_per_query": 1000.0 * client_cpu[protocol] / (arrivals.size * OVERHEAD_ROUNDS),
         }  # fmt: skip
     return out
 
@@ -298,6 +313,13 @@ def _machine_busy(since: tuple[float, float] | None = None) -> Any:
     if since is None:
         return now
     return (now[0] - since[0]) / max(now[1] - since[1], 1.0)
+
+
+def _core_latency_s(metrics_url: str) -> tuple[float, float]:
+    """The router's own end-to-end latency (submit to answer, inside the router) as (sum s, count)."""
+    text = _metrics_text(metrics_url)
+    values = {s.name: s.value for s in _samples(text, "inferline_router_latency_seconds")}
+    return values["inferline_router_latency_seconds_sum"], values["inferline_router_latency_seconds_count"]
 
 
 def _cpu_s(pid: int) -> float:
@@ -376,15 +398,19 @@ def main() -> None:
             )
     console.print(table)
     for o in results["router_overhead"]:
-        grpc_, http = o["grpc"], o["http"]
         console.print(
             f"router overhead at {o['rate_qps']} q/s (median of {o['rounds']} rounds): direct "
-            f"{o['direct_median_ms']:.2f} ms; via gRPC {grpc_['router_median_ms']:.2f} ms = "
-            f"{grpc_['overhead_median_ms']:+.2f} ms (router CPU {grpc_['router_cpu_ms_per_query']:.2f} ms/query); "
-            f"via HTTP {http['router_median_ms']:.2f} ms = {http['overhead_median_ms']:+.2f} ms (router CPU "
-            f"{http['router_cpu_ms_per_query']:.2f} ms/query); mean batches {_fmt_batches(o['router_mean_batch'])} "
-            f"via router, {_fmt_batches(o['direct_mean_batch'])} direct"
+            f"{o['direct_median_ms']:.2f} ms, machine {o['direct_machine_busy']:.0%} busy, mean batches "
+            f"{_fmt_batches(o['direct_mean_batch'])} (router: {_fmt_batches(o['router_mean_batch'])}); replica "
+            f"calls {_call_difference(o):+.2f} ms longer in the router than direct"
         )
+        for protocol in ("grpc", "http"):
+            p = o[protocol]
+            console.print(
+                f"  via {protocol}: {p['router_median_ms']:.2f} ms = {p['overhead_median_ms']:+.2f} ms to the median; "
+                f"the hop itself (client mean - router's own mean) {p['hop_mean_ms']:.2f} ms; router CPU "
+                f"{p['router_cpu_ms_per_query']:.2f} ms/query; machine {p['machine_busy']:.0%} busy"
+            )
     t = results["tuner"]
     for name, r in t["runs"].items():
         console.print(
@@ -400,6 +426,13 @@ def main() -> None:
 def _inflation(sizes: dict[int, dict[str, float]]) -> float:
     """How much longer calls took live than profiled, averaged over the batch sizes seen."""
     return float(np.mean([v["live"] / v["profile"] - 1.0 for v in sizes.values()])) if sizes else 0.0
+
+
+def _call_difference(o: dict[str, Any]) -> float:
+    """Mean over stages and batch sizes of (router's call time - direct call time), in ms."""
+    direct, routed = o["direct_call_ms"], o["router_call_ms"]
+    diffs = [routed[s][n] - ms for s, sizes in direct.items() for n, ms in sizes.items() if n in routed.get(s, {})]
+    return float(np.mean(diffs)) if diffs else float("nan")
 
 
 def _fmt_batches(means: dict[str, float]) -> str:
