@@ -37,6 +37,7 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
 from inferline.calibration import calibrate_profiles, live_stages
 from inferline.catalog import load_catalog
+from inferline.deployment import core_shortfall
 from inferline.heap import freeze_long_lived
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
@@ -160,7 +161,7 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
         "estimated_p99_ms": est, "measured_p99_ms": meas,
         "error": abs(est - meas) / meas if est and meas else None,
         "estimated_with_own_live_p99_ms": round(with_own, 3), "error_with_own_live": abs(with_own - meas) / meas,
-        "errors": result["errors"], "mean_batch": _mean_batches(metrics),
+        "errors": result["errors"], "mean_batch": _mean_batches(metrics), "core_warning": core_shortfall(plan),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path),
@@ -176,6 +177,7 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
         f"estimated {run['estimated_p99_ms']} ms, measured {run['measured_p99_ms']} ms "
         f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h; estimated with the run's own "
         f"live service times {run['estimated_with_own_live_p99_ms']} ms ({100 * run['error_with_own_live']:.1f}%)"
+        + (f"; warning: {run['core_warning']}" if run["core_warning"] else "")
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from inferline.deployment import LocalDeployment
+from inferline.deployment import LocalDeployment, core_shortfall
 from inferline.errors import InferlineError, PlanError
 from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveDecision, LiveTuner
@@ -113,7 +113,7 @@ def read_up(state_dir: str | Path) -> dict[str, Any]:
 
 
 def run_up(args: argparse.Namespace, console: Console) -> int:
-    load_plan_and_spec(args.plan, args.spec)  # fail here, in one line, rather than in the background
+    plan, _ = load_plan_and_spec(args.plan, args.spec)  # fail here, in one line, rather than in the background
     state = Path(args.state_dir)
     if (state / UP_FILE).exists():
         up = read_up(state)
@@ -142,6 +142,9 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
         f"up: pipeline {up['pipeline']!r} · gRPC {up['endpoints']['grpc']} · HTTP {up['endpoints']['http']}"
         f" · replicas {up['replicas']} · `inferline down` stops it"
     )
+    shortfall = core_shortfall(plan)
+    if shortfall is not None:
+        console.print(f"[yellow]warning:[/] {shortfall}")
     return 0
 
 
