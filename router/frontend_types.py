@@ -386,8 +386,8 @@ def wait_budget(client_timeout_s: float | None, cap_s: float) -> float:
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop where it is installed (the router extra brings it on Linux and macOS), else asyncio's.
 
-    Frontends pay the loop's cost on every query: measured at 500 q/s on 2 cores, uvloop took the
-    router's CPU per query from 1.09 to 0.92 ms over HTTP (1.21 to 1.07 ms over gRPC). Timers are
+    Frontends pay the loop's cost on every query: in one pair of runs at 500 q/s on 2 cores, uvloop
+    took the router's CPU per query from 1.09 to 0.92 ms over HTTP (1.21 to 1.07 ms over gRPC). Timers are
     only deadlines here, so libuv's millisecond timer resolution costs nothing; the replay tool,
     whose send times are measurements, keeps asyncio's own loop.
     """
