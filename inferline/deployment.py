@@ -72,7 +72,8 @@ def core_shortfall(plan: Plan, cores: int | None = None) -> str | None:
     10-16 ms per call during bursts against 6-7 ms alone). Replicas that only wait (the emulated
     models) are not affected, so this warns rather than refuses.
     """
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    if cores is None:  # the cores this process may run on (Linux), else the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     needed = sum(stage.replicas for stage in plan.stages.values() if stage.hardware == LOCAL_HARDWARE)
     if needed <= cores:
         return None

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from inferline.adapters.base import BatchStats, ModelInfo, ModelStats, ServingConfig, Tensors, TensorSpec
-from inferline.adapters.triton.http_inference import HttpInference, InferenceFailed
+from inferline.adapters.triton.http_inference import HttpInference, InferenceFailed, NotConnected
 from inferline.adapters.triton.metrics import fetch_metrics
 from inferline.errors import ModelNotFoundError, ServerError, ServerUnreachable, did_you_mean
 
@@ -58,7 +58,12 @@ class TritonAdapter:
         )
         self._io: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
         inference_address = http_address or (address if protocol == "http" else None)
-        self._http = HttpInference(inference_address, timeout_s) if inference_address else None
+        self._http: HttpInference | None = None
+        if inference_address:
+            try:
+                self._http = HttpInference(inference_address, timeout_s)
+            except ValueError as exc:
+                raise ServerError(f"Triton's HTTP address: {exc}", "pass HOST:PORT, e.g. 127.0.0.1:8000") from None
 
     # -- server -------------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -98,10 +103,9 @@ class TritonAdapter:
     def infer(self, model: str, inputs: Tensors) -> dict[str, NDArray[np.generic]]:
         if self._http is not None:
             return self._infer_http(self._http, model, inputs)
-        module = grpcclient if self.protocol == "grpc" else httpclient
         requests = []
         for name, array in inputs.items():
-            tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             requests.append(tensor)
         result = self._call(f"infer on model {model!r}", self._client.infer, model, requests, model_name=model)
@@ -109,17 +113,23 @@ class TritonAdapter:
         return {spec.name: result.as_numpy(spec.name) for spec in outputs}
 
     def _infer_http(self, http: HttpInference, model: str, inputs: Tensors) -> dict[str, NDArray[np.generic]]:
-        what = f"infer on model {model!r}"
+        what, where = f"infer on model {model!r}", http.address
         _, outputs = self._io.get(model) or self._tensors(model, self._full_config(model))
         try:
             return http.infer(model, inputs, [spec.name for spec in outputs])
         except InferenceFailed as exc:
-            raise _error_text(what, self.address, exc.text, model) from exc
+            if exc.status == 503:  # Triton's UNAVAILABLE: the router tries another replica, as over gRPC
+                raise _unreachable(what, where, exc.text) from exc
+            raise _error_text(what, where, exc.text, model) from exc
+        except NotConnected as exc:
+            raise _unreachable(what, where, str(exc)) from exc
         except TimeoutError as exc:
-            late = f"no answer from the Triton server at {self.address} within {self.timeout_s:g} s"
-            raise ServerError(f"{what}: {late}") from exc
+            # Sent, and no answer in time: the model may have run, so this is not a server to avoid.
+            raise ServerError(
+                f"{what}: no answer from the Triton server at {where} within {self.timeout_s:g} s"
+            ) from exc
         except (OSError, http_client.HTTPException) as exc:
-            raise _unreachable(what, self.address, str(exc) or type(exc).__name__) from exc
+            raise _unreachable(what, where, str(exc) or type(exc).__name__) from exc
 
     def configure(self, model: str, config: ServingConfig) -> ServingConfig:
         if config.max_batch_size < 1 or config.instance_count < 1 or config.batching_delay_us < 0:

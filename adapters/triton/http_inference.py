@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,8 +30,6 @@ from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
-"""What a kept-alive connection the server has meanwhile closed raises on its next request."""
 
 
 class InferenceFailed(Exception):
@@ -40,68 +40,101 @@ class InferenceFailed(Exception):
         self.status, self.text = status, text
 
 
+class NotConnected(ConnectionError):
+    """No connection could be opened (refused, or no answer to the connect in time): nothing ran."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) from "HOST:PORT"; ValueError naming the address otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 class HttpInference:
     def __init__(self, address: str, timeout_s: float) -> None:
-        host, _, port = address.rpartition(":")
-        self.host, self.port, self.timeout_s = host or address, int(port), timeout_s
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.timeout_s = timeout_s
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()
 
     def infer(
         self, model: str, inputs: Mapping[str, NDArray[np.generic]], outputs: Sequence[str]
     ) -> dict[str, NDArray[np.generic]]:
-        """Outputs by name. Raises InferenceFailed for an error answer, OSError (TimeoutError
-        included) and http.client.HTTPException when the connection fails."""
+        """Outputs by name. Raises InferenceFailed for an error answer, NotConnected when no
+        connection opens, and other OSErrors (TimeoutError: no answer in time) and
+        http.client.HTTPExceptions when the connection fails mid-call.
+
+        Never sends a query twice: a kept-alive connection the server has closed meanwhile is
+        noticed before the query goes out on it (as urllib3 does), not by resending after a failure,
+        since a failure after sending cannot tell whether the model ran.
+        """
         body, head = request_body(inputs, outputs)
         headers = {"Content-Type": "application/octet-stream"}
         if head is not None:
             headers[HEADER_LENGTH] = str(head)
-        path = f"/v2/models/{quote(model, safe='')}/infer"
-        status, data, header_length = self._post(path, body, headers)
-        if status != 200:
-            raise InferenceFailed(status, error_text(data, status))
+        connection = self._connection()
+        try:
+            connection.request("POST", f"/v2/models/{quote(model, safe='')}/infer", body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        except BaseException:
+            # Half a request or answer may be on the wire: this connection is no longer usable.
+            self._drop(connection)
+            raise
+        if response.status != 200:
+            raise InferenceFailed(response.status, error_text(data, response.status))
+        header_length = response.getheader(HEADER_LENGTH)
         try:
             result = httpclient.InferenceServerClient.parse_response_body(
                 data, header_length=int(header_length) if header_length is not None else None
             )
         except (InferenceServerException, ValueError) as exc:
-            raise InferenceFailed(status, f"unreadable answer: {exc}") from exc
+            raise InferenceFailed(response.status, f"unreadable answer: {exc}") from exc
         return {name: result.as_numpy(name) for name in outputs}
 
     def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
+        """Close every thread's connection (a thread that calls again opens a new one)."""
+        with self._lock:
+            connections, self._open = self._open, set()
+        for connection in connections:
             connection.close()
-            self._local.connection = None
-
-    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
-        reused = getattr(self._local, "connection", None) is not None
-        try:
-            return self._exchange(path, body, headers)
-        except STALE:
-            if not reused:
-                raise
-            # The server closed the idle connection before our request reached it: nothing ran, so
-            # sending once more on a new connection cannot run the query twice.
-            return self._exchange(path, body, headers)
-
-    def _exchange(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
-        connection = self._connection()
-        try:
-            connection.request("POST", path, body=body, headers=headers)
-            response = connection.getresponse()
-            data = response.read()
-        except BaseException:
-            # Half a request or answer may be on the wire: this connection is no longer usable.
-            self.close()
-            raise
-        return response.status, data, response.getheader(HEADER_LENGTH)
 
     def _connection(self) -> http.client.HTTPConnection:
         connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-            self._local.connection = connection
+        if connection is not None and connection.sock is not None and not _closed_by_peer(connection.sock):
+            return connection
+        if connection is not None:
+            self._drop(connection)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        try:
+            connection.connect()
+        except OSError as exc:
+            connection.close()
+            raise NotConnected(str(exc) or type(exc).__name__) from exc
+        self._local.connection = connection
+        with self._lock:
+            self._open.add(connection)
         return connection
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        self._local.connection = None
+        with self._lock:
+            self._open.discard(connection)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """An idle kept-alive socket that is readable has been closed by the server (or holds bytes
+    nobody asked for): either way it must not carry the next query."""
+    if not hasattr(select, "poll"):  # Windows: select() has no descriptor limit there
+        return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def request_body(inputs: Mapping[str, NDArray[np.generic]], outputs: Sequence[str]) -> tuple[bytes, int | None]:

@@ -3,15 +3,19 @@ the server closed, and one connection per calling thread."""
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pytest
+import tritonclient.grpc
 
 from inferline.adapters.triton.adapter import TritonAdapter
 from inferline.adapters.triton.http_inference import HEADER_LENGTH, HttpInference, InferenceFailed
@@ -21,15 +25,22 @@ from tests.model_repos import add_emulated
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
-    """A KServe v2 binary-extension echo that drops the connection after every answer without
-    saying so (no `Connection: close`), as a server whose keep-alive timer ran out does."""
+    """A KServe v2 binary-extension echo. With `drop` set it closes the connection after every answer
+    without saying so (no `Connection: close`), as a server whose keep-alive timer ran out does.
+    Model "vanish" reads the query and hangs up without answering, as a crashing server does."""
 
     protocol_version = "HTTP/1.1"
+    drop = True
     connections: ClassVar[set[tuple[str, int]]] = set()
+    queries: ClassVar[list[str]] = []
 
     def do_POST(self) -> None:
         self.connections.add(self.client_address)
+        self.queries.append(self.path)
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v2/models/vanish/infer":
+            self.close_connection = True
+            return
         if self.path == "/v2/models/bad/infer":
             error = json.dumps({"error": "inference request for\n model 'bad' failed"}).encode()
             self.send_response(400)
@@ -51,15 +62,15 @@ class _EchoHandler(BaseHTTPRequestHandler):
         self.send_header(HEADER_LENGTH, str(len(head)))
         self.end_headers()
         self.wfile.write(answer)
-        self.close_connection = True
+        self.close_connection = self.drop
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-@pytest.fixture
-def echo_server() -> Iterator[str]:
-    _EchoHandler.connections = set()
+@contextmanager
+def _echo(drop: bool) -> Iterator[str]:
+    _EchoHandler.connections, _EchoHandler.queries, _EchoHandler.drop = set(), [], drop
     server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -71,17 +82,33 @@ def echo_server() -> Iterator[str]:
         thread.join()
 
 
-def test_a_connection_the_server_closed_is_replaced_and_the_query_sent_once_more(echo_server: str) -> None:
+@pytest.fixture(params=[True, False], ids=["drops", "keeps-alive"])
+def echo_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    with _echo(drop=request.param) as address:
+        yield address
+
+
+@pytest.fixture
+def keepalive_server() -> Iterator[str]:
+    with _echo(drop=False) as address:
+        yield address
+
+
+def test_a_kept_alive_connection_is_reused_and_one_the_server_closed_is_replaced(echo_server: str) -> None:
     http = HttpInference(echo_server, timeout_s=5.0)
     x = np.arange(32, dtype=np.float32).reshape(2, 16)
-    for _ in range(3):
-        np.testing.assert_array_equal(http.infer("echo", {"INPUT": x}, ["OUTPUT"])["OUTPUT"], x)
-    http.close()
-    assert len(_EchoHandler.connections) == 3  # a new connection each time the old one was dropped
+    try:
+        for _ in range(3):
+            np.testing.assert_array_equal(http.infer("echo", {"INPUT": x}, ["OUTPUT"])["OUTPUT"], x)
+            time.sleep(0.05)  # the server's close reaches the client before the next query
+    finally:
+        http.close()
+    assert len(_EchoHandler.connections) == (3 if _EchoHandler.drop else 1)
+    assert len(_EchoHandler.queries) == 3  # none sent twice
 
 
-def test_each_thread_has_its_own_connection(echo_server: str) -> None:
-    http = HttpInference(echo_server, timeout_s=5.0)
+def test_each_thread_has_its_own_connection(keepalive_server: str) -> None:
+    http = HttpInference(keepalive_server, timeout_s=5.0)
     answers: dict[int, bool] = {}
 
     def call(i: int) -> None:
@@ -89,18 +116,58 @@ def test_each_thread_has_its_own_connection(echo_server: str) -> None:
         answers[i] = all(np.array_equal(http.infer("echo", {"INPUT": x}, ["OUTPUT"])["OUTPUT"], x) for _ in range(5))
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        http.close()
+    assert answers == {i: True for i in range(6)}
+    assert len(_EchoHandler.connections) == 6  # one per thread, each kept for its five queries
+
+
+def test_a_server_that_hangs_up_after_reading_the_query_is_not_sent_it_again(echo_server: str) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+    x = np.zeros((1, 16), np.float32)
+    try:
+        http.infer("echo", {"INPUT": x}, ["OUTPUT"])  # a connection to reuse, where the server keeps it
+        with pytest.raises((OSError, http_client.HTTPException)):
+            http.infer("vanish", {"INPUT": x}, ["OUTPUT"])
+    finally:
+        http.close()
+    assert _EchoHandler.queries.count("/v2/models/vanish/infer") == 1
+
+
+def test_close_closes_the_connections_of_every_thread(keepalive_server: str) -> None:
+    http = HttpInference(keepalive_server, timeout_s=5.0)
+    x = np.zeros((1, 16), np.float32)
+    threads = [threading.Thread(target=http.infer, args=("echo", {"INPUT": x}, ["OUTPUT"])) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert answers == {i: True for i in range(6)}
+    connections = list(http._open)
+    assert len(connections) == 3 and all(c.sock is not None for c in connections)
+    http.close()  # from this thread, which never called
+    assert all(c.sock is None for c in connections)
 
 
 def test_an_error_answer_carries_its_status_and_one_line_message(echo_server: str) -> None:
     http = HttpInference(echo_server, timeout_s=5.0)
-    with pytest.raises(InferenceFailed) as err:
-        http.infer("bad", {"INPUT": np.zeros((1, 16), np.float32)}, ["OUTPUT"])
+    try:
+        with pytest.raises(InferenceFailed) as err:
+            http.infer("bad", {"INPUT": np.zeros((1, 16), np.float32)}, ["OUTPUT"])
+    finally:
+        http.close()
     assert (err.value.status, err.value.text) == (400, "inference request for model 'bad' failed")
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:http", ":8000", "host:70000"])
+def test_an_address_without_a_usable_port_is_a_one_line_error(address: str) -> None:
+    with pytest.raises(ServerError, match="HOST:PORT") as err:
+        TritonAdapter("127.0.0.1:9", http_address=address)
+    assert "\n" not in err.value.one_line()
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +191,18 @@ def test_triton_refusing_a_batch_is_a_query_error_not_an_unreachable_server(trit
         adapter.close()
 
 
-def test_an_unknown_model_is_not_found(triton: EmbeddedTriton) -> None:
-    adapter = TritonAdapter(triton.grpc_address, http_address=triton.http_address)
-    try:
-        with pytest.raises(ModelNotFoundError):
-            adapter.infer("nope", {"INPUT": np.zeros((1, 16), np.float32)})
-    finally:
-        adapter.close()
+def test_a_model_unloaded_while_serving_is_not_found(tmp_path: Path) -> None:
+    add_emulated(tmp_path, "echo", 1.0, 0.0, max_batch=4)
+    with EmbeddedTriton(tmp_path, ["echo"]) as server:
+        adapter = TritonAdapter(server.grpc_address, http_address=server.http_address)
+        try:
+            adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})  # tensors known, so HTTP only now
+            tritonclient.grpc.InferenceServerClient(server.grpc_address).unload_model("echo")
+            with pytest.raises(ModelNotFoundError) as err:
+                adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})
+            assert server.http_address in err.value.one_line()  # the address the query went to
+        finally:
+            adapter.close()
 
 
 def test_nothing_listening_at_the_http_address_is_an_unreachable_server(tmp_path: Path) -> None:
