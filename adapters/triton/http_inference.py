@@ -3,11 +3,11 @@
 The data path of the router's replicas and of the profiler (KServe v2 over HTTP/1.1 with Triton's
 binary tensor extension). tritonclient encodes and decodes the bodies; the standard library's
 http.client carries them, because every extra thread hand-off and wake-up of a client stack is
-paid on each call. Measured on the 2-core VM, per call of an emulated model that takes 8 ms:
+paid on each call. Measured on the 2-core VM through the adapter, per call of an emulated model at
+batch 4 (about 15.5 ms), two rounds each:
 
-    tritonclient gRPC              0.95 ms client CPU, 0.90 ms Triton CPU, 9.35 ms
-    tritonclient HTTP (gevent)     0.80 ms client CPU, 0.63 ms Triton CPU, 8.93 ms
-    this                           0.65 ms client CPU, 0.60 ms Triton CPU, 8.7 ms
+    tritonclient gRPC              0.92-0.96 ms client CPU, 0.73-0.80 ms Triton CPU
+    this                           0.69-0.85 ms client CPU, 0.53-0.60 ms Triton CPU, 0.1-0.3 ms sooner
 
 Connections are per thread because an HTTPConnection serves one request at a time and each
 router replica is a thread of its own.
