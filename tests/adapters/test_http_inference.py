@@ -18,7 +18,7 @@ import pytest
 import tritonclient.grpc
 
 from inferline.adapters.triton.adapter import TritonAdapter
-from inferline.adapters.triton.http_inference import HEADER_LENGTH, HttpInference, InferenceFailed
+from inferline.adapters.triton.http_inference import HEADER_LENGTH, HttpInference, InferenceFailed, _closed_by_peer
 from inferline.adapters.triton.server import EmbeddedTriton
 from inferline.errors import ModelNotFoundError, ServerError, ServerUnreachable
 from tests.model_repos import add_emulated
@@ -82,6 +82,15 @@ def _echo(drop: bool) -> Iterator[str]:
         thread.join()
 
 
+def _until_the_server_closed(http: HttpInference) -> None:
+    """Where the server drops connections, wait until this thread's has reached the client as closed:
+    a query sent in between would meet a connection reset, a race of keep-alive no client can avoid."""
+    connection = http._local.connection
+    deadline = time.monotonic() + 10.0
+    while _EchoHandler.drop and not _closed_by_peer(connection.sock) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.fixture(params=[True, False], ids=["drops", "keeps-alive"])
 def echo_server(request: pytest.FixtureRequest) -> Iterator[str]:
     with _echo(drop=request.param) as address:
@@ -100,7 +109,7 @@ def test_a_kept_alive_connection_is_reused_and_one_the_server_closed_is_replaced
     try:
         for _ in range(3):
             np.testing.assert_array_equal(http.infer("echo", {"INPUT": x}, ["OUTPUT"])["OUTPUT"], x)
-            time.sleep(0.05)  # the server's close reaches the client before the next query
+            _until_the_server_closed(http)
     finally:
         http.close()
     assert len(_EchoHandler.connections) == (3 if _EchoHandler.drop else 1)
@@ -132,6 +141,7 @@ def test_a_server_that_hangs_up_after_reading_the_query_is_not_sent_it_again(ech
     x = np.zeros((1, 16), np.float32)
     try:
         http.infer("echo", {"INPUT": x}, ["OUTPUT"])  # a connection to reuse, where the server keeps it
+        _until_the_server_closed(http)
         with pytest.raises((OSError, http_client.HTTPException)):
             http.infer("vanish", {"INPUT": x}, ["OUTPUT"])
     finally:
