@@ -158,6 +158,7 @@ class _Worker(threading.Thread):
             # The queue waited while the replica did the router's own work between two calls.
             self.router._metrics.observe_dispatch(stage.name, started - self.last_call_end)
         self.last_call_end = None  # set again only when this call succeeds
+        self.router._call_started(stage.name)
         try:
             outputs = self.replica.adapter.infer(self.replica.model, tensors)
         except ServerUnreachable as exc:
@@ -186,6 +187,7 @@ class _Worker(threading.Thread):
                 self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
     def _settle(self, batch: list[_Item], started: float) -> None:
+        self.router._call_ended()
         with self.stage.cond:
             self.stage.in_flight -= len(batch)
             self.stage.busy_s += time.perf_counter() - started
@@ -231,6 +233,9 @@ class PipelineRouter:
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._inflight = 0
+        self._calls_lock = threading.Lock()
+        self._calls_in_flight = 0
+        """Replica calls under way across all stages: how many models compute at once."""
         self._arrivals: collections.deque[float] = collections.deque()
         self._started = False
         self.metrics_registry = CollectorRegistry()
@@ -464,6 +469,16 @@ class PipelineRouter:
         router adds to each batch's service time beyond the call itself."""
         return {s.name: self._metrics.mean_dispatch_ms(s.name) for s in self._stages}
 
+    def _call_started(self, stage: str) -> None:
+        with self._calls_lock:
+            self._calls_in_flight += 1
+            now = self._calls_in_flight
+        self._metrics.observe_concurrency(stage, now)
+
+    def _call_ended(self) -> None:
+        with self._calls_lock:
+            self._calls_in_flight -= 1
+
     def _check_wiring(self) -> None:
         """Every non-entry stage's inputs must come from its parents' outputs (by name or shape)."""
         for i, stage in enumerate(self._stages):
@@ -524,6 +539,14 @@ class _RouterMetrics:
             ["stage", "batch_size"],
             registry=registry,
         )
+        self.concurrent_calls = Histogram(
+            "inferline_router_concurrent_calls",
+            "Replica calls under way in the whole pipeline when a call of this stage starts, itself included: "
+            "where it exceeds the cores the replicas run on, they compute at once and slow each other down",
+            ["stage"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        )
         self.dispatch_seconds = Summary(
             "inferline_router_dispatch_seconds",
             "Time a replica spends between two back-to-back calls on the router's own work (handing "
@@ -540,6 +563,9 @@ class _RouterMetrics:
     def observe_batch(self, stage: str, size: int, call_s: float) -> None:
         self.batch_size.labels(stage=stage).observe(size)
         self.call_seconds.labels(stage=stage, batch_size=str(size)).observe(call_s)
+
+    def observe_concurrency(self, stage: str, calls: int) -> None:
+        self.concurrent_calls.labels(stage=stage).observe(calls)
 
     def observe_dispatch(self, stage: str, seconds: float) -> None:
         self.dispatch_seconds.labels(stage=stage).observe(seconds)

@@ -1,0 +1,70 @@
+"""The router's count of replica calls under way across the pipeline (`inferline_router_concurrent_calls`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from inferline.errors import ServerError
+from inferline.router.core import PipelineRouter, Replica
+from tests.unit.test_calibration import SPEC, SleepingServer
+
+FAMILY = "inferline_router_concurrent_calls"
+
+
+class FailingServer(SleepingServer):
+    def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> dict[str, NDArray[np.generic]]:
+        raise ServerError("the model failed")
+
+
+def _histogram(router: PipelineRouter) -> dict[str, dict[str, float]]:
+    """Per stage: bucket upper bound ("le") -> cumulative count, plus "count"."""
+    out: dict[str, dict[str, float]] = {}
+    text = generate_latest(router.metrics_registry).decode()
+    for family in text_string_to_metric_families(text):
+        if family.name != FAMILY:
+            continue
+        for sample in family.samples:
+            stage = out.setdefault(sample.labels["stage"], {})
+            if sample.name.endswith("_bucket"):
+                stage[sample.labels["le"]] = sample.value
+            elif sample.name.endswith("_count"):
+                stage["count"] = sample.value
+    return out
+
+
+def test_calls_of_all_stages_are_counted_together_and_never_above_the_replicas() -> None:
+    pools = {
+        "a": [Replica(SleepingServer(), "a", "a-0"), Replica(SleepingServer(), "a", "a-1")],
+        "b": [Replica(SleepingServer(), "b", "b-0")],
+    }
+    router = PipelineRouter(SPEC, pools, {"a": 2, "b": 2}).start()  # type: ignore[arg-type]
+    try:
+        for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(120)]:
+            f.result(timeout=30)
+        calls = {stage: sum(sizes.values()) for stage, sizes in router.batch_sizes().items()}
+        seen = _histogram(router)
+    finally:
+        router.stop()
+    for stage in ("a", "b"):
+        assert seen[stage]["count"] == calls[stage]  # one observation per call
+        assert seen[stage]["3.0"] == calls[stage]  # 3 replicas in all: never more calls at once
+    # 120 queries queued at once: a's two replicas overlapped each other, and b overlapped a
+    assert seen["a"]["1.0"] < calls["a"] and seen["b"]["1.0"] < calls["b"]
+    assert router._calls_in_flight == 0
+
+
+def test_a_failed_call_is_no_longer_counted() -> None:
+    pools = {"a": [Replica(FailingServer(), "a", "a-0")], "b": [Replica(SleepingServer(), "b", "b-0")]}
+    router = PipelineRouter(SPEC, pools, {"a": 2, "b": 2}).start()  # type: ignore[arg-type]
+    try:
+        for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(10)]:
+            assert f.exception(timeout=30) is not None
+        assert router._calls_in_flight == 0
+        assert _histogram(router)["a"]["1.0"] == _histogram(router)["a"]["count"] > 0
+    finally:
+        router.stop()
