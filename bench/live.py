@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -258,23 +260,20 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
             try:
                 for _ in range(OVERHEAD_ROUNDS):
-                    machine_before, client_before = _machine_busy(), time.process_time()
+                    before = _Meters.read(None)
                     medians["direct"].append(float(np.nanmedian(asyncio.run(direct()).latencies_ms)))
-                    busy["direct"].append(_machine_busy(machine_before))
-                    client_cpu["direct"] += time.process_time() - client_before
+                    spent = _Meters.read(None).since(before)
+                    busy["direct"].append(spent.machine_busy)
+                    client_cpu["direct"] += spent.client_cpu_s
                     for protocol, client_type in (("grpc", AsyncKServeClient), ("http", AsyncKServeHttpClient)):
-                        before, machine_before = _cpu_s(int(info["pid"])), _machine_busy()
-                        core_before = _core_latency_s(info["endpoints"]["metrics"])
-                        client_before = time.process_time()
+                        before = _Meters.read(info)
                         result = asyncio.run(routed(client_type(info["endpoints"][protocol])))
-                        client_cpu[protocol] += time.process_time() - client_before
-                        cpu[protocol] += _cpu_s(int(info["pid"])) - before
-                        busy[protocol].append(_machine_busy(machine_before))
+                        spent = _Meters.read(info).since(before)
                         medians[protocol].append(float(np.nanmedian(result.latencies_ms)))
-                        core_after = _core_latency_s(info["endpoints"]["metrics"])
-                        answered = core_after[1] - core_before[1]
-                        core_mean_ms = 1000.0 * (core_after[0] - core_before[0]) / answered if answered else np.nan
-                        hop[protocol].append(float(np.nanmean(result.latencies_ms)) - core_mean_ms)
+                        busy[protocol].append(spent.machine_busy)
+                        client_cpu[protocol] += spent.client_cpu_s
+                        cpu[protocol] += spent.router_cpu_s
+                        hop[protocol].append(float(np.nanmean(result.latencies_ms)) - spent.router_mean_ms)
                 direct_metrics = generate_latest(core.metrics_registry).decode()
             finally:
                 core.stop()
@@ -308,23 +307,51 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     return out
 
 
-def _machine_busy(since: tuple[float, float] | None = None) -> Any:
-    """The machine's (busy, total) CPU ticks now (Linux /proc/stat); given an earlier reading, the
-    fraction of all cores busy in between: how close a path drove the machine to saturation."""
-    # user nice system idle iowait irq softirq steal; guest time is already counted in user and nice
-    ticks = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    now = (sum(ticks) - idle, sum(ticks))
-    if since is None:
-        return now
-    return (now[0] - since[0]) / max(now[1] - since[1], 1.0)
+@dataclass(frozen=True)
+class _Meters:
+    """Counters read before and after a run; `since` turns two readings into what the run used."""
+
+    machine: tuple[float, float]
+    """The machine's (busy, total) CPU ticks (Linux /proc/stat)."""
+    client_cpu_s: float
+    """This process's CPU seconds."""
+    router_cpu_s: float = 0.0
+    """The router process's CPU seconds (0 without a router)."""
+    router_latency: tuple[float, float] = (0.0, 0.0)
+    """The router's own end-to-end latency (submit to answer, inside the router): (sum s, count)."""
+
+    @classmethod
+    def read(cls, up: dict[str, Any] | None) -> _Meters:
+        # user nice system idle iowait irq softirq steal; guest time is already counted in user and nice
+        ticks = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        machine = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+        if up is None:
+            return cls(machine, time.process_time())
+        text = _metrics_text(up["endpoints"]["metrics"])
+        latency = {s.name: s.value for s in _samples(text, "inferline_router_latency_seconds")}
+        total = (latency["inferline_router_latency_seconds_sum"], latency["inferline_router_latency_seconds_count"])
+        return cls(machine, time.process_time(), _cpu_s(int(up["pid"])), total)
+
+    def since(self, before: _Meters) -> _Spent:
+        ticks = self.machine[1] - before.machine[1]
+        answered = self.router_latency[1] - before.router_latency[1]
+        return _Spent(
+            machine_busy=(self.machine[0] - before.machine[0]) / max(ticks, 1.0),
+            client_cpu_s=self.client_cpu_s - before.client_cpu_s,
+            router_cpu_s=self.router_cpu_s - before.router_cpu_s,
+            router_mean_ms=(
+                1000.0 * (self.router_latency[0] - before.router_latency[0]) / answered if answered else math.nan
+            ),
+        )
 
 
-def _core_latency_s(metrics_url: str) -> tuple[float, float]:
-    """The router's own end-to-end latency (submit to answer, inside the router) as (sum s, count)."""
-    text = _metrics_text(metrics_url)
-    values = {s.name: s.value for s in _samples(text, "inferline_router_latency_seconds")}
-    return values["inferline_router_latency_seconds_sum"], values["inferline_router_latency_seconds_count"]
+@dataclass(frozen=True)
+class _Spent:
+    machine_busy: float
+    """The fraction of all cores busy: how close a path drove the machine to saturation."""
+    client_cpu_s: float
+    router_cpu_s: float
+    router_mean_ms: float
 
 
 def _cpu_s(pid: int) -> float:

@@ -3,9 +3,9 @@
 Control goes over gRPC by default, HTTP with `protocol="http"`. Inference goes over Triton's HTTP
 endpoint when the adapter knows one (`http_address`, or `address` itself with `protocol="http"`),
 on a kept-alive connection per thread (`http_inference`): cheaper per call than tritonclient's
-clients. Without one it goes through tritonclient's gRPC client. Triton replaces a model's whole configuration when
-`load_model` is given an override, so `configure` reads the full current config, changes the
-three fields InferLine tunes, and sends all of it back.
+clients. Without one it goes through tritonclient's gRPC client. Triton replaces a model's whole
+configuration when `load_model` is given an override, so `configure` reads the full current config,
+changes the three fields InferLine tunes, and sends all of it back.
 """
 
 from __future__ import annotations
@@ -109,14 +109,13 @@ class TritonAdapter:
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             requests.append(tensor)
         result = self._call(f"infer on model {model!r}", self._client.infer, model, requests, model_name=model)
-        _, outputs = self._io.get(model) or self._tensors(model, self._full_config(model))
-        return {spec.name: result.as_numpy(spec.name) for spec in outputs}
+        return {name: result.as_numpy(name) for name in self._output_names(model)}
 
     def _infer_http(self, http: HttpInference, model: str, inputs: Tensors) -> dict[str, NDArray[np.generic]]:
         what, where = f"infer on model {model!r}", http.address
-        _, outputs = self._io.get(model) or self._tensors(model, self._full_config(model))
+        outputs = self._output_names(model)
         try:
-            return http.infer(model, inputs, [spec.name for spec in outputs])
+            return http.infer(model, inputs, outputs)
         except InferenceFailed as exc:
             if exc.status == 503:  # Triton's UNAVAILABLE: the router tries another replica, as over gRPC
                 raise _unreachable(what, where, exc.text) from exc
@@ -172,6 +171,11 @@ class TritonAdapter:
 
     def _model_ready(self, model: str) -> bool:
         return bool(self._call(f"check model {model!r}", self._client.is_model_ready, model))
+
+    def _output_names(self, model: str) -> list[str]:
+        """The model's outputs, read from its config once and kept (`configure` forgets them)."""
+        _, outputs = self._io.get(model) or self._tensors(model, self._full_config(model))
+        return [spec.name for spec in outputs]
 
     def _full_config(self, model: str) -> dict[str, Any]:
         raw = self._call(
