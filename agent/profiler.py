@@ -4,7 +4,9 @@ For each batch size it sends batches of exactly that size one at a time (closed 
 is sent when the previous has answered), after a warm-up, until it has `samples` latencies or
 its time budget is spent. The latency is what a client sees through the serving framework,
 which is what the design's profile format and the estimator mean by service time. The server's
-own compute time for the same batches (from its statistics) is recorded next to it.
+own compute time for the same batches (from its statistics) is recorded next to it, and, where
+the caller can read the server's CPU clock (a local server), the CPU time the server spent per
+batch: how much of a call needs a core, which decides how replicas sharing cores slow each other.
 """
 
 from __future__ import annotations
@@ -62,24 +64,43 @@ def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
+CpuClock = Callable[[], float | None]
+"""Seconds of CPU the model server has used so far (None where it cannot tell)."""
+
+
 def measure_batch(
-    adapter: Adapter, model: str, batch_size: int, settings: ProfileSettings, inputs_for: Callable[[int], object]
+    adapter: Adapter,
+    model: str,
+    batch_size: int,
+    settings: ProfileSettings,
+    inputs_for: Callable[[int], object],
+    server_cpu: CpuClock | None = None,
 ) -> BatchPoint:
     inputs = inputs_for(batch_size)
     for _ in range(settings.warmup):
         adapter.infer(model, inputs)  # type: ignore[arg-type]
     before = adapter.stats(model)
+    cpu_before = server_cpu() if server_cpu is not None else None
     latencies: list[float] = []
     deadline = time.perf_counter() + settings.budget_s
     while len(latencies) < settings.samples and (not latencies or time.perf_counter() < deadline):
         started = time.perf_counter()
         adapter.infer(model, inputs)  # type: ignore[arg-type]
         latencies.append((time.perf_counter() - started) * 1000.0)
+    cpu_after = server_cpu() if server_cpu is not None else None
     server_ms = _server_compute_ms(before, adapter.stats(model), batch_size)
     ms = np.asarray(latencies)
     extra = {"samples": len(latencies)} | ({"server_compute_ms": round(server_ms, 4)} if server_ms else {})
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None:
+        # The stats call above falls inside the window; its CPU is tiny next to the batches'.
+        cpu_ms = round(max(cpu_after - cpu_before, 0.0) * 1000.0 / len(latencies), 4)
     stats = LatencyStats(
-        mean=float(ms.mean()), p50=float(np.percentile(ms, 50)), p99=float(np.percentile(ms, 99)), **extra
+        mean=float(ms.mean()),
+        p50=float(np.percentile(ms, 50)),
+        p99=float(np.percentile(ms, 99)),
+        server_cpu_ms=cpu_ms,
+        **extra,
     )
     return BatchPoint(batch_size=batch_size, latency_ms=stats)
 
@@ -110,6 +131,7 @@ def profile_model(
     hardware: str,
     settings: ProfileSettings,
     progress: Callable[[ProfileProgress], None] | None = None,
+    server_cpu: CpuClock | None = None,
 ) -> ModelProfile:
     """Profile `model` on one replica; the model's serving config is restored afterwards.
 
@@ -128,7 +150,7 @@ def profile_model(
         for i, batch in enumerate(sizes):
             if progress is not None:
                 progress(ProfileProgress(model, batch, i, len(sizes)))
-            points.append(measure_batch(adapter, model, batch, settings, lambda n: example_inputs(info, n)))
+            points.append(measure_batch(adapter, model, batch, settings, lambda n: example_inputs(info, n), server_cpu))
         if progress is not None:
             progress(ProfileProgress(model, sizes[-1], len(sizes), len(sizes)))
     except (ServerError, KeyboardInterrupt) as exc:
@@ -167,6 +189,7 @@ def profile_to_directory(
     out_dir: str | Path,
     progress: Callable[[ProfileProgress], None] | None = None,
     written: Callable[[ProfileWritten], None] | None = None,
+    server_cpu: CpuClock | None = None,
 ) -> list[ProfileWritten]:
     """Profile each model and write its profile as soon as it is done.
 
@@ -186,7 +209,7 @@ def profile_to_directory(
     for model in models:
         started = time.perf_counter()
         try:
-            profile = profile_model(adapter, model, hardware, settings, progress)
+            profile = profile_model(adapter, model, hardware, settings, progress, server_cpu)
         except ProfileInterrupted as exc:
             if exc.partial is not None:
                 path = write_profile(exc.partial, out_dir)

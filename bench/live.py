@@ -39,7 +39,7 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
 from inferline.calibration import calibrate_profiles, live_stages
 from inferline.catalog import load_catalog
-from inferline.deployment import core_shortfall
+from inferline.deployment import available_cores, core_shortfall
 from inferline.heap import freeze_long_lived
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
@@ -118,6 +118,7 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
             calibrated_dir = Path(tmp) / "calibrated"
             cli = [sys.executable, "-m", "inferline.cli"]
             calibrate = [*cli, "calibrate", offline["plan_path"], "--metrics", offline["metrics_path"]]
+            calibrate += ["--cores", str(available_cores())]  # the run's replicas shared this machine
             subprocess.run([*calibrate, "--out", str(calibrated_dir)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
             _, replanned = _plan(name, trace, profiles=calibrated_dir, spec=spec)
             calibrated = _fidelity_run(replanned.model_copy(update={"spec": str(spec_path)}), trace, Path(tmp) / "cal")
@@ -156,12 +157,16 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
     # are from the router's, apart from how far the machine's speed drifted from the profiles.
     spec = load_spec(plan.spec)
     live = live_stages(metrics)
-    own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, min_calls=1)
-    with_own = predicted_p99_ms(spec, own, load_catalog(CATALOG), plan, load_trace(trace))
+    cores = available_cores()
+    own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, min_calls=1, cores=cores)
+    with_own = predicted_p99_ms(spec, own, load_catalog(CATALOG), plan, load_trace(trace), cores=cores)
+    # The estimate as planned: every replica on its own core.
+    own_cores = predicted_p99_ms(spec, load_profiles(plan.profiles), load_catalog(CATALOG), plan, load_trace(trace))
     return {
         "plan": {n: s.model_dump() for n, s in plan.stages.items()}, "cost_per_hour": plan.cost_per_hour,
         "estimated_p99_ms": est, "measured_p99_ms": meas,
-        "error": abs(est - meas) / meas if est and meas else None,
+        "error": abs(est - meas) / meas if est and meas else None, "estimate": result["estimate"],
+        "estimated_own_cores_p99_ms": round(own_cores, 3), "error_own_cores": abs(own_cores - meas) / meas,
         "estimated_with_own_live_p99_ms": round(with_own, 3), "error_with_own_live": abs(with_own - meas) / meas,
         "errors": result["errors"], "mean_batch": _mean_batches(metrics), "core_warning": core_shortfall(plan),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
@@ -177,7 +182,9 @@ def _public(run: dict[str, Any]) -> dict[str, Any]:
 def _fmt_fidelity(run: dict[str, Any]) -> str:
     return (
         f"estimated {run['estimated_p99_ms']} ms, measured {run['measured_p99_ms']} ms "
-        f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h; estimated with the run's own "
+        f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h; "
+        f"with a core per replica {run['estimated_own_cores_p99_ms']} ms ({100 * run['error_own_cores']:.1f}%); "
+        f"estimated with the run's own "
         f"live service times {run['estimated_with_own_live_p99_ms']} ms ({100 * run['error_with_own_live']:.1f}%)"
         + (f"; warning: {run['core_warning']}" if run["core_warning"] else "")
     )

@@ -32,12 +32,16 @@ def read_metrics(source: str) -> str:
         raise InferlineError(f"cannot read metrics file {source!r}: {exc.strerror}", "check the path") from None
 
 
-def metrics_source(args: argparse.Namespace) -> str:
+def metrics_source(args: argparse.Namespace) -> tuple[str, float | None]:
+    """Where the router's metrics are, and the cores its replicas shared (`--cores`, else a local `up`'s)."""
+    if args.cores is not None and not args.cores > 0:
+        raise InferlineError(f"--cores must be positive, got {args.cores:g}", "pass the cores the replicas shared")
     if args.metrics:
-        return str(args.metrics)
+        return str(args.metrics), args.cores
     from inferline.serve_command import read_up
 
-    return str(read_up(args.state_dir)["endpoints"]["metrics"])
+    up = read_up(args.state_dir)
+    return str(up["endpoints"]["metrics"]), args.cores if args.cores is not None else up.get("cores")
 
 
 def run_calibrate(args: argparse.Namespace, console: Console) -> int:
@@ -56,8 +60,9 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     spec = load_spec(plan.spec)
     profiles = load_profiles(source_dir)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
-    live = live_stages(read_metrics(metrics_source(args)))
-    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls)
+    source, cores = metrics_source(args)
+    live = live_stages(read_metrics(source))
+    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores)
     if all(c.ratio is None for c in done):
         raise InferlineError(
             f"the router's metrics hold fewer than {args.min_calls} calls for every stage of {plan.pipeline!r}",
@@ -73,12 +78,15 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
 def calibration_table(done: tuple[Calibration, ...]) -> Table:
     table = Table(
         title="Calibration from the router's measurements",
-        caption="ratio: live over profiled call time; router ms: the router's time per batch between calls",
+        caption="ratio: live over profiled call time; router ms: the router's time per batch between calls; "
+        "shared cores: how much calls beside it slowed a call (taken out of the profile)",
     )
-    for column in ("model", "hardware", "stages", "calls", "ratio", "router ms"):
+    for column in ("model", "hardware", "stages", "calls", "ratio", "router ms", "shared cores"):
         left = column in ("model", "hardware", "stages")
         table.add_column(column, justify="left" if left else "right", no_wrap=column == "model")
     for c in done:
         ratio = f"{c.ratio:.3f}" if c.ratio is not None else "kept: few calls"
-        table.add_row(c.model, c.hardware, ",".join(c.stages), str(c.calls), ratio, f"{c.dispatch_ms:.3f}")
+        table.add_row(
+            c.model, c.hardware, ",".join(c.stages), str(c.calls), ratio, f"{c.dispatch_ms:.3f}", f"x{c.contention:.3f}"
+        )
     return table

@@ -12,12 +12,24 @@ planned model's profile from the router's metrics:
 
 One ratio per model and hardware keeps the profile's shape (its batching gain) at sizes live
 traffic never reached, and a size seen a few times weighs only as much as its calls.
+
+Where the replicas shared a machine's cores (`cores`), a call measured live was also slowed by the
+calls running beside it. Calibrating that into the profile would count it twice once the
+prediction shares the cores itself (`planner/shared_cores.py`), so the call part is divided by
+the stage's mean slowdown c under the same sharing rule, from the router's histogram of calls
+under way when each call started (inferline_router_concurrent_calls):
+
+    calibrated(n) = profiled(n) * r / c + d,   c = mean over calls of 1 + u * (max(1, D / cores) - 1)
+
+where u is the model's share of a call spent on a core (its profile's server CPU time; 1 where
+not measured) and D the cores the calls under way demanded: k calls at the pipeline's mean share.
+The profile's CPU time is scaled with its call time, so its share of a call stays as profiled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +51,9 @@ class LiveStage:
     dispatch_ms: float
     """Mean router time between back-to-back calls (0 when never back to back)."""
     dispatches: int
+    concurrency: Mapping[float, int] = field(default_factory=dict)
+    """Calls under way in the pipeline when a call of this stage started -> how many calls (a
+    histogram: the bucket's upper bound where a bucket spans more than one count)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,8 @@ class Calibration:
     ratio: float | None
     """Live over profiled call time; None when too few calls to calibrate."""
     dispatch_ms: float
+    contention: float = 1.0
+    """Mean slowdown of the live calls by calls beside them on shared cores (1: none, or not asked)."""
 
 
 def live_stages(metrics_text: str) -> dict[str, LiveStage]:
@@ -61,11 +78,14 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
             "reading router metrics needs prometheus-client", "pip install 'inferline[router]'"
         ) from None
     sums: dict[tuple[str, str, int], float] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
     try:
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
                 kind = sample.name.rsplit("_", 1)[-1]
                 stage = sample.labels.get("stage")
+                if stage is not None and sample.name == "inferline_router_concurrent_calls_bucket":
+                    buckets.setdefault(stage, []).append((float(sample.labels["le"]), sample.value))
                 if stage is None or kind not in ("sum", "count"):
                     continue
                 if sample.name.startswith("inferline_router_call_seconds_"):
@@ -85,7 +105,19 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
         }
         dispatches = int(sums.get(("dispatch_count", stage, 0), 0.0))
         dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
-        out[stage] = LiveStage(calls, dispatch_ms, dispatches)
+        out[stage] = LiveStage(calls, dispatch_ms, dispatches, _histogram(buckets.get(stage, [])))
+    return out
+
+
+def _histogram(cumulative: list[tuple[float, float]]) -> dict[float, int]:
+    """Counts per bucket from Prometheus' cumulative buckets (the +Inf one kept as the last bound seen x 2)."""
+    out: dict[float, int] = {}
+    below, last = 0.0, 0.0
+    for bound, count in sorted(cumulative):
+        value = bound if bound != float("inf") else 2 * last
+        if count > below:
+            out[value] = int(count - below)
+        below, last = count, bound if bound != float("inf") else last
     return out
 
 
@@ -95,15 +127,22 @@ def calibrate_profiles(
     profiles: Mapping[str, ModelProfile],
     live: Mapping[str, LiveStage],
     min_calls: int = MIN_CALLS,
+    cores: float | None = None,
 ) -> tuple[dict[str, ModelProfile], tuple[Calibration, ...]]:
     """The profiles with each planned model's hardware calibrated; what was done, per model and hardware.
 
     Stages serving the same model on the same hardware pool their calls. Models with fewer than
-    `min_calls` calls keep their profile (reported with ratio None).
+    `min_calls` calls keep their profile (reported with ratio None). With `cores`, the replicas
+    shared that many cores in the run, and the slowdown that caused is taken out (module doc).
     """
     groups: dict[tuple[str, str], list[str]] = {}
     for stage in spec.stages:
         groups.setdefault((stage.model, plan.stage(stage.name).hardware), []).append(stage.name)
+    shares = {key: _cpu_share(profiles[key[0]], key[1], stages, live) for key, stages in groups.items()}
+    weights = {
+        key: sum(c for s in stages if s in live for _, c in live[s].calls.values()) for key, stages in groups.items()
+    }
+    mean_share = sum(shares[k] * weights[k] for k in groups) / max(sum(weights.values()), 1)
     out = dict(profiles)
     done = []
     for (model, hardware), stages in groups.items():
@@ -125,16 +164,56 @@ def calibrate_profiles(
         live_total = sum(ms * c for _, ms, c in observed)
         profiled_total = sum(float(np.interp(n, sizes, means)) * c for n, _, c in observed)
         ratio = live_total / profiled_total
-        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls)
-        done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms))
+        contention = 1.0
+        if cores is not None:
+            under_way: dict[float, int] = {}
+            for s in stages:
+                for k, c in (live[s].concurrency if s in live else {}).items():
+                    under_way[k] = under_way.get(k, 0) + c
+            contention = mean_slowdown(under_way, shares[(model, hardware)], mean_share, cores)
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention)
+        done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention))
     return out, tuple(done)
 
 
-def _scaled(profile: ModelProfile, hardware: str, ratio: float, dispatch_ms: float, calls: int) -> ModelProfile:
+def mean_slowdown(under_way: Mapping[float, int], share: float, mean_share: float, cores: float) -> float:
+    """Mean slowdown of calls that started with k calls under way (itself included), by the sharing rule.
+
+    The call itself demands `share` of a core, each of the others the pipeline's `mean_share`.
+    """
+    total = sum(under_way.values())
+    if total == 0:
+        return 1.0
+    slowed = sum(
+        count * (1.0 + share * (max(1.0, (share + (k - 1) * mean_share) / cores) - 1.0))
+        for k, count in under_way.items()
+    )
+    return slowed / total
+
+
+def _cpu_share(profile: ModelProfile, hardware: str, stages: list[str], live: Mapping[str, LiveStage]) -> float:
+    """The model's share of a call spent on a core, weighted by the live calls per batch size (1 if unmeasured)."""
+    biggest = max(profile.batch_sizes(hardware))
+    table = profile.cpu_shares(hardware, biggest)
+    if table is None:
+        return 1.0
+    weighted = [(table[min(n, biggest)], c) for s in stages if s in live for n, (_, c) in live[s].calls.items()]
+    count = sum(c for _, c in weighted)
+    if count == 0:
+        return float(table[1:].mean())
+    return float(sum(u * c for u, c in weighted) / count)
+
+
+def _scaled(
+    profile: ModelProfile, hardware: str, ratio: float, dispatch_ms: float, calls: int, contention: float
+) -> ModelProfile:
+    factor = ratio / contention
+
     def scaled(stats: LatencyStats) -> LatencyStats:
         values = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99}
-        changed = {k: None if v is None else v * ratio + dispatch_ms for k, v in values.items()}
-        return LatencyStats(**{**stats.model_dump(), **changed})
+        changed = {k: None if v is None else v * factor + dispatch_ms for k, v in values.items()}
+        cpu = None if stats.server_cpu_ms is None else stats.server_cpu_ms * factor
+        return LatencyStats(**{**stats.model_dump(), **changed, "server_cpu_ms": cpu})
 
     points = tuple(
         BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": scaled(p.latency_ms)})
@@ -142,4 +221,6 @@ def _scaled(profile: ModelProfile, hardware: str, ratio: float, dispatch_ms: flo
     )
     record = dict((profile.model_extra or {}).get("calibration") or {})
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
+    if contention != 1.0:
+        record[hardware]["contention"] = round(contention, 4)
     return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}, "calibration": record})

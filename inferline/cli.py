@@ -136,6 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--plan", help="the plan it serves (for the estimate and cost; default: from up.json)")
     rp.add_argument("--pipeline", help="pipeline (model) name at --endpoint (default: the plan's)")
     rp.add_argument("--slo-ms", type=float, help="SLO for the miss rate (default: the plan's)")
+    rp.add_argument(
+        "--cores",
+        type=float,
+        help="estimate with every replica sharing this many cores (default: a local `up` deployment's cores)",
+    )
     rp.add_argument("--timeout-s", type=float, default=30.0, help="per-query timeout")
     rp.add_argument("--seed", type=int, default=0, help="seed of the random query inputs")
     rp.add_argument("--json", action="store_true", help="print the run results as JSON")
@@ -149,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("--metrics", help="the router's /metrics URL, or a file saved from it (default: from up.json)")
     ca.add_argument("--profiles", help="profiles to calibrate (default: the plan's)")
     ca.add_argument("--min-calls", type=int, default=MIN_CALLS, help="calls a model needs before it is calibrated")
+    ca.add_argument(
+        "--cores",
+        type=float,
+        help="the replicas shared this many cores in the run: take out how they slowed each other "
+        "(default: a local `up` deployment's cores when the metrics come from it)",
+    )
     dn = sub.add_parser("down", help="stop what `inferline up` started")
     dn.add_argument("--state-dir", default=".inferline")
 

@@ -63,6 +63,11 @@ def check_plan(spec: PipelineSpec, plan: Plan) -> None:
             )
 
 
+def available_cores() -> int:
+    """The cores this process may run on (Linux), else the machine's: what local replicas share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def core_shortfall(plan: Plan, cores: int | None = None) -> str | None:
     """A one-line warning when the plan's replicas need more cores than this machine lets us use.
 
@@ -72,8 +77,8 @@ def core_shortfall(plan: Plan, cores: int | None = None) -> str | None:
     10-16 ms per call during bursts against 6-7 ms alone). Replicas that only wait (the emulated
     models) are not affected, so this warns rather than refuses.
     """
-    if cores is None:  # the cores this process may run on (Linux), else the machine's
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores is None:
+        cores = available_cores()
     needed = sum(stage.replicas for stage in plan.stages.values() if stage.hardware == LOCAL_HARDWARE)
     if needed <= cores:
         return None
@@ -228,6 +233,7 @@ class LocalDeployment:
             "server_pid": self.server_pid,
             "server_address": self._address,
             "server_options": dict(self._options),
+            "cores": available_cores(),
         }
 
     def stop(self) -> None:

@@ -29,13 +29,14 @@ from rich.table import Table
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.profiler import ProfileSettings, profile_to_directory
 from inferline.catalog import load_catalog
-from inferline.deployment import LocalDeployment
+from inferline.deployment import LocalDeployment, available_cores
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveTuner
 from inferline.plan import Plan
 from inferline.planner.planning import make_plan
 from inferline.planner.tuning.registry import make_policy
+from inferline.process_cpu import group_clock
 from inferline.profiles import load_profiles
 from inferline.replay_command import Target, progress_printer, replay_against, results_for
 from inferline.router.prediction import predicted_latencies_ms
@@ -66,7 +67,8 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
         adapter = connect("triton", handle.address, **handle.options)
         try:
             settings = ProfileSettings(BATCH_SIZES, warmup=3, samples=10, budget_s=5.0)
-            for written in profile_to_directory(adapter, models, "cpu", settings, profiles_dir):
+            cpu = group_clock(handle.pid)
+            for written in profile_to_directory(adapter, models, "cpu", settings, profiles_dir, server_cpu=cpu):
                 console.print(f"profiled {written.model} in {written.wall_s:.1f} s -> {written.path}")
         finally:
             adapter.close()
@@ -147,7 +149,8 @@ def deploy_and_replay(
         if policy is not None:
             live = LiveTuner(deployment.router, deployment, policy, plan, tick_s=1.0).start()
         inputs = deployment.router.input_specs()
-        target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None, tuner)
+        cores = float(available_cores())  # every replica runs on this machine
+        target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None, tuner, cores=cores)
         freeze_long_lived()  # the router runs in this process: no collector pause mid-replay
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))

@@ -15,6 +15,7 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
 from inferline.agent.profiler import ProfileProgress, ProfileSettings, ProfileWritten, profile_to_directory
 from inferline.errors import InferlineError
+from inferline.process_cpu import group_clock
 from inferline.spec import load_spec, with_probabilities, write_spec
 
 
@@ -71,7 +72,9 @@ def run_profile(args: argparse.Namespace, console: Console) -> int:
                 def on_progress(p: ProfileProgress) -> None:
                     bar.update(tasks[p.model], completed=p.done, description=f"{p.model} batch {p.batch_size}")
 
-                results = profile_to_directory(adapter, models, args.hardware, settings, args.out, on_progress)
+                results = profile_to_directory(
+                    adapter, models, args.hardware, settings, args.out, on_progress, server_cpu=group_clock(handle.pid)
+                )
         finally:
             adapter.close()
     table = Table(title=f"profiles written to {args.out}")

@@ -21,6 +21,11 @@ class LatencyStats(BaseModel):
     mean: float = Field(gt=0, description="Mean batch latency in ms.")
     p50: float | None = Field(default=None, gt=0)
     p99: float | None = Field(default=None, gt=0)
+    server_cpu_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description="CPU time the model server spent per batch (all its processes), where the profiler could read it.",
+    )
 
 
 class BatchPoint(BaseModel):
@@ -75,6 +80,22 @@ class ModelProfile(BaseModel):
             )
         table = np.zeros(max_batch_size + 1)
         table[1:] = np.interp(np.arange(1, max_batch_size + 1, dtype=np.float64), sizes, lat)
+        return table
+
+    def cpu_shares(self, hardware: str, max_batch_size: int) -> NDArray[np.float64] | None:
+        """The fraction of a batch's latency spent on a core, for n = 0..max_batch_size (index 0: 0.0).
+
+        From the points whose server CPU time was measured, interpolated like `service_times_ms`
+        and clipped to [0, 1] (a server may use more than one core per call); None where no point
+        has it (e.g. a remote server, whose processes the profiler cannot see).
+        """
+        pts = [p for p in self.points(hardware) if p.latency_ms.server_cpu_ms is not None]
+        if not pts:
+            return None
+        sizes = np.array([p.batch_size for p in pts], dtype=np.float64)
+        shares = np.array([p.latency_ms.server_cpu_ms / p.latency_ms.mean for p in pts], dtype=np.float64)  # type: ignore[operator]
+        table = np.zeros(max_batch_size + 1)
+        table[1:] = np.clip(np.interp(np.arange(1, max_batch_size + 1, dtype=np.float64), sizes, shares), 0.0, 1.0)
         return table
 
     def throughput_qps(self, hardware: str, batch_size: int) -> float:

@@ -51,6 +51,8 @@ class Target:
     """The live tuner the pipeline runs (`none` or None: a static plan)."""
     protocol: str = "grpc"
     """How `endpoint` is called: "grpc" or "http" (KServe v2 either way)."""
+    cores: float | None = None
+    """The cores all replicas share (a local deployment); None: each has its own, as planned."""
 
 
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
@@ -133,13 +135,15 @@ def run_estimate(
     decisions: Sequence[Mapping[str, Any]],
     static_latencies_ms: NDArray[np.float64] | None = None,
     fallback_decisions: Sequence[Mapping[str, Any]] = (),
+    cores: float | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run.
 
     A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
-    prediction (`static_latencies_ms` when the caller already has it).
+    prediction (`static_latencies_ms` when the caller already has it), with the replicas sharing
+    `cores` cores where given.
     """
     if tuner is None or tuner == "none":
         if static_latencies_ms is not None:
@@ -148,12 +152,13 @@ def run_estimate(
             return no_estimate("no plan with its profiles and spec to estimate from")
         else:
             profiles = load_profiles(plan.profiles)
-            latencies_ms = predicted_latencies_ms(spec, profiles, plan_catalog(plan), plan, arrivals_s)
+            latencies_ms = predicted_latencies_ms(spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores)
+        sharing = f", replicas sharing {cores:g} cores" if cores is not None and static_latencies_ms is None else ""
         return {
             "estimated_p99_ms": p99(latencies_ms),
             "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
             "estimated_startup_s": None,
-            "estimate": "static plan",
+            "estimate": f"static plan{sharing}",
         }
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
@@ -208,7 +213,7 @@ def results_for(
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
     try:
         estimate = run_estimate(
-            plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback
+            plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores
         )
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
@@ -223,8 +228,20 @@ def results_for(
 
 
 def target_from(
-    state_dir: str | None, endpoint: str | None, plan_path: str | None, pipeline: str | None, protocol: str = "grpc"
+    state_dir: str | None,
+    endpoint: str | None,
+    plan_path: str | None,
+    pipeline: str | None,
+    protocol: str = "grpc",
+    cores: float | None = None,
 ) -> Target:
+    """The pipeline to replay against: given by address, or the one `inferline up` started from `state_dir`.
+
+    The replicas of a local deployment share its machine's cores (as `up` recorded them), unless
+    `cores` says otherwise.
+    """
+    if cores is not None and not cores > 0:
+        raise InferlineError(f"--cores must be positive, got {cores:g}", "pass the cores the replicas share")
     from inferline.serve_command import DECISIONS_FILE, read_up
 
     up = read_up(state_dir) if endpoint is None and state_dir is not None else None
@@ -236,7 +253,8 @@ def target_from(
     if address is None or name is None:
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
-    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol)
+    shared = cores if cores is not None else (up or {}).get("cores")
+    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared)
 
 
 async def entry_inputs(target: Target) -> list[TensorSpec]:
@@ -263,7 +281,7 @@ def progress_printer(console: Any) -> Any:
 def run_replay(args: Any, console: Any) -> int:
     from inferline.traces import load_trace
 
-    target = target_from(args.state_dir, args.endpoint, args.plan, args.pipeline, args.protocol)
+    target = target_from(args.state_dir, args.endpoint, args.plan, args.pipeline, args.protocol, args.cores)
     arrivals = load_trace(args.trace)
     if args.timeout_s <= 0:
         raise InferlineError(f"--timeout-s must be positive, got {args.timeout_s:g}", "pass seconds")

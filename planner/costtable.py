@@ -24,6 +24,8 @@ class HardwareOption:
     batch_sizes: tuple[int, ...]
     service_s: NDArray[np.float64]
     """Mean batch service time in seconds for n = 0..max(batch_sizes) (index 0 is 0.0)."""
+    cpu_share: NDArray[np.float64] | None = None
+    """Fraction of service_s[n] spent on a core (same indexing); None where the profile did not measure it."""
 
     def service_time_s(self, batch: int) -> float:
         return float(self.service_s[batch])
@@ -74,6 +76,7 @@ def build_cost_table(model: PipelineModel, profiles: Mapping[str, ModelProfile],
                 price_per_hour=catalog.price(hw),
                 batch_sizes=sizes,
                 service_s=profile.service_times_ms(hw, sizes[-1]) / 1000.0,
+                cpu_share=profile.cpu_shares(hw, sizes[-1]),
             )
         if not options:
             raise ProfileError(

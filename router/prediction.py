@@ -3,7 +3,8 @@
 Pure (planner, spec, profiles, catalog and plan only; no network), though it lives with the data
 plane because only the replay tool needs it. It runs the very simulation the planner ran
 (`Estimator.latencies_s`, same seed for the conditional edges), so for the plan's own trace the
-P99 here equals the plan's `estimated_p99_ms`.
+P99 here equals the plan's `estimated_p99_ms`. Where the replicas share a machine's cores (a local
+deployment), `cores` predicts with that sharing instead (`planner/shared_cores.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from inferline.planner.costtable import build_cost_table
 from inferline.planner.estimator import Estimator, p99
 from inferline.planner.pipeline import Config, pipeline_model
 from inferline.planner.planning import plan_config
+from inferline.planner.shared_cores import shared_core_latencies_s
 from inferline.profiles import ModelProfile
 from inferline.spec import PipelineSpec
 
@@ -47,11 +49,13 @@ def predicted_latencies_ms(
     arrivals_s: NDArray[np.float64],
     seed: int = 0,
     replicas: Mapping[str, int] | None = None,
+    cores: float | None = None,
 ) -> NDArray[np.float64]:
     """Every query's end-to-end latency (ms) as the estimator simulates the plan over the trace.
 
     `replicas` overrides the plan's replica counts per stage (e.g. what the live tuner chose).
-    `seed` samples the conditional edges; `make_plan` uses 0 by default.
+    `seed` samples the conditional edges; `make_plan` uses 0 by default. `cores`: every replica
+    shares that many cores (None: each has its own hardware, as planned).
     """
     model = pipeline_model(spec)
     table = build_cost_table(model, profiles, catalog)
@@ -59,7 +63,10 @@ def predicted_latencies_ms(
     if replicas:
         config = with_replicas(config, model.names, replicas)
     estimator = Estimator(model, table, np.asarray(arrivals_s, dtype=np.float64), plan.slo_ms / 1000.0, seed=seed)
-    latencies_s, _ = estimator.latencies_s(config)
+    if cores is not None:
+        latencies_s, _ = shared_core_latencies_s(estimator, config, cores)
+    else:
+        latencies_s, _ = estimator.latencies_s(config)
     return latencies_s * 1000.0
 
 
@@ -71,6 +78,7 @@ def predicted_p99_ms(
     arrivals_s: NDArray[np.float64],
     seed: int = 0,
     replicas: Mapping[str, int] | None = None,
+    cores: float | None = None,
 ) -> float:
     """The estimator's nearest-rank P99 (ms) of the plan over the trace (see `predicted_latencies_ms`)."""
-    return p99(predicted_latencies_ms(spec, profiles, catalog, plan, arrivals_s, seed, replicas))
+    return p99(predicted_latencies_ms(spec, profiles, catalog, plan, arrivals_s, seed, replicas, cores))

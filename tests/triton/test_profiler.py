@@ -16,8 +16,9 @@ from inferline.adapters.base import ServingConfig, example_inputs
 from inferline.adapters.triton.adapter import TritonAdapter
 from inferline.adapters.triton.server import EmbeddedTriton
 from inferline.agent.profiler import ProfileInterrupted, ProfileSettings, profile_model, profile_to_directory
+from inferline.process_cpu import group_clock
 from inferline.profiles import load_profile
-from tests.model_repos import add_emulated, settled_stats
+from tests.model_repos import add_emulated, add_example, settled_stats
 
 A_MS, B_MS = 40.0, 4.0
 SIZES = (1, 2, 4, 8, 16, 32)
@@ -28,7 +29,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
     repo = tmp_path_factory.mktemp("repo")
     add_emulated(repo, "known", A_MS, B_MS)
     add_emulated(repo, "fast", 1.0, 0.2, max_batch=8)
-    with EmbeddedTriton(repo, ["known", "fast"]) as s:
+    add_example(repo, "preprocess")
+    with EmbeddedTriton(repo, ["known", "fast", "preprocess"]) as s:
         yield s
 
 
@@ -51,6 +53,21 @@ def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms(adapter: TritonAd
         assert abs(server_ms - truth) <= tolerance
         assert point.latency_ms.p50 is not None and point.latency_ms.p99 is not None
         assert point.latency_ms.p99 >= point.latency_ms.p50
+
+
+def test_profile_records_how_much_of_a_call_the_server_spent_on_a_core(
+    server: EmbeddedTriton, adapter: TritonAdapter
+) -> None:
+    assert server.process is not None
+    clock = group_clock(server.process.pid)
+    settings = ProfileSettings(batch_sizes=(1, 8), warmup=3, samples=10)
+    for model, low, high in (("known", 0.0, 0.3), ("preprocess", 0.5, 1.2)):
+        # "known" sleeps through its calls; preprocess computes (numpy) through them.
+        for point in profile_model(adapter, model, "cpu", settings, server_cpu=clock).points("cpu"):
+            cpu_ms = point.latency_ms.server_cpu_ms
+            assert cpu_ms is not None and low <= cpu_ms / point.latency_ms.mean <= high, (model, point)
+    without = profile_model(adapter, "known", "cpu", ProfileSettings(batch_sizes=(1,), warmup=0, samples=2))
+    assert without.points("cpu")[0].latency_ms.server_cpu_ms is None
 
 
 def test_profiling_restores_the_serving_config(adapter: TritonAdapter) -> None:

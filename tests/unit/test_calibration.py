@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from prometheus_client import generate_latest
 
 from inferline.adapters.base import ModelInfo, ServingConfig, TensorSpec
-from inferline.calibration import LiveStage, calibrate_profiles, live_stages
+from inferline.calibration import LiveStage, calibrate_profiles, live_stages, mean_slowdown
 from inferline.cli import main
 from inferline.plan import load_plan
 from inferline.profiles import load_profile, load_profiles, parse_profile
@@ -198,6 +198,7 @@ def test_calibrate_command_writes_every_profile_and_plans_with_them(
         ("nothing-up", "nothing is running from"),
         ("not-metrics", "not a router's Prometheus text"),
         ("profiles-lack-a-model", "model 'emulated-detector' has no profile"),
+        ("cores-not-positive", "--cores must be positive, got 0"),
     ],
 )
 def test_calibrate_bad_input_is_one_line(
@@ -219,9 +220,76 @@ def test_calibrate_bad_input_is_one_line(
         "nothing-up": ["--state-dir", str(tmp_path / "nothing"), "--out", out],
         "not-metrics": ["--metrics", str(garbage), "--out", out],
         "profiles-lack-a-model": ["--metrics", str(metrics), "--profiles", str(partial), "--out", out],
+        "cores-not-positive": ["--metrics", str(metrics), "--cores", "0", "--out", out],
     }[case]
     assert main(["calibrate", str(emulated_plan), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not Path(out).exists()
     assert load_profiles(PROFILES)  # the source profiles are untouched
+
+
+def _cpu_profile(model: str, means: dict[int, float], share: float) -> object:
+    points = [{"batch_size": n, "latency_ms": {"mean": ms, "server_cpu_ms": share * ms}} for n, ms in means.items()]
+    return parse_profile({"model": model, "profiles": {"cpu": points}}, "test")
+
+
+@pytest.mark.parametrize(
+    ("under_way", "share", "mean_share", "cores", "expected"),
+    [
+        ({1: 10, 2: 10}, 1.0, 1.0, 2.0, 1.0),  # never more calls than cores
+        ({4: 10}, 1.0, 1.0, 2.0, 2.0),  # four compute-bound calls on two cores: each at half speed
+        ({3: 10, 1: 10}, 1.0, 1.0, 2.0, (1.5 + 1.0) / 2),
+        ({4: 10}, 0.1, 0.1, 2.0, 1.0),  # calls that mostly wait do not fill the cores
+        ({4: 10}, 0.5, 1.0, 2.0, 1.0 + 0.5 * ((0.5 + 3.0) / 2.0 - 1.0)),  # only its own share slows
+        ({}, 1.0, 1.0, 2.0, 1.0),
+    ],
+)
+def test_mean_slowdown_follows_the_sharing_rule(
+    under_way: dict[float, int], share: float, mean_share: float, cores: float, expected: float
+) -> None:
+    assert mean_slowdown(under_way, share, mean_share, cores) == pytest.approx(expected)
+
+
+def test_calibration_takes_out_the_slowdown_of_shared_cores() -> None:
+    profiles = {"m": _cpu_profile("m", {1: 10.0, 4: 16.0}, 1.0), "n": _cpu_profile("n", {1: 5.0, 4: 8.0}, 1.0)}
+    # Every call of every stage started with 4 calls under way: on 2 cores each ran at half speed.
+    live = {s: LiveStage({1: (20.0, 50)}, 0.5, 40, concurrency={4.0: 50}) for s in ("one", "two", "three")}
+    plan = _plan_for(PAIR)
+    plain, plain_done = calibrate_profiles(PAIR, plan, profiles, live)  # type: ignore[arg-type]
+    shared, done = calibrate_profiles(PAIR, plan, profiles, live, cores=2.0)  # type: ignore[arg-type]
+    assert [c.contention for c in plain_done] == [1.0, 1.0]
+    assert [c.contention for c in done] == pytest.approx([2.0, 2.0])
+    assert [c.ratio for c in done] == [c.ratio for c in plain_done]  # what was measured is reported as is
+    point, plain_point = shared["m"].points("cpu")[0].latency_ms, plain["m"].points("cpu")[0].latency_ms
+    assert plain_point.mean == pytest.approx(20.0 + 0.5)
+    assert point.mean == pytest.approx(10.0 + 0.5)  # ratio 2 / slowdown 2, plus the router's time
+    assert point.server_cpu_ms == pytest.approx(10.0)  # the share of a call on a core stays as profiled
+    assert (shared["m"].model_extra or {})["calibration"]["cpu"]["contention"] == 2.0
+    # With more cores than calls under way there is nothing to take out.
+    roomy, _ = calibrate_profiles(PAIR, plan, profiles, live, cores=4.0)  # type: ignore[arg-type]
+    assert roomy["m"].points("cpu")[0].latency_ms.mean == pytest.approx(plain_point.mean)
+
+
+def test_calls_that_mostly_wait_are_not_taken_for_contention() -> None:
+    waiting = {"m": _cpu_profile("m", {1: 10.0, 4: 16.0}, 0.1), "n": _cpu_profile("n", {1: 5.0, 4: 8.0}, 0.1)}
+    live = {s: LiveStage({1: (12.0, 50)}, 0.0, 0, concurrency={4.0: 50}) for s in ("one", "two", "three")}
+    out, done = calibrate_profiles(PAIR, _plan_for(PAIR), waiting, live, cores=2.0)  # type: ignore[arg-type]
+    assert [c.contention for c in done] == [1.0, 1.0]
+    assert out["m"].points("cpu")[0].latency_ms.mean == pytest.approx(12.0)
+
+
+def test_live_stages_reads_the_concurrency_histogram() -> None:
+    text = METRICS + (
+        "# TYPE inferline_router_concurrent_calls histogram\n"
+        'inferline_router_concurrent_calls_bucket{le="1.0",stage="detect"} 5.0\n'
+        'inferline_router_concurrent_calls_bucket{le="2.0",stage="detect"} 12.0\n'
+        'inferline_router_concurrent_calls_bucket{le="3.0",stage="detect"} 12.0\n'
+        'inferline_router_concurrent_calls_bucket{le="6.0",stage="detect"} 15.0\n'
+        'inferline_router_concurrent_calls_bucket{le="+Inf",stage="detect"} 16.0\n'
+        'inferline_router_concurrent_calls_count{stage="detect"} 16.0\n'
+        'inferline_router_concurrent_calls_sum{stage="detect"} 40.0\n'
+    )
+    live = live_stages(text)
+    assert dict(live["detect"].concurrency) == {1.0: 5, 2.0: 7, 6.0: 3, 12.0: 1}
+    assert dict(live["classify"].concurrency) == {}

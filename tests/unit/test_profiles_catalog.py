@@ -306,3 +306,21 @@ def test_custom_catalog(tmp_path: Path) -> None:
     cat = load_catalog(write_catalog(tmp_path, "hardware:\n  a100: {price_per_hour: 4.1, accelerator: true}\n"))
     assert list(cat.hardware) == ["a100"]
     assert cat.price("a100") == pytest.approx(4.1)
+
+
+def test_cpu_shares_interpolate_and_clip_the_measured_server_cpu() -> None:
+    from inferline.profiles import parse_profile
+
+    points = [
+        {"batch_size": 1, "latency_ms": {"mean": 10.0, "server_cpu_ms": 2.0}},
+        {"batch_size": 4, "latency_ms": {"mean": 20.0}},  # not measured: left out
+        {"batch_size": 8, "latency_ms": {"mean": 40.0, "server_cpu_ms": 60.0}},  # several threads: clipped
+    ]
+    profile = parse_profile({"model": "m", "profiles": {"cpu": points}}, "test")
+    shares = profile.cpu_shares("cpu", 8)
+    assert shares is not None
+    assert shares[0] == 0.0 and shares[1] == pytest.approx(0.2) and shares[8] == 1.0
+    assert shares[4] == pytest.approx(0.2 + (1.5 - 0.2) * 3 / 7)  # interpolated between the measured sizes
+    bare = [{"batch_size": 1, "latency_ms": {"mean": 1.0}}]
+    unmeasured = parse_profile({"model": "m", "profiles": {"cpu": bare}}, "t")
+    assert unmeasured.cpu_shares("cpu", 1) is None

@@ -188,7 +188,10 @@ def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_pa
     assert fast["estimated_slo_miss_rate"] == pytest.approx(sim.slo_miss_rate, abs=1e-6)
     unmeasured = run_estimate(plan, spec, arrivals, "inferline", [decision(0.0)])
     assert unmeasured["estimated_startup_s"] == DEFAULT_STARTUP_S and "default" in unmeasured["estimate"]
-    assert unmeasured["estimated_slo_miss_rate"] > fast["estimated_slo_miss_rate"]
+    assert unmeasured["estimated_p99_ms"] > fast["estimated_p99_ms"]  # replicas arrive 4.5 s later
+    slow = run_estimate(plan, spec, arrivals, "inferline", [decision(15.0)])
+    assert slow["estimated_startup_s"] == 15.0
+    assert slow["estimated_slo_miss_rate"] > fast["estimated_slo_miss_rate"]
     static = run_estimate(plan, spec, arrivals, "none", [])
     assert static["estimate"] == "static plan" and static["estimated_startup_s"] is None
     assert static["estimated_p99_ms"] > fast["estimated_p99_ms"]  # the static plan cannot follow the step

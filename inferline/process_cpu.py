@@ -1,0 +1,48 @@
+"""CPU time of a process group, read from Linux's /proc: what a local model server spent computing.
+
+A local server (the embedded Triton) runs in its own process group with its backends' processes
+(the Python backend runs each model instance in a stub process), so the group's CPU time is the
+server's. Per-thread scheduler statistics count nanoseconds; /proc/PID/stat counts 10 ms ticks,
+too coarse for a batch of a millisecond.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def group_cpu_s(pgid: int) -> float | None:
+    """Seconds of CPU that the live processes of group `pgid` have used; None where /proc cannot tell."""
+    if not (PROC / "self" / "schedstat").exists():
+        return None
+    total_ns = 0
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit() or _group_of(entry.name) != pgid:
+            continue
+        try:
+            for task in os.scandir(PROC / entry.name / "task"):
+                total_ns += int((PROC / entry.name / "task" / task.name / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the process or thread ended meanwhile
+    return total_ns / 1e9
+
+
+def group_clock(pgid: int | None) -> Callable[[], float | None] | None:
+    """A CPU clock for the profiler: the group's CPU seconds so far; None for a server not started here."""
+    if pgid is None:
+        return None
+    return lambda: group_cpu_s(pgid)
+
+
+def _group_of(pid: str) -> int | None:
+    try:
+        stat = (PROC / pid / "stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[2]) if len(fields) > 2 else None

@@ -1,0 +1,46 @@
+"""CPU time of a process group from /proc: what the profiler records as a local server's CPU per batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from inferline.process_cpu import group_clock, group_cpu_s
+
+BURN = """
+import os, sys, time
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+child = os.fork()
+burn(0.4)
+if child:
+    os.waitpid(child, os.WNOHANG)
+    time.sleep(0.3)  # the child has burnt its share by now
+    print("burnt", flush=True)
+time.sleep(60)
+"""
+
+
+def test_group_cpu_counts_every_live_process_of_the_group() -> None:
+    process = subprocess.Popen([sys.executable, "-c", BURN], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "burnt"
+        used = group_cpu_s(process.pid)
+        clock = group_clock(process.pid)
+        assert clock is not None
+        # Two processes burnt 0.4 s each (plus the interpreter's start): both counted, this one not.
+        assert used is not None and 0.75 <= used <= 1.6
+        again = clock()
+        assert again is not None and used <= again < used + 0.1  # idle now: the clock stands still
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_no_clock_for_a_server_not_started_here() -> None:
+    assert group_clock(None) is None

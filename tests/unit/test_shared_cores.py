@@ -1,0 +1,105 @@
+"""Replicas sharing cores (`shared_core_latencies_s`): the estimator where cores suffice, closed forms where not."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from inferline.planner.estimator import Estimator
+from inferline.planner.pipeline import StageConfig
+from inferline.planner.shared_cores import shared_core_latencies_s
+from tests.reference_sim import build_pipeline
+from tests.unit.test_estimator_reference import SEEDS, make_case
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_equals_the_estimator_when_the_cores_suffice(seed: int) -> None:
+    case = make_case(seed)
+    est = Estimator(case.model, case.table, case.arrivals, math.inf, seed=seed)
+    for config in case.configs:
+        replicas = sum(c.replicas for c in config)
+        expected, expected_stages = est.latencies_s(config)
+        for cores in (replicas, replicas + 0.5):
+            got, stages = shared_core_latencies_s(est, config, cores)
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, err_msg=f"config {config}")
+            if case.dyadic:
+                np.testing.assert_array_equal(got, expected)
+            for s in range(case.model.size):
+                np.testing.assert_allclose(stages[s], expected_stages[s], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:20])
+def test_fewer_cores_never_make_a_query_faster(seed: int) -> None:
+    case = make_case(seed)
+    est = Estimator(case.model, case.table, case.arrivals, math.inf, seed=seed)
+    config = case.configs[0]
+    own, _ = est.latencies_s(config)
+    replicas = sum(c.replicas for c in config)
+    shared, _ = shared_core_latencies_s(est, config, max(replicas - 1, 0.5))
+    # Processor sharing with FIFO queues is monotone per stage, but a slower batch can change which
+    # queries form the next one, so single queries may gain; the P99 and the total cannot.
+    assert np.nansum(shared) >= np.nansum(own) - 1e-9
+    assert np.nanpercentile(shared, 99) >= np.nanpercentile(own, 99) - 1e-9
+
+
+def one_stage(service_ms: float, share: float | None, replicas: int, arrivals: list[float]) -> Estimator:
+    point: dict[str, float] = {"mean": service_ms}
+    if share is not None:
+        point["server_cpu_ms"] = share * service_ms
+    profile = {"cpu": [{"batch_size": 1, "latency_ms": point}]}
+    model, table = build_pipeline([{"name": "only", "model": "m"}], {"m": profile})
+    return Estimator(model, table, np.asarray(arrivals), math.inf, seed=0)
+
+
+def test_two_compute_bound_calls_on_one_core_take_twice_as_long() -> None:
+    est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=1)
+    np.testing.assert_allclose(latencies, [2.0, 2.0], rtol=0, atol=1e-12)
+
+
+def test_a_call_runs_at_full_speed_again_once_alone() -> None:
+    # Alone until 0.5 s (half done), shared until the first finishes at 1.5 s (the second then has
+    # 0.5 s of work left), alone again until 2.0 s.
+    est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.5])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=1)
+    np.testing.assert_allclose(latencies, [1.5, 1.5], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("share", "expected_s"), [(0.0, 1.0), (0.5, 1.25), (1.0, 3.0)])
+def test_only_the_share_on_a_core_is_slowed(share: float, expected_s: float) -> None:
+    # Three calls at once on one core demand 3 x share cores: with share 0.5 each core is shared
+    # by 1.5 calls, and a call takes 0.5 + 0.5 * 1.5 = 1.25 times as long.
+    est = one_stage(1000.0, share, replicas=3, arrivals=[0.0, 0.0, 0.0])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 3),), cores=1)
+    np.testing.assert_allclose(latencies, expected_s, rtol=0, atol=1e-12)
+
+
+def test_a_profile_without_cpu_time_counts_as_compute_bound() -> None:
+    est = one_stage(1000.0, None, replicas=3, arrivals=[0.0, 0.0, 0.0])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 3),), cores=1)
+    np.testing.assert_allclose(latencies, 3.0, rtol=0, atol=1e-12)
+
+
+def test_stages_of_a_pipeline_slow_each_other() -> None:
+    # a -> b, one replica each, one core: query 0 runs at a alone (1 s); then b(query 0) and
+    # a(query 1, arrived at 0.5) share the core until both finish, 2 s later.
+    profile = {"cpu": [{"batch_size": 1, "latency_ms": {"mean": 1000.0, "server_cpu_ms": 1000.0}}]}
+    model, table = build_pipeline(
+        [{"name": "a", "model": "m"}, {"name": "b", "model": "m", "after": ["a"]}], {"m": profile}
+    )
+    est = Estimator(model, table, np.array([0.0, 0.5]), math.inf, seed=0)
+    config = (StageConfig("cpu", 1, 1), StageConfig("cpu", 1, 1))
+    own, _ = est.latencies_s(config)
+    np.testing.assert_allclose(own, [2.0, 2.5], rtol=0, atol=1e-12)
+    latencies, stages = shared_core_latencies_s(est, config, cores=1)
+    np.testing.assert_allclose(stages[0], [1.0, 3.0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stages[1], [3.0, 4.0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(latencies, [3.0, 3.5], rtol=0, atol=1e-12)
+
+
+def test_cores_must_be_positive() -> None:
+    est = one_stage(10.0, 1.0, replicas=1, arrivals=[0.0])
+    with pytest.raises(ValueError, match="cores must be positive"):
+        shared_core_latencies_s(est, (StageConfig("cpu", 1, 1),), cores=0)
