@@ -159,13 +159,18 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
     live = live_stages(metrics)
     cores = available_cores()
     own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, min_calls=1, cores=cores)
-    with_own = predicted_p99_ms(spec, own, load_catalog(CATALOG), plan, load_trace(trace), cores=cores)
+    generator_ms = (result.get("cpu_ms_per_query") or {}).get("load generator")
+    beside = (generator_ms / 1000.0,) if generator_ms is not None else ()
+    with_own = predicted_p99_ms(
+        spec, own, load_catalog(CATALOG), plan, load_trace(trace), cores=cores, background_s=beside
+    )
     # The estimate as planned: every replica on its own core.
     own_cores = predicted_p99_ms(spec, load_profiles(plan.profiles), load_catalog(CATALOG), plan, load_trace(trace))
     return {
         "plan": {n: s.model_dump() for n, s in plan.stages.items()}, "cost_per_hour": plan.cost_per_hour,
         "estimated_p99_ms": est, "measured_p99_ms": meas,
         "error": abs(est - meas) / meas if est and meas else None, "estimate": result["estimate"],
+        "cpu_ms_per_query": result.get("cpu_ms_per_query"),
         "estimated_own_cores_p99_ms": round(own_cores, 3), "error_own_cores": abs(own_cores - meas) / meas,
         "estimated_with_own_live_p99_ms": round(with_own, 3), "error_with_own_live": abs(with_own - meas) / meas,
         "errors": result["errors"], "mean_batch": _mean_batches(metrics), "core_warning": core_shortfall(plan),

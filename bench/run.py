@@ -22,9 +22,9 @@ from inferline.catalog import load_catalog
 from inferline.planner.closedloop import simulate_run
 from inferline.planner.costtable import build_cost_table
 from inferline.planner.estimator import Estimator
-from inferline.planner.shared_cores import shared_core_latencies_s
 from inferline.planner.pipeline import StageConfig, pipeline_model
 from inferline.planner.planning import make_plan, plan_config, run_strategy
+from inferline.planner.shared_cores import shared_core_latencies_s
 from inferline.planner.tuning.registry import make_policy
 from inferline.profiles import load_profiles
 from inferline.spec import load_spec

@@ -21,14 +21,26 @@ def group_cpu_s(pgid: int) -> float | None:
         return None
     total_ns = 0
     for entry in os.scandir(PROC):
-        if not entry.name.isdigit() or _group_of(entry.name) != pgid:
-            continue
-        try:
-            for task in os.scandir(PROC / entry.name / "task"):
-                total_ns += int((PROC / entry.name / "task" / task.name / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the process or thread ended meanwhile
+        if entry.name.isdigit() and _group_of(entry.name) == pgid:
+            total_ns += _threads_ns(entry.name)
     return total_ns / 1e9
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """Seconds of CPU that process `pid` (all its threads) has used; None where /proc cannot tell."""
+    if not (PROC / "self" / "schedstat").exists() or not (PROC / str(pid)).exists():
+        return None
+    return _threads_ns(str(pid)) / 1e9
+
+
+def _threads_ns(pid: str) -> int:
+    total = 0
+    try:
+        for task in os.scandir(PROC / pid / "task"):
+            total += int((PROC / pid / "task" / task.name / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass  # the process or a thread ended meanwhile
+    return total
 
 
 def group_clock(pgid: int | None) -> Callable[[], float | None] | None:

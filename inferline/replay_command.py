@@ -27,6 +27,7 @@ from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
+from inferline.process_cpu import process_cpu_s
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
@@ -53,6 +54,29 @@ class Target:
     """How `endpoint` is called: "grpc" or "http" (KServe v2 either way)."""
     cores: float | None = None
     """The cores all replicas share (a local deployment); None: each has its own, as planned."""
+    router_pid: int | None = None
+    """The process running the router, where it runs on this machine (its CPU shares the cores)."""
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU seconds used so far by the router's process (where it runs here) and by this load generator."""
+
+    router_s: float | None
+    client_s: float
+
+    @classmethod
+    def now(cls, router_pid: int | None) -> CpuReading:
+        return cls(process_cpu_s(router_pid) if router_pid is not None else None, time.process_time())
+
+    def per_query_s(self, later: CpuReading, queries: int) -> dict[str, float]:
+        """CPU seconds per query since this reading, per process."""
+        if queries <= 0:
+            return {}
+        client = (later.client_s - self.client_s) / queries
+        if self.router_s is not None and later.router_s is not None:
+            return {"router": (later.router_s - self.router_s) / queries, "load generator": client}
+        return {"load generator": client}
 
 
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
@@ -136,6 +160,7 @@ def run_estimate(
     static_latencies_ms: NDArray[np.float64] | None = None,
     fallback_decisions: Sequence[Mapping[str, Any]] = (),
     cores: float | None = None,
+    background_s: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run.
 
@@ -143,7 +168,7 @@ def run_estimate(
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
     prediction (`static_latencies_ms` when the caller already has it), with the replicas sharing
-    `cores` cores where given.
+    `cores` cores where given, beside processes that cost `background_s` CPU seconds per query.
     """
     if tuner is None or tuner == "none":
         if static_latencies_ms is not None:
@@ -152,8 +177,16 @@ def run_estimate(
             return no_estimate("no plan with its profiles and spec to estimate from")
         else:
             profiles = load_profiles(plan.profiles)
-            latencies_ms = predicted_latencies_ms(spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores)
-        sharing = f", replicas sharing {cores:g} cores" if cores is not None and static_latencies_ms is None else ""
+            beside = tuple((background_s or {}).values())
+            latencies_ms = predicted_latencies_ms(
+                spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside
+            )
+        sharing = ""
+        if cores is not None and static_latencies_ms is None:
+            sharing = f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}" + "".join(
+                f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query)"
+                for i, (name, s) in enumerate((background_s or {}).items())
+            )
         return {
             "estimated_p99_ms": p99(latencies_ms),
             "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
@@ -196,8 +229,14 @@ def results_for(
     started_unix: float,
     decisions: list[dict[str, Any]] | None = None,
     estimated_latencies_ms: NDArray[np.float64] | None = None,
+    cpu_s_per_query: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run results; `decisions` default to the tuner's log in the state dir.
+
+    `cpu_s_per_query`: the CPU seconds per query of the router and the load generator, measured
+    during the run (`CpuReading`), are reported. Where the replicas share this machine's cores, the
+    estimate counts the load generator's beside them, but not the router's: calibration already put the router's
+    costs into the service times (its call and dispatch times), and would count them twice.
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
@@ -211,10 +250,14 @@ def results_for(
     if plan is not None:
         cost = replica_cost(plan, plan_catalog(plan), decisions, result.duration_s)
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
+    # The load generator shares the replicas' cores only where the deployment runs here, too.
+    local = target.router_pid is not None
+    beside = {k: v for k, v in (cpu_s_per_query or {}).items() if k == "load generator" and local}
     try:
         estimate = run_estimate(
-            plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores
-        )
+            plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
+            beside,
+        )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
     out = run_results(
@@ -224,6 +267,8 @@ def results_for(
         cost_per_hour=cost_per_hour,
         decisions=decisions,
     )
+    if cpu_s_per_query:
+        out["cpu_ms_per_query"] = {name: round(1000 * s, 4) for name, s in cpu_s_per_query.items()}
     return out | estimate
 
 
@@ -254,7 +299,8 @@ def target_from(
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
     shared = cores if cores is not None else (up or {}).get("cores")
-    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared)
+    router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
+    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid)
 
 
 async def entry_inputs(target: Target) -> list[TensorSpec]:
@@ -290,10 +336,12 @@ def run_replay(args: Any, console: Any) -> int:
     console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
     freeze_long_lived()  # a collector pause mid-replay would show up as the pipeline's latency
     started = time.time()
+    before = CpuReading.now(target.router_pid)
     result = asyncio.run(
         replay_against(target, arrivals, slo_ms, inputs, args.timeout_s, args.seed, progress_printer(console))
     )
-    results = results_for(target, result, arrivals, started)
+    cpu = before.per_query_s(CpuReading.now(target.router_pid), result.sent)
+    results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.json:

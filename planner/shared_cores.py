@@ -12,6 +12,9 @@ alone, a fraction share(n) of it on a core (the rest waits: I/O, sleeps). With t
 way demanding D = sum of their shares, each core is shared by max(1, D / cores) of them, and a
 batch advances through its service at rate 1 / (1 + share * (max(1, D / cores) - 1)). Where
 D never exceeds the cores, every rate is 1 and the result equals the estimator's.
+
+A process beside the replicas on the same cores (a load generator) is a single thread that gets
+each query's CPU cost at the query's arrival and, while it has work left, demands one core.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ from inferline.planner.pipeline import Config
 
 
 def shared_core_latencies_s(
-    estimator: Estimator, config: Config, cores: float
+    estimator: Estimator, config: Config, cores: float, background_s: tuple[float, ...] = ()
 ) -> tuple[NDArray[np.float64], list[NDArray[np.float64]]]:
-    """Like `Estimator.latencies_s`, with every replica of the pipeline sharing `cores` cores."""
+    """Like `Estimator.latencies_s`, with every replica of the pipeline sharing `cores` cores.
+
+    `background_s`: per process beside the replicas on the same cores (e.g. a load generator), the
+    CPU seconds each query costs it.
+    """
     if not cores > 0:
         raise ValueError(f"cores must be positive, got {cores}")
+    if any(not b >= 0 for b in background_s):
+        raise ValueError(f"background CPU per query must be >= 0, got {background_s}")
     model, table = estimator.model, estimator.table
     options = [table[s].option(c.hardware) for s, c in enumerate(config)]
     widest = max(c.max_batch_size for c in config)
@@ -59,6 +68,7 @@ def shared_core_latencies_s(
         np.array([c.max_batch_size for c in config], dtype=np.int64),
         np.array([c.replicas for c in config], dtype=np.int64),
         float(cores),
+        np.asarray(background_s, dtype=np.float64).reshape(-1),
     )
     completion = np.empty_like(in_order)
     completion[:, order] = in_order
@@ -89,8 +99,13 @@ def run_shared(
     max_batch: NDArray[np.int64],
     replicas: NDArray[np.int64],
     cores: float,
+    background_s: NDArray[np.float64],
 ) -> NDArray[np.float64]:
     """Completion time of every query at every stage (-inf where not visited); arrivals sorted.
+
+    `background_s[j]`: CPU seconds that each arriving query costs background process j (a
+    single-threaded process on the same cores): it computes while it has work left, demanding one
+    core, and shares the cores like a batch.
 
     Each stage's queue is an array of query ids in the order they became ready; a batch is a
     slice of it, so a batch is (stage, first, size). A batch's projected finish is kept as an
@@ -112,6 +127,9 @@ def run_shared(
     act_share = np.empty(slots)
     act_finish = np.empty(slots)
     active = 0
+    workers = background_s.shape[0]
+    bg_busy = np.zeros(workers, dtype=np.bool_)
+    bg_finish = np.zeros(workers)
     demand = 0.0
     crowd = 1.0  # batches per core: max(1, demand / cores)
     t = 0.0
@@ -137,6 +155,9 @@ def run_shared(
                 u = act_share[i]
                 left = (act_finish[i] - t) / (1.0 + u * (crowd - 1.0))  # work left, in seconds alone
                 act_finish[i] = t + left * (1.0 + u * (new_crowd - 1.0))
+            for j in range(workers):
+                if bg_busy[j]:
+                    bg_finish[j] = t + (bg_finish[j] - t) / crowd * new_crowd
             crowd = new_crowd
         if active == 0 and arrived == n:
             break
@@ -144,6 +165,9 @@ def run_shared(
         for i in range(active):
             if act_finish[i] < t_next:
                 t_next = act_finish[i]
+        for j in range(workers):
+            if bg_busy[j] and bg_finish[j] < t_next:
+                t_next = bg_finish[j]
         if arrived < n and arrivals[arrived] < t_next:
             t_next = arrivals[arrived]
         t = t_next
@@ -177,7 +201,11 @@ def run_shared(
             act_size[i] = act_size[active]
             act_share[i] = act_share[active]
             act_finish[i] = act_finish[active]
-        if active == 0:
+        for j in range(workers):
+            if bg_busy[j] and bg_finish[j] <= t:
+                bg_busy[j] = False
+                demand -= 1.0
+        if active == 0 and not bg_busy.any():
             demand = 0.0  # no drift from adding and removing shares
         for s in range(stages):
             if tail[s] - mark[s] > 1:  # ready at the same instant: in query order, as the estimator
@@ -188,5 +216,14 @@ def run_shared(
                 if roots[s] and visits[s, q]:
                     queue[s, tail[s]] = q
                     tail[s] += 1
+            for j in range(workers):
+                if background_s[j] <= 0.0:
+                    continue
+                if bg_busy[j]:
+                    bg_finish[j] += background_s[j] * crowd
+                else:
+                    bg_busy[j] = True
+                    bg_finish[j] = t + background_s[j] * crowd
+                    demand += 1.0
             arrived += 1
     return completion

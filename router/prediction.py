@@ -50,12 +50,14 @@ def predicted_latencies_ms(
     seed: int = 0,
     replicas: Mapping[str, int] | None = None,
     cores: float | None = None,
+    background_s: tuple[float, ...] = (),
 ) -> NDArray[np.float64]:
     """Every query's end-to-end latency (ms) as the estimator simulates the plan over the trace.
 
     `replicas` overrides the plan's replica counts per stage (e.g. what the live tuner chose).
     `seed` samples the conditional edges; `make_plan` uses 0 by default. `cores`: every replica
-    shares that many cores (None: each has its own hardware, as planned).
+    shares that many cores (None: each has its own hardware, as planned), with the processes beside
+    them that cost `background_s` CPU seconds per query each (the router, a load generator).
     """
     model = pipeline_model(spec)
     table = build_cost_table(model, profiles, catalog)
@@ -64,7 +66,7 @@ def predicted_latencies_ms(
         config = with_replicas(config, model.names, replicas)
     estimator = Estimator(model, table, np.asarray(arrivals_s, dtype=np.float64), plan.slo_ms / 1000.0, seed=seed)
     if cores is not None:
-        latencies_s, _ = shared_core_latencies_s(estimator, config, cores)
+        latencies_s, _ = shared_core_latencies_s(estimator, config, cores, background_s)
     else:
         latencies_s, _ = estimator.latencies_s(config)
     return latencies_s * 1000.0
@@ -79,6 +81,7 @@ def predicted_p99_ms(
     seed: int = 0,
     replicas: Mapping[str, int] | None = None,
     cores: float | None = None,
+    background_s: tuple[float, ...] = (),
 ) -> float:
     """The estimator's nearest-rank P99 (ms) of the plan over the trace (see `predicted_latencies_ms`)."""
-    return p99(predicted_latencies_ms(spec, profiles, catalog, plan, arrivals_s, seed, replicas, cores))
+    return p99(predicted_latencies_ms(spec, profiles, catalog, plan, arrivals_s, seed, replicas, cores, background_s))

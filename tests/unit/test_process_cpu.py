@@ -44,3 +44,17 @@ def test_group_cpu_counts_every_live_process_of_the_group() -> None:
 
 def test_no_clock_for_a_server_not_started_here() -> None:
     assert group_clock(None) is None
+
+
+def test_process_cpu_counts_this_process_threads() -> None:
+    import time
+
+    from inferline.process_cpu import process_cpu_s
+
+    before = process_cpu_s(os.getpid())
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    after = process_cpu_s(os.getpid())
+    assert before is not None and after is not None and 0.15 <= after - before <= 0.5
+    assert process_cpu_s(2**22 + 7) is None  # above Linux's largest pid: no such process

@@ -103,3 +103,30 @@ def test_cores_must_be_positive() -> None:
     est = one_stage(10.0, 1.0, replicas=1, arrivals=[0.0])
     with pytest.raises(ValueError, match="cores must be positive"):
         shared_core_latencies_s(est, (StageConfig("cpu", 1, 1),), cores=0)
+
+
+@pytest.mark.parametrize(("background_s", "expected_s"), [((), 1.0), ((0.0,), 1.0), ((1.0,), 2.0), ((0.5,), 1.5)])
+def test_a_background_process_takes_its_turn_on_the_cores(background_s: tuple[float, ...], expected_s: float) -> None:
+    # One core, a 1 s compute-bound call, and a background process (the router) with background_s of
+    # work for the query: both at half speed while both compute, then the call alone at full speed.
+    est = one_stage(1000.0, 1.0, replicas=1, arrivals=[0.0])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 1),), cores=1, background_s=background_s)
+    np.testing.assert_allclose(latencies, [expected_s], rtol=0, atol=1e-12)
+
+
+def test_background_work_queues_up_in_its_process() -> None:
+    # Two queries at once give the background process 2 x 0.5 s of work, done by one thread (it
+    # demands one core, not one per query): with 3 cores nothing is crowded.
+    est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=3, background_s=(0.5,))
+    np.testing.assert_allclose(latencies, [1.0, 1.0], rtol=0, atol=1e-12)
+    # On 2 cores the three compete, each at 2/3 speed: the calls and the process's 1 s of work all
+    # end at 1.5 s.
+    slower, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=2, background_s=(0.5,))
+    np.testing.assert_allclose(slower, [1.5, 1.5], rtol=0, atol=1e-12)
+
+
+def test_background_cpu_must_not_be_negative() -> None:
+    est = one_stage(10.0, 1.0, replicas=1, arrivals=[0.0])
+    with pytest.raises(ValueError, match="background CPU per query must be >= 0"):
+        shared_core_latencies_s(est, (StageConfig("cpu", 1, 1),), cores=1, background_s=(-0.1,))

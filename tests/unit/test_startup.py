@@ -4,6 +4,7 @@ and the closed-loop estimate of a replay with a tuner."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,64 @@ def test_replay_results_of_a_tuned_pipeline_read_the_start_up_from_the_state_dir
     assert static["estimated_p99_ms"] > 0 and 0.0 <= static["estimated_slo_miss_rate"] <= 1.0
     bare = results_for(Target("127.0.0.1:1", spec.name, None, None, None), result, arrivals, started)
     assert bare["estimated_p99_ms"] is None and bare["estimate"].startswith("none")
+
+
+# --- the estimate of a local deployment: replicas share the machine's cores ---------------------------
+
+
+def test_a_static_run_is_estimated_with_the_cores_the_replicas_share(plan_path: Path) -> None:
+    plan, spec = load_plan(plan_path), load_spec(SPEC)
+    arrivals = load_trace(STEP)
+    own = run_estimate(plan, spec, arrivals, "none", [])
+    roomy = run_estimate(plan, spec, arrivals, "none", [], cores=64.0)
+    # The emulated models mostly sleep: even on half a core their calls barely slow each other.
+    scarce = run_estimate(plan, spec, arrivals, "none", [], cores=0.05)
+    assert own["estimate"] == "static plan"
+    assert roomy["estimate"] == "static plan, replicas sharing 64 cores"
+    assert roomy["estimated_p99_ms"] == pytest.approx(own["estimated_p99_ms"], abs=1e-9)
+    assert scarce["estimated_p99_ms"] > own["estimated_p99_ms"]
+
+
+def test_replay_takes_the_cores_from_up_json_unless_told(tmp_path: Path) -> None:
+    from inferline.replay_command import target_from
+
+    up = {"endpoints": {"grpc": "127.0.0.1:1", "http": "127.0.0.1:2"}, "pipeline": "p", "cores": 2}
+    (tmp_path / "up.json").write_text(json.dumps(up))
+    assert target_from(str(tmp_path), None, None, None).cores == 2
+    assert target_from(str(tmp_path), None, None, None, cores=1.5).cores == 1.5
+    assert target_from(None, "127.0.0.1:1", None, "p").cores is None  # a remote pipeline: as planned
+    with pytest.raises(InferlineError, match="--cores must be positive, got -1"):
+        target_from(str(tmp_path), None, None, None, cores=-1.0)
+
+
+def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path: Path) -> None:
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    result = fake_replay(arrivals)
+    local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=1.0, router_pid=os.getpid())
+    quiet = results_for(local, result, arrivals, 0.0)
+    router_only = results_for(local, result, arrivals, 0.0, cpu_s_per_query={"router": 0.004})
+    busy = {"router": 0.004, "load generator": 0.006}
+    beside = results_for(local, result, arrivals, 0.0, cpu_s_per_query=busy)
+    assert beside["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
+    assert beside["estimate"] == "static plan, replicas sharing 1 core with the load generator (6.00 ms CPU per query)"
+    # 6 ms of CPU per query at the step's 200 q/s is more than the core: the models get less of it.
+    assert beside["estimated_p99_ms"] > quiet["estimated_p99_ms"]
+    # The router's own costs are in calibrated service times already: not counted again.
+    assert router_only["estimated_p99_ms"] == quiet["estimated_p99_ms"]
+    assert router_only["estimate"] == "static plan, replicas sharing 1 core"
+    remote_target = Target("127.0.0.1:1", spec.name, plan, spec, None, "none")
+    remote = results_for(remote_target, result, arrivals, 0.0, cpu_s_per_query=busy)
+    assert remote["estimate"] == "static plan" and remote["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
+    # Told the replicas share a core elsewhere (--cores with --endpoint): this load generator is not there.
+    elsewhere = results_for(Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=1.0), result, arrivals,
+                            0.0, cpu_s_per_query=busy)  # fmt: skip
+    assert elsewhere["estimated_p99_ms"] == quiet["estimated_p99_ms"]
+
+
+def test_cpu_readings_per_query() -> None:
+    from inferline.replay_command import CpuReading
+
+    before = CpuReading(router_s=10.0, client_s=2.0)
+    assert before.per_query_s(CpuReading(10.5, 2.2), 100) == pytest.approx({"router": 0.005, "load generator": 0.002})
+    assert before.per_query_s(CpuReading(None, 2.2), 100) == pytest.approx({"load generator": 0.002})
+    assert before.per_query_s(CpuReading(10.5, 2.2), 0) == {}
