@@ -93,7 +93,6 @@ def measure_batch(
     extra = {"samples": len(latencies)} | ({"server_compute_ms": round(server_ms, 4)} if server_ms else {})
     cpu_ms = None
     if cpu_before is not None and cpu_after is not None:
-        # The stats call above falls inside the window; its CPU is tiny next to the batches'.
         cpu_ms = round(max(cpu_after - cpu_before, 0.0) * 1000.0 / len(latencies), 4)
     stats = LatencyStats(
         mean=float(ms.mean()),

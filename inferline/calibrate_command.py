@@ -15,6 +15,7 @@ from inferline.errors import InferlineError
 from inferline.plan import load_plan
 from inferline.profiles import load_profiles, require_profiles, write_profile
 from inferline.spec import load_spec
+from inferline.validation import check_cores
 
 
 def read_metrics(source: str) -> str:
@@ -34,8 +35,7 @@ def read_metrics(source: str) -> str:
 
 def metrics_source(args: argparse.Namespace) -> tuple[str, float | None]:
     """Where the router's metrics are, and the cores its replicas shared (`--cores`, else a local `up`'s)."""
-    if args.cores is not None and not args.cores > 0:
-        raise InferlineError(f"--cores must be positive, got {args.cores:g}", "pass the cores the replicas shared")
+    check_cores(args.cores)
     if args.metrics:
         return str(args.metrics), args.cores
     from inferline.serve_command import read_up

@@ -23,7 +23,8 @@ under way when each call started (inferline_router_concurrent_calls):
 
 where u is the model's share of a call spent on a core (its profile's server CPU time; 1 where
 not measured) and D the cores the calls under way demanded: k calls at the pipeline's mean share.
-The profile's CPU time is scaled with its call time, so its share of a call stays as profiled.
+The profile's CPU time is scaled by r / c with the call part, so its share of a call stays as
+profiled, apart from d (router time, in which the server computes nothing).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from inferline.errors import InferlineError
 from inferline.plan import Plan
+from inferline.planner.shared_cores import crowd_of, slowdown
 from inferline.profiles import BatchPoint, LatencyStats, ModelProfile
 from inferline.spec import PipelineSpec
 
@@ -79,6 +81,7 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
         ) from None
     sums: dict[tuple[str, str, int], float] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
+    under_way_sum: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
@@ -92,6 +95,8 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
                     sums[(f"call_{kind}", stage, int(sample.labels["batch_size"]))] = sample.value
                 elif sample.name.startswith("inferline_router_dispatch_seconds_"):
                     sums[(f"dispatch_{kind}", stage, 0)] = sample.value
+                elif sample.name == "inferline_router_concurrent_calls_sum":
+                    under_way_sum[stage] = sample.value
     except (ValueError, KeyError) as exc:
         raise InferlineError(
             f"the metrics are not a router's Prometheus text ({exc})", "pass the router's /metrics"
@@ -105,18 +110,25 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
         }
         dispatches = int(sums.get(("dispatch_count", stage, 0), 0.0))
         dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
-        out[stage] = LiveStage(calls, dispatch_ms, dispatches, _histogram(buckets.get(stage, [])))
+        histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
+        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram)
     return out
 
 
-def _histogram(cumulative: list[tuple[float, float]]) -> dict[float, int]:
-    """Counts per bucket from Prometheus' cumulative buckets (the +Inf one kept as the last bound seen x 2)."""
+def _histogram(cumulative: list[tuple[float, float]], total: float) -> dict[float, int]:
+    """Counts per value from Prometheus' cumulative buckets: a finite bucket's at its upper bound (the
+    router's buckets are every count up to 16), the +Inf bucket's at the mean the histogram's sum
+    leaves for it (`total`: the sum of all observations)."""
     out: dict[float, int] = {}
-    below, last = 0.0, 0.0
+    below, last, finite_sum = 0.0, 0.0, 0.0
     for bound, count in sorted(cumulative):
-        value = bound if bound != float("inf") else 2 * last
-        if count > below:
-            out[value] = int(count - below)
+        n = count - below
+        if n > 0:
+            if bound == float("inf"):
+                out[max(last + 1.0, (total - finite_sum) / n)] = int(n)
+            else:
+                out[bound] = int(n)
+                finite_sum += bound * n
         below, last = count, bound if bound != float("inf") else last
     return out
 
@@ -139,10 +151,10 @@ def calibrate_profiles(
     for stage in spec.stages:
         groups.setdefault((stage.model, plan.stage(stage.name).hardware), []).append(stage.name)
     shares = {key: _cpu_share(profiles[key[0]], key[1], stages, live) for key, stages in groups.items()}
-    weights = {
-        key: sum(c for s in stages if s in live for _, c in live[s].calls.values()) for key, stages in groups.items()
-    }
-    mean_share = sum(shares[k] * weights[k] for k in groups) / max(sum(weights.values()), 1)
+    # The calls found under way beside a call are the pipeline's calls weighted by how long each is
+    # under way: by busy time, not by count.
+    busy_ms = {k: sum(ms * c for s in ss if s in live for ms, c in live[s].calls.values()) for k, ss in groups.items()}
+    mean_share = sum(shares[k] * busy_ms[k] for k in groups) / sum(busy_ms.values()) if any(busy_ms.values()) else 1.0
     out = dict(profiles)
     done = []
     for (model, hardware), stages in groups.items():
@@ -185,8 +197,7 @@ def mean_slowdown(under_way: Mapping[float, int], share: float, mean_share: floa
     if total == 0:
         return 1.0
     slowed = sum(
-        count * (1.0 + share * (max(1.0, (share + (k - 1) * mean_share) / cores) - 1.0))
-        for k, count in under_way.items()
+        count * slowdown(share, crowd_of(share + (k - 1) * mean_share, cores)) for k, count in under_way.items()
     )
     return slowed / total
 

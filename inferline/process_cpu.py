@@ -36,10 +36,14 @@ def process_cpu_s(pid: int) -> float | None:
 def _threads_ns(pid: str) -> int:
     total = 0
     try:
-        for task in os.scandir(PROC / pid / "task"):
+        tasks = list(os.scandir(PROC / pid / "task"))
+    except OSError:
+        return 0  # the process ended meanwhile
+    for task in tasks:
+        try:
             total += int((PROC / pid / "task" / task.name / "schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass  # the process or a thread ended meanwhile
+        except (OSError, ValueError, IndexError):
+            continue  # this thread ended meanwhile; the others still count
     return total
 
 

@@ -36,6 +36,7 @@ from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, rep
 from inferline.runs import simulate_plan
 from inferline.spec import PipelineSpec, load_spec
 from inferline.startup import DEFAULT_STARTUP_S, LIVE_TICK_S, measured_startup_s
+from inferline.validation import check_cores
 
 INPUT_POOL = 64
 """Distinct random queries cycled through (enough to exercise routes, cheap to build)."""
@@ -201,6 +202,8 @@ def run_estimate(
     startup_s = measured if measured is not None else DEFAULT_STARTUP_S
     run = simulate_plan(spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s)
     how = "measured" if measured is not None else "default, none measured"
+    if cores is not None:  # NOTE: the closed-loop simulator has no shared-core mode yet
+        how += "; a core per replica, not shared"
     return {
         "estimated_p99_ms": run.p99_s * 1000.0,
         "estimated_slo_miss_rate": _rate(run.slo_miss_rate),
@@ -285,8 +288,7 @@ def target_from(
     The replicas of a local deployment share its machine's cores (as `up` recorded them), unless
     `cores` says otherwise.
     """
-    if cores is not None and not cores > 0:
-        raise InferlineError(f"--cores must be positive, got {cores:g}", "pass the cores the replicas share")
+    check_cores(cores)
     from inferline.serve_command import DECISIONS_FILE, read_up
 
     up = read_up(state_dir) if endpoint is None and state_dir is not None else None

@@ -48,3 +48,9 @@ def read_yaml(path: str | Path, what: str, error: type[InferlineError]) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise error(f"{what} {str(p)!r} is not valid YAML{where}", "fix the YAML syntax") from None
+
+
+def check_cores(cores: float | None) -> None:
+    """`--cores` must be a positive number of cores where given."""
+    if cores is not None and not cores > 0:
+        raise InferlineError(f"--cores must be positive, got {cores:g}", "pass the cores the replicas share")

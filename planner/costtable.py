@@ -25,7 +25,7 @@ class HardwareOption:
     service_s: NDArray[np.float64]
     """Mean batch service time in seconds for n = 0..max(batch_sizes) (index 0 is 0.0)."""
     cpu_share: NDArray[np.float64] | None = None
-    """Fraction of service_s[n] spent on a core (same indexing); None where the profile did not measure it."""
+    """Fraction of service_s[n] spent on a core, in [0, 1] (same indexing); None where not measured."""
 
     def service_time_s(self, batch: int) -> float:
         return float(self.service_s[batch])

@@ -15,6 +15,10 @@ D never exceeds the cores, every rate is 1 and the result equals the estimator's
 
 A process beside the replicas on the same cores (a load generator) is a single thread that gets
 each query's CPU cost at the query's arrival and, while it has work left, demands one core.
+
+The rule is exact processor sharing when every share is 1; with mixed shares it is an
+approximation (on one core, calls with shares 1 and 0.5 run at rates 2/3 and 0.8, using 1.07
+cores between them).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def shared_core_latencies_s(
         raise ValueError(f"cores must be positive, got {cores}")
     if any(not b >= 0 for b in background_s):
         raise ValueError(f"background CPU per query must be >= 0, got {background_s}")
+    if any(c.replicas < 1 for c in config):
+        raise ValueError(f"every stage needs a replica, got {[c.replicas for c in config]}")
     model, table = estimator.model, estimator.table
     options = [table[s].option(c.hardware) for s, c in enumerate(config)]
     widest = max(c.max_batch_size for c in config)
@@ -59,12 +65,13 @@ def shared_core_latencies_s(
     visits = np.ascontiguousarray(estimator.visits[:, order])
     in_order = run_shared(
         np.ascontiguousarray(estimator.arrivals_s[order]),
+        order.astype(np.int64),
         visits,
         roots,
         children,
         _visited_parents(visits, model.parents),
         service,
-        np.clip(share, 0.0, 1.0),
+        share,
         np.array([c.max_batch_size for c in config], dtype=np.int64),
         np.array([c.replicas for c in config], dtype=np.int64),
         float(cores),
@@ -88,8 +95,23 @@ def _visited_parents(visits: NDArray[np.bool_], parents: tuple[tuple[int, ...], 
 
 
 @njit(cache=True, nogil=True)
+def slowdown(share: float, crowd: float) -> float:
+    """How much longer a call with this CPU share takes when each core is shared by `crowd` calls."""
+    return 1.0 + share * (crowd - 1.0)
+
+
+@njit(cache=True, nogil=True)
+def crowd_of(demand: float, cores: float) -> float:
+    """Calls per core, max(1, demand / cores); a demand equal to the cores up to rounding is no crowd."""
+    if demand <= cores * (1.0 + 1e-12):
+        return 1.0
+    return demand / cores
+
+
+@njit(cache=True, nogil=True)
 def run_shared(
     arrivals: NDArray[np.float64],
+    rank: NDArray[np.int64],
     visits: NDArray[np.bool_],
     roots: NDArray[np.bool_],
     children: NDArray[np.int64],
@@ -103,6 +125,7 @@ def run_shared(
 ) -> NDArray[np.float64]:
     """Completion time of every query at every stage (-inf where not visited); arrivals sorted.
 
+    `rank[q]`: query q's index before the sort, which orders queries ready at the same instant.
     `background_s[j]`: CPU seconds that each arriving query costs background process j (a
     single-threaded process on the same cores): it computes while it has work left, demanding one
     core, and shares the cores like a batch.
@@ -130,35 +153,42 @@ def run_shared(
     workers = background_s.shape[0]
     bg_busy = np.zeros(workers, dtype=np.bool_)
     bg_finish = np.zeros(workers)
-    demand = 0.0
-    crowd = 1.0  # batches per core: max(1, demand / cores)
+    crowd = 1.0
     t = 0.0
     arrived = 0
     while True:
-        # Dispatch: every free replica takes what its queue holds, up to its batch cap.
+        # Dispatch: every free replica takes what its queue holds, up to its batch cap. New
+        # batches hold their service time alone until the crowd they start in is known.
+        running = active
         for s in range(stages):
             while free[s] > 0 and tail[s] > head[s]:
                 size = min(tail[s] - head[s], max_batch[s])
-                u = share[s, size]
                 act_stage[active] = s
                 act_first[active] = head[s]
                 act_size[active] = size
-                act_share[active] = u
-                act_finish[active] = t + service[s, size] * (1.0 + u * (crowd - 1.0))
+                act_share[active] = share[s, size]
+                act_finish[active] = service[s, size]
                 active += 1
-                demand += u
                 head[s] += size
                 free[s] -= 1
-        new_crowd = max(1.0, demand / cores)
+        # Summed afresh at every event: adding and removing fractional shares would drift.
+        demand = 0.0
+        for i in range(active):
+            demand += act_share[i]
+        for j in range(workers):
+            if bg_busy[j]:
+                demand += 1.0
+        new_crowd = crowd_of(demand, cores)
         if new_crowd != crowd:
-            for i in range(active):
-                u = act_share[i]
-                left = (act_finish[i] - t) / (1.0 + u * (crowd - 1.0))  # work left, in seconds alone
-                act_finish[i] = t + left * (1.0 + u * (new_crowd - 1.0))
+            for i in range(running):
+                left = (act_finish[i] - t) / slowdown(act_share[i], crowd)  # work left, in seconds alone
+                act_finish[i] = t + left * slowdown(act_share[i], new_crowd)
             for j in range(workers):
                 if bg_busy[j]:
                     bg_finish[j] = t + (bg_finish[j] - t) / crowd * new_crowd
             crowd = new_crowd
+        for i in range(running, active):
+            act_finish[i] = t + act_finish[i] * slowdown(act_share[i], crowd)
         if active == 0 and arrived == n:
             break
         t_next = np.inf
@@ -194,7 +224,6 @@ def run_shared(
                             queue[c, tail[c]] = q
                             tail[c] += 1
             free[s] += 1
-            demand -= act_share[i]
             active -= 1
             act_stage[i] = act_stage[active]
             act_first[i] = act_first[active]
@@ -204,12 +233,10 @@ def run_shared(
         for j in range(workers):
             if bg_busy[j] and bg_finish[j] <= t:
                 bg_busy[j] = False
-                demand -= 1.0
-        if active == 0 and not bg_busy.any():
-            demand = 0.0  # no drift from adding and removing shares
         for s in range(stages):
             if tail[s] - mark[s] > 1:  # ready at the same instant: in query order, as the estimator
-                queue[s, mark[s] : tail[s]] = np.sort(queue[s, mark[s] : tail[s]])
+                ready = queue[s, mark[s] : tail[s]].copy()
+                queue[s, mark[s] : tail[s]] = ready[np.argsort(rank[ready], kind="mergesort")]
         while arrived < n and arrivals[arrived] <= t:
             q = arrived
             for s in range(stages):
@@ -224,6 +251,5 @@ def run_shared(
                 else:
                     bg_busy[j] = True
                     bg_finish[j] = t + background_s[j] * crowd
-                    demand += 1.0
             arrived += 1
     return completion

@@ -544,7 +544,7 @@ class _RouterMetrics:
             "Replica calls under way in the whole pipeline when a call of this stage starts, itself included: "
             "where it exceeds the cores the replicas run on, they compute at once and slow each other down",
             ["stage"],
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            buckets=(*range(1, 17), 24, 32, 64),  # every count up to 16: calibration reads the counts
             registry=registry,
         )
         self.dispatch_seconds = Summary(

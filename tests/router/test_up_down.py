@@ -68,12 +68,20 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert results["sent"] == results["answered"] + results["errors"] and results["sent"] > 60
         assert results["errors"] == 0 and results["p99_ms"] > 0 and results["estimated_p99_ms"] > 0
         assert results["slo_ms"] == json.loads(plan.read_text())["slo_ms"] and results["cost_per_hour"] > 0
+        # The replicas share this machine's cores with the router and the load generator: both measured.
+        assert info["cores"] == len(os.sched_getaffinity(0))
+        assert set(results["cpu_ms_per_query"]) == {"router", "load generator"}
+        assert all(ms > 0 for ms in results["cpu_ms_per_query"].values())
+        cores = info["cores"]
+        assert results["estimate"].startswith(f"static plan, replicas sharing {cores} core")
+        assert "with the load generator" in results["estimate"]
         # The HTTP endpoint, named explicitly: a gRPC client could not talk to it at all.
         http = ["--endpoint", info["endpoints"]["http"], "--protocol", "http", "--plan", str(plan)]
         replayed = cli("replay", *http, "--trace", "gamma:rate=40,cv=1,duration=2,seed=5", "--json")
         assert replayed.returncode == 0, replayed.stderr
         results = json.loads(replayed.stdout)
         assert results["errors"] == 0 and results["answered"] == results["sent"] > 40 and results["p99_ms"] > 0
+        assert set(results["cpu_ms_per_query"]) == {"load generator"}  # given by address: no router pid
     finally:
         down = cli("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr
@@ -104,6 +112,7 @@ def test_bad_plan_files_and_down_with_nothing_up_are_one_line_errors(tmp_path: P
             "no KServe v2 server answers",
         ),
         (["replay", "--state-dir", str(tmp_path / "none"), "--trace", "gamma:rate=5,duration=1"], "nothing is running"),
+        (["replay", "--trace", "gamma:rate=5,duration=1", "--cores", "0"], "--cores must be positive, got 0"),
     ):
         done = cli(*args, "--state-dir", str(tmp_path / "s")) if args[0] == "up" else cli(*args)
         assert done.returncode == 2, (args, done.stderr)

@@ -288,8 +288,25 @@ def test_live_stages_reads_the_concurrency_histogram() -> None:
         'inferline_router_concurrent_calls_bucket{le="6.0",stage="detect"} 15.0\n'
         'inferline_router_concurrent_calls_bucket{le="+Inf",stage="detect"} 16.0\n'
         'inferline_router_concurrent_calls_count{stage="detect"} 16.0\n'
-        'inferline_router_concurrent_calls_sum{stage="detect"} 40.0\n'
+        'inferline_router_concurrent_calls_sum{stage="detect"} 57.0\n'
     )
     live = live_stages(text)
-    assert dict(live["detect"].concurrency) == {1.0: 5, 2.0: 7, 6.0: 3, 12.0: 1}
+    # Finite buckets at their bound (5 x 1 + 7 x 2 + 3 x 6 = 37); the one call above 6 had the rest: 20.
+    assert dict(live["detect"].concurrency) == {1.0: 5, 2.0: 7, 6.0: 3, 20.0: 1}
     assert dict(live["classify"].concurrency) == {}
+
+
+def test_the_calls_beside_a_call_are_weighted_by_how_long_they_are_under_way() -> None:
+    # m: 1 ms calls on a core; n: 100 ms calls that mostly wait (share 0.1), as many calls each. A call
+    # of m that finds 3 calls under way finds mostly n's (it is under way 100 times as long).
+    profiles = {"m": _cpu_profile("m", {1: 1.0, 4: 2.0}, 1.0), "n": _cpu_profile("n", {1: 100.0, 4: 110.0}, 0.1)}
+    live = {
+        "one": LiveStage({1: (1.0, 50)}, 0.0, 0, concurrency={3.0: 50}),
+        "two": LiveStage({1: (1.0, 50)}, 0.0, 0, concurrency={3.0: 50}),
+        "three": LiveStage({1: (100.0, 100)}, 0.0, 0, concurrency={3.0: 100}),
+    }
+    _, done = calibrate_profiles(PAIR, _plan_for(PAIR), profiles, live, cores=1.0)  # type: ignore[arg-type]
+    mean_share = (1.0 * 100 * 1.0 + 0.1 * 100 * 100.0) / (100 * 1.0 + 100 * 100.0)
+    by_model = {c.model: c.contention for c in done}
+    assert by_model["m"] == pytest.approx(mean_slowdown({3.0: 100}, 1.0, mean_share, 1.0))
+    assert by_model["m"] == pytest.approx(1.0 + 1.0 * (1.0 + 2 * mean_share - 1.0))

@@ -190,6 +190,9 @@ def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_pa
     unmeasured = run_estimate(plan, spec, arrivals, "inferline", [decision(0.0)])
     assert unmeasured["estimated_startup_s"] == DEFAULT_STARTUP_S and "default" in unmeasured["estimate"]
     assert unmeasured["estimated_p99_ms"] > fast["estimated_p99_ms"]  # replicas arrive 4.5 s later
+    shared = run_estimate(plan, spec, arrivals, "inferline", [decision(0.5)], cores=2.0)
+    assert shared["estimate"].endswith("a core per replica, not shared")  # the closed loop cannot share cores yet
+    assert shared["estimated_p99_ms"] == fast["estimated_p99_ms"]
     slow = run_estimate(plan, spec, arrivals, "inferline", [decision(15.0)])
     assert slow["estimated_startup_s"] == 15.0
     assert slow["estimated_slo_miss_rate"] > fast["estimated_slo_miss_rate"]
