@@ -44,6 +44,7 @@ from inferline.heap import freeze_long_lived
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
 from inferline.profiles import load_profiles
+from inferline.replay_command import BESIDE_THE_REPLICAS
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.http_client import AsyncKServeHttpClient
@@ -159,8 +160,8 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
     live = live_stages(metrics)
     cores = available_cores()
     own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, min_calls=1, cores=cores)
-    generator_ms = (result.get("cpu_ms_per_query") or {}).get("load generator")
-    beside = (generator_ms / 1000.0,) if generator_ms is not None else ()
+    cpu_ms = result.get("cpu_ms_per_query") or {}
+    beside = tuple(cpu_ms[name] / 1000.0 for name in BESIDE_THE_REPLICAS if name in cpu_ms)
     with_own = predicted_p99_ms(
         spec, own, load_catalog(CATALOG), plan, load_trace(trace), cores=cores, background_s=beside
     )

@@ -115,6 +115,19 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
     return out
 
 
+def replica_cpu_s(metrics_text: str) -> float | None:
+    """CPU seconds the router's replica threads spent serving batches, all stages (None: not in the text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = [
+        f for f in text_string_to_metric_families(metrics_text) if f.name == "inferline_router_replica_cpu_seconds"
+    ]
+    if not families:
+        return None
+    # Before the first call the family has no samples yet: no CPU spent.
+    return sum(s.value for f in families for s in f.samples if s.name == "inferline_router_replica_cpu_seconds_total")
+
+
 def _histogram(cumulative: list[tuple[float, float]], total: float) -> dict[float, int]:
     """Counts per value from Prometheus' cumulative buckets: a finite bucket's at its upper bound (the
     router's buckets are every count up to 16), the +Inf bucket's at the mean the histogram's sum

@@ -22,6 +22,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.adapters.base import TensorSpec, random_inputs
+from inferline.calibrate_command import read_metrics
+from inferline.calibration import replica_cpu_s
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
@@ -57,27 +59,49 @@ class Target:
     """The cores all replicas share (a local deployment); None: each has its own, as planned."""
     router_pid: int | None = None
     """The process running the router, where it runs on this machine (its CPU shares the cores)."""
+    router_metrics: str | None = None
+    """The router's /metrics URL, where `inferline up` started it."""
 
 
 @dataclass(frozen=True)
 class CpuReading:
-    """CPU seconds used so far by the router's process (where it runs here) and by this load generator."""
+    """CPU seconds used so far by the router's process (where it runs here), by its replica threads
+    (from its metrics), and by this load generator."""
 
     router_s: float | None
     client_s: float
+    replicas_s: float | None = None
 
     @classmethod
-    def now(cls, router_pid: int | None) -> CpuReading:
-        return cls(process_cpu_s(router_pid) if router_pid is not None else None, time.process_time())
+    def now(cls, router_pid: int | None, router_metrics: str | None = None) -> CpuReading:
+        replicas = None
+        if router_metrics is not None:
+            try:
+                replicas = replica_cpu_s(read_metrics(router_metrics))
+            except (InferlineError, ValueError):
+                replicas = None  # the replay's measurements stand without it
+        router = process_cpu_s(router_pid) if router_pid is not None else None
+        return cls(router, time.process_time(), replicas)
 
     def per_query_s(self, later: CpuReading, queries: int) -> dict[str, float]:
-        """CPU seconds per query since this reading, per process."""
+        """CPU seconds per query since this reading: the router's, the part of it outside its
+        replica threads (its frontends and the rest), and the load generator's."""
         if queries <= 0:
             return {}
-        client = (later.client_s - self.client_s) / queries
-        if self.router_s is not None and later.router_s is not None:
-            return {"router": (later.router_s - self.router_s) / queries, "load generator": client}
-        return {"load generator": client}
+        out = {"load generator": (later.client_s - self.client_s) / queries}
+        if self.router_s is None or later.router_s is None:
+            return out
+        router = (later.router_s - self.router_s) / queries
+        out = {"router": router} | out
+        if self.replicas_s is not None and later.replicas_s is not None:
+            out[OUTSIDE_REPLICAS] = max(router - (later.replicas_s - self.replicas_s) / queries, 0.0)
+        return out
+
+
+OUTSIDE_REPLICAS = "router outside its replica threads"
+BESIDE_THE_REPLICAS = ("load generator", OUTSIDE_REPLICAS)
+"""The CPU a shared-core estimate counts beside the replicas: the router's replica threads are in the
+calibrated service times already (their calls and the time between them)."""
 
 
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
@@ -238,8 +262,8 @@ def results_for(
 
     `cpu_s_per_query`: the CPU seconds per query of the router and the load generator, measured
     during the run (`CpuReading`), are reported. Where the replicas share this machine's cores, the
-    estimate counts the load generator's beside them, but not the router's: calibration already put the router's
-    costs into the service times (its call and dispatch times), and would count them twice.
+    estimate counts the load generator's and the router's outside its replica threads beside them;
+    the replica threads' is in calibrated service times already (their call and dispatch times).
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
@@ -255,7 +279,7 @@ def results_for(
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
     # The load generator shares the replicas' cores only where the deployment runs here, too.
     local = target.router_pid is not None
-    beside = {k: v for k, v in (cpu_s_per_query or {}).items() if k == "load generator" and local}
+    beside = {k: v for k, v in (cpu_s_per_query or {}).items() if k in BESIDE_THE_REPLICAS and local}
     try:
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
@@ -302,7 +326,8 @@ def target_from(
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
     shared = cores if cores is not None else (up or {}).get("cores")
     router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
-    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid)
+    metrics = (up.get("endpoints") or {}).get("metrics") if up is not None else None
+    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid, metrics)
 
 
 async def entry_inputs(target: Target) -> list[TensorSpec]:
@@ -338,11 +363,11 @@ def run_replay(args: Any, console: Any) -> int:
     console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
     freeze_long_lived()  # a collector pause mid-replay would show up as the pipeline's latency
     started = time.time()
-    before = CpuReading.now(target.router_pid)
+    before = CpuReading.now(target.router_pid, target.router_metrics)
     result = asyncio.run(
         replay_against(target, arrivals, slo_ms, inputs, args.timeout_s, args.seed, progress_printer(console))
     )
-    cpu = before.per_query_s(CpuReading.now(target.router_pid), result.sent)
+    cpu = before.per_query_s(CpuReading.now(target.router_pid, target.router_metrics), result.sent)
     results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

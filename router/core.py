@@ -147,7 +147,11 @@ class _Worker(threading.Thread):
                 n = min(len(stage.items), stage.max_batch)
                 batch = [stage.items.popleft() for _ in range(n)]
                 stage.in_flight += n
-            self._serve(batch, back_to_back)
+            cpu = time.thread_time()
+            try:
+                self._serve(batch, back_to_back)
+            finally:
+                self.router._metrics.observe_replica_cpu(stage.name, time.thread_time() - cpu)
 
     def _serve(self, batch: list[_Item], back_to_back: bool) -> None:
         stage = self.stage
@@ -547,6 +551,13 @@ class _RouterMetrics:
             buckets=(*range(1, 17), 24, 32, 64),  # every count up to 16: calibration reads the counts
             registry=registry,
         )
+        self.replica_cpu = Counter(
+            "inferline_router_replica_cpu_seconds",
+            "CPU of the router's replica threads serving batches (forming them, the call's client side, "
+            "handing results on): the router's CPU that live service times already hold",
+            ["stage"],
+            registry=registry,
+        )
         self.dispatch_seconds = Summary(
             "inferline_router_dispatch_seconds",
             "Time a replica spends between two back-to-back calls on the router's own work (handing "
@@ -563,6 +574,9 @@ class _RouterMetrics:
     def observe_batch(self, stage: str, size: int, call_s: float) -> None:
         self.batch_size.labels(stage=stage).observe(size)
         self.call_seconds.labels(stage=stage, batch_size=str(size)).observe(call_s)
+
+    def observe_replica_cpu(self, stage: str, seconds: float) -> None:
+        self.replica_cpu.labels(stage=stage).inc(seconds)
 
     def observe_concurrency(self, stage: str, calls: int) -> None:
         self.concurrent_calls.labels(stage=stage).observe(calls)

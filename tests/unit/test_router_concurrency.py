@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -9,9 +10,10 @@ from numpy.typing import NDArray
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from inferline.calibration import replica_cpu_s
 from inferline.errors import ServerError
 from inferline.router.core import PipelineRouter, Replica
-from tests.unit.test_calibration import SPEC, SleepingServer
+from tests.unit.test_calibration import CALL_S, SPEC, SleepingServer
 
 FAMILY = "inferline_router_concurrent_calls"
 
@@ -68,3 +70,39 @@ def test_a_failed_call_is_no_longer_counted() -> None:
         assert _histogram(router)["a"]["1.0"] == _histogram(router)["a"]["count"] > 0
     finally:
         router.stop()
+
+
+class BurningServer(SleepingServer):
+    """Computes for 2 ms of its thread's CPU per call, as a model server's client side would."""
+
+    def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> dict[str, NDArray[np.generic]]:
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+        n = next(iter(inputs.values())).shape[0]
+        name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
+        return {name: np.zeros((n, width), np.float32)}
+
+
+def test_the_router_counts_the_cpu_of_its_replica_threads() -> None:
+    def replica_cpu(server: SleepingServer) -> tuple[float, int]:
+        pools = {s: [Replica(server, s, f"{s}-0")] for s in ("a", "b")}
+        router = PipelineRouter(SPEC, pools, {"a": 1, "b": 1}).start()  # type: ignore[arg-type]
+        try:
+            for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(60)]:
+                f.result(timeout=30)
+            cpu = replica_cpu_s(generate_latest(router.metrics_registry).decode())
+            calls = sum(sum(sizes.values()) for sizes in router.batch_sizes().values())
+        finally:
+            router.stop()
+        assert cpu is not None
+        return cpu, calls
+
+    pools = {s: [Replica(SleepingServer(), s, f"{s}-0")] for s in ("a", "b")}
+    idle = PipelineRouter(SPEC, pools, {"a": 1, "b": 1})  # type: ignore[arg-type]
+    assert replica_cpu_s(generate_latest(idle.metrics_registry).decode()) == 0.0  # no call yet: none spent
+    assert replica_cpu_s("# TYPE other counter\nother_total 1.0\n") is None  # not a router's metrics
+    burnt, calls = replica_cpu(BurningServer())
+    assert burnt >= 0.002 * calls  # every call's 2 ms, and the threads' own work around it
+    slept, calls = replica_cpu(SleepingServer())
+    assert slept < 0.5 * CALL_S * calls  # waiting for a model server costs the thread little CPU
