@@ -19,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,13 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
-from inferline.calibration import calibrate_profiles, live_stages
+from inferline.calibration import calibrate_profiles, live_stages, read_metrics
 from inferline.catalog import load_catalog
 from inferline.deployment import available_cores, core_shortfall
 from inferline.heap import freeze_long_lived
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
+from inferline.process_cpu import process_cpu_s
 from inferline.profiles import load_profiles
 from inferline.replay_command import BESIDE_THE_REPLICAS
 from inferline.router.client import AsyncKServeClient
@@ -148,7 +147,7 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
             cwd=ROOT, capture_output=True, text=True, check=True,
         )  # fmt: skip
         result = json.loads(replayed.stdout)
-        metrics = _metrics_text(json.loads((state / "up.json").read_text())["endpoints"]["metrics"])
+        metrics = read_metrics(json.loads((state / "up.json").read_text())["endpoints"]["metrics"])
     finally:
         subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT, stdout=subprocess.DEVNULL)
     metrics_path = where / "metrics.txt"
@@ -293,7 +292,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                 for pool in pools.values():
                     for replica in pool:
                         replica.adapter.close()
-            routed_metrics = _metrics_text(info["endpoints"]["metrics"])  # both protocols' runs
+            routed_metrics = read_metrics(info["endpoints"]["metrics"])  # both protocols' runs
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
     d = float(np.median(medians["direct"]))
@@ -340,10 +339,10 @@ class _Meters:
         machine = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
         if up is None:
             return cls(machine, time.process_time())
-        text = _metrics_text(up["endpoints"]["metrics"])
+        text = read_metrics(up["endpoints"]["metrics"])
         latency = {s.name: s.value for s in _samples(text, "inferline_router_latency_seconds")}
         total = (latency["inferline_router_latency_seconds_sum"], latency["inferline_router_latency_seconds_count"])
-        return cls(machine, time.process_time(), _cpu_s(int(up["pid"])), total)
+        return cls(machine, time.process_time(), process_cpu_s(int(up["pid"])) or 0.0, total)
 
     def since(self, before: _Meters) -> _Spent:
         ticks = self.machine[1] - before.machine[1]
@@ -365,17 +364,6 @@ class _Spent:
     client_cpu_s: float
     router_cpu_s: float
     router_mean_ms: float
-
-
-def _cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a process (Linux /proc), its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _metrics_text(metrics_url: str) -> str:
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        return str(response.read().decode())
 
 
 def _samples(text: str, family_name: str) -> list[Any]:

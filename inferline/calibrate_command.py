@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from inferline.calibration import Calibration, calibrate_profiles, live_stages
+from inferline.calibration import Calibration, calibrate_profiles, live_stages, read_metrics
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
 from inferline.profiles import load_profiles, require_profiles, write_profile
 from inferline.spec import load_spec
 from inferline.validation import check_cores
-
-
-def read_metrics(source: str) -> str:
-    """A router's Prometheus text from its /metrics URL or from a file saved from it."""
-    if source.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(source, timeout=10) as response:
-                return str(response.read().decode())
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise InferlineError(f"cannot read metrics from {source} ({reason})", "is the pipeline up?") from None
-    try:
-        return Path(source).read_text()
-    except OSError as exc:
-        raise InferlineError(f"cannot read metrics file {source!r}: {exc.strerror}", "check the path") from None
 
 
 def metrics_source(args: argparse.Namespace) -> tuple[str, float | None]:

@@ -29,8 +29,11 @@ profiled, apart from d (router time, in which the server computes nothing).
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -69,6 +72,21 @@ class Calibration:
     dispatch_ms: float
     contention: float = 1.0
     """Mean slowdown of the live calls by calls beside them on shared cores (1: none, or not asked)."""
+
+
+def read_metrics(source: str) -> str:
+    """A router's Prometheus text from its /metrics URL or from a file saved from it."""
+    if source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=10) as response:
+                return str(response.read().decode())
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise InferlineError(f"cannot read metrics from {source} ({reason})", "is the pipeline up?") from None
+    try:
+        return Path(source).read_text()
+    except OSError as exc:
+        raise InferlineError(f"cannot read metrics file {source!r}: {exc.strerror}", "check the path") from None
 
 
 def live_stages(metrics_text: str) -> dict[str, LiveStage]:

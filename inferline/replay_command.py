@@ -22,8 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.adapters.base import TensorSpec, random_inputs
-from inferline.calibrate_command import read_metrics
-from inferline.calibration import replica_cpu_s
+from inferline.calibration import read_metrics, replica_cpu_s
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
