@@ -29,7 +29,7 @@ from rich.table import Table
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.profiler import ProfileSettings, profile_to_directory
 from inferline.catalog import load_catalog
-from inferline.deployment import LocalDeployment, available_cores
+from inferline.deployment import Endpoints, LocalDeployment, available_cores
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveTuner
@@ -41,7 +41,7 @@ from inferline.profiles import load_profiles
 from inferline.replay_command import Target, progress_printer, replay_against, results_for
 from inferline.router.prediction import predicted_latencies_ms
 from inferline.router.replay import ReplayResult
-from inferline.spec import load_spec
+from inferline.spec import PipelineSpec, load_spec
 from inferline.traces import load_trace
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -150,7 +150,7 @@ def deploy_and_replay(
             live = LiveTuner(deployment.router, deployment, policy, plan, tick_s=1.0).start()
         inputs = deployment.router.input_specs()
         cores = float(available_cores())  # every replica runs on this machine
-        target = Target(deployment.endpoints.grpc, spec.name, plan, spec, None, tuner, cores=cores)
+        target = load_generator_target(deployment.endpoints, spec.name, plan, spec, tuner, cores)
         freeze_long_lived()  # the router runs in this process: no collector pause mid-replay
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
@@ -170,6 +170,17 @@ def deploy_and_replay(
     dispatch = deployment.router.dispatch_ms() if deployment.router else {}
     results["router_ms_per_batch"] = {s: round(ms, 3) for s, ms in dispatch.items() if not math.isnan(ms)}
     return results, result
+
+
+def load_generator_target(
+    endpoints: Endpoints, name: str, plan: Plan, spec: PipelineSpec, tuner: str, cores: float
+) -> Target:
+    """The demo's load generator calls the router over HTTP, not gRPC: both run in this process, and
+    grpc.aio delivers a call's events through whichever of the process's event loops wakes first.
+    After a Ctrl-C the replay's loop closes with calls still cancelled in flight, and the gRPC
+    frontend's loop then hands their late events to the closed loop, printing a traceback per call.
+    HTTP is also the cheaper client (less CPU taken from the replicas beside it)."""
+    return Target(endpoints.http, name, plan, spec, None, tuner, protocol="http", cores=cores)
 
 
 def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
