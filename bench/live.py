@@ -35,7 +35,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
-from inferline.calibration import calibrate_profiles, live_stages, read_metrics
+from inferline.calibration import live_stages, read_metrics
 from inferline.catalog import load_catalog
 from inferline.deployment import available_cores, core_shortfall
 from inferline.heap import freeze_long_lived
@@ -43,7 +43,6 @@ from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
 from inferline.process_cpu import process_cpu_s
 from inferline.profiles import load_profiles
-from inferline.replay_command import BESIDE_THE_REPLICAS
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.http_client import AsyncKServeHttpClient
@@ -153,17 +152,11 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
     metrics_path = where / "metrics.txt"
     metrics_path.write_text(metrics)
     est, meas = result["estimated_p99_ms"], result["p99_ms"]
-    # The same estimate with this run's own live service times: how far the estimator's semantics
-    # are from the router's, apart from how far the machine's speed drifted from the profiles.
+    # The replay's estimate again from this run's own service times: how far the estimator's
+    # semantics are from the router's, apart from how far the machine's speed drifted from the profiles.
     spec = load_spec(plan.spec)
     live = live_stages(metrics)
-    cores = available_cores()
-    own, _ = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, min_calls=1, cores=cores)
-    cpu_ms = result.get("cpu_ms_per_query") or {}
-    beside = tuple(cpu_ms[name] / 1000.0 for name in BESIDE_THE_REPLICAS if name in cpu_ms)
-    with_own = predicted_p99_ms(
-        spec, own, load_catalog(CATALOG), plan, load_trace(trace), cores=cores, background_s=beside
-    )
+    with_own = result["estimated_from_run_p99_ms"]
     # The estimate as planned: every replica on its own core.
     own_cores = predicted_p99_ms(spec, load_profiles(plan.profiles), load_catalog(CATALOG), plan, load_trace(trace))
     return {
@@ -172,7 +165,8 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
         "error": abs(est - meas) / meas if est and meas else None, "estimate": result["estimate"],
         "cpu_ms_per_query": result.get("cpu_ms_per_query"),
         "estimated_own_cores_p99_ms": round(own_cores, 3), "error_own_cores": abs(own_cores - meas) / meas,
-        "estimated_with_own_live_p99_ms": round(with_own, 3), "error_with_own_live": abs(with_own - meas) / meas,
+        "estimated_with_own_live_p99_ms": with_own,
+        "error_with_own_live": abs(with_own - meas) / meas if with_own and meas else None,
         "errors": result["errors"], "mean_batch": _mean_batches(metrics), "core_warning": core_shortfall(plan),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
@@ -189,8 +183,8 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
         f"estimated {run['estimated_p99_ms']} ms, measured {run['measured_p99_ms']} ms "
         f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h; "
         f"with a core per replica {run['estimated_own_cores_p99_ms']} ms ({100 * run['error_own_cores']:.1f}%); "
-        f"estimated with the run's own "
-        f"live service times {run['estimated_with_own_live_p99_ms']} ms ({100 * run['error_with_own_live']:.1f}%)"
+        f"estimated with the run's own live service times {run['estimated_with_own_live_p99_ms']} ms "
+        f"({100 * (run['error_with_own_live'] or 0):.1f}%)"
         + (f"; warning: {run['core_warning']}" if run["core_warning"] else "")
     )
 

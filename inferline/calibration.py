@@ -89,32 +89,32 @@ def read_metrics(source: str) -> str:
         raise InferlineError(f"cannot read metrics file {source!r}: {exc.strerror}", "check the path") from None
 
 
-def live_stages(metrics_text: str) -> dict[str, LiveStage]:
-    """Per stage, the call and dispatch times in a router's Prometheus text (its /metrics)."""
-    try:
-        from prometheus_client.parser import text_string_to_metric_families
-    except ImportError:
-        raise InferlineError(
-            "reading router metrics needs prometheus-client", "pip install 'inferline[router]'"
-        ) from None
+def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveStage]:
+    """Per stage, the call and dispatch times in a router's Prometheus text (its /metrics).
+
+    The router's counters run from its start; `since`, an earlier reading of the same router's
+    metrics, limits them to what it measured between the two readings (one replay's worth).
+    """
+    earlier = _samples(since) if since is not None else {}
     sums: dict[tuple[str, str, int], float] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
     try:
-        for family in text_string_to_metric_families(metrics_text):
-            for sample in family.samples:
-                kind = sample.name.rsplit("_", 1)[-1]
-                stage = sample.labels.get("stage")
-                if stage is not None and sample.name == "inferline_router_concurrent_calls_bucket":
-                    buckets.setdefault(stage, []).append((float(sample.labels["le"]), sample.value))
-                if stage is None or kind not in ("sum", "count"):
-                    continue
-                if sample.name.startswith("inferline_router_call_seconds_"):
-                    sums[(f"call_{kind}", stage, int(sample.labels["batch_size"]))] = sample.value
-                elif sample.name.startswith("inferline_router_dispatch_seconds_"):
-                    sums[(f"dispatch_{kind}", stage, 0)] = sample.value
-                elif sample.name == "inferline_router_concurrent_calls_sum":
-                    under_way_sum[stage] = sample.value
+        for (name, labels), total in _samples(metrics_text).items():
+            value = total - earlier.get((name, labels), 0.0)
+            kind = name.rsplit("_", 1)[-1]
+            label = dict(labels)
+            stage = label.get("stage")
+            if stage is not None and name == "inferline_router_concurrent_calls_bucket":
+                buckets.setdefault(stage, []).append((float(label["le"]), value))
+            if stage is None or kind not in ("sum", "count"):
+                continue
+            if name.startswith("inferline_router_call_seconds_"):
+                sums[(f"call_{kind}", stage, int(label["batch_size"]))] = value
+            elif name.startswith("inferline_router_dispatch_seconds_"):
+                sums[(f"dispatch_{kind}", stage, 0)] = value
+            elif name == "inferline_router_concurrent_calls_sum":
+                under_way_sum[stage] = value
     except (ValueError, KeyError) as exc:
         raise InferlineError(
             f"the metrics are not a router's Prometheus text ({exc})", "pass the router's /metrics"
@@ -131,6 +131,26 @@ def live_stages(metrics_text: str) -> dict[str, LiveStage]:
         histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
         out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram)
     return out
+
+
+def _samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text: (name, labels) -> value."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        raise InferlineError(
+            "reading router metrics needs prometheus-client", "pip install 'inferline[router]'"
+        ) from None
+    try:
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(metrics_text)
+            for s in family.samples
+        }
+    except ValueError as exc:
+        raise InferlineError(
+            f"the metrics are not a router's Prometheus text ({exc})", "pass the router's /metrics"
+        ) from None
 
 
 def replica_cpu_s(metrics_text: str) -> float | None:

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.adapters.base import TensorSpec, random_inputs
-from inferline.calibration import read_metrics, replica_cpu_s
+from inferline.calibration import LiveStage, calibrate_profiles, live_stages, read_metrics, replica_cpu_s
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
@@ -70,17 +70,29 @@ class CpuReading:
     router_s: float | None
     client_s: float
     replicas_s: float | None = None
+    metrics_text: str | None = None
+    """The router's Prometheus text at the reading (None: not readable)."""
 
     @classmethod
     def now(cls, router_pid: int | None, router_metrics: str | None = None) -> CpuReading:
-        replicas = None
+        replicas, text = None, None
         if router_metrics is not None:
             try:
-                replicas = replica_cpu_s(read_metrics(router_metrics))
+                text = read_metrics(router_metrics)
+                replicas = replica_cpu_s(text)
             except (InferlineError, ValueError):
                 replicas = None  # the replay's measurements stand without it
         router = process_cpu_s(router_pid) if router_pid is not None else None
-        return cls(router, time.process_time(), replicas)
+        return cls(router, time.process_time(), replicas, text)
+
+    def live_since(self, earlier: CpuReading) -> dict[str, LiveStage]:
+        """What the router measured per stage between the two readings (empty where unreadable)."""
+        if self.metrics_text is None or earlier.metrics_text is None:
+            return {}
+        try:
+            return live_stages(self.metrics_text, since=earlier.metrics_text)
+        except InferlineError:
+            return {}
 
     def per_query_s(self, later: CpuReading, queries: int) -> dict[str, float]:
         """CPU seconds per query since this reading: the router's, the part of it outside its
@@ -235,6 +247,32 @@ def run_estimate(
     }
 
 
+def estimate_from_run(
+    target: Target,
+    arrivals_s: NDArray[np.float64],
+    live: Mapping[str, LiveStage],
+    background_s: Mapping[str, float],
+) -> float | None:
+    """The static estimate again, with the service times the router measured in this run in place
+    of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
+    no static plan with profiles or the run measured too few calls.
+
+    Beside the estimate from the profiles it tells a user why an estimate missed: if this one
+    holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
+    estimator's model of the deployment does.
+    """
+    plan, spec = target.plan, target.spec
+    if plan is None or spec is None or plan.profiles is None or target.tuner not in (None, "none") or not live:
+        return None
+    own, done = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, cores=target.cores)
+    if all(c.ratio is None for c in done):
+        return None
+    latencies = predicted_latencies_ms(
+        spec, own, plan_catalog(plan), plan, arrivals_s, cores=target.cores, background_s=tuple(background_s.values())
+    )
+    return p99(latencies)
+
+
 def no_estimate(why: str) -> dict[str, Any]:
     return {
         "estimated_p99_ms": None,
@@ -256,6 +294,7 @@ def results_for(
     decisions: list[dict[str, Any]] | None = None,
     estimated_latencies_ms: NDArray[np.float64] | None = None,
     cpu_s_per_query: Mapping[str, float] | None = None,
+    live: Mapping[str, LiveStage] | None = None,
 ) -> dict[str, Any]:
     """Run results; `decisions` default to the tuner's log in the state dir.
 
@@ -266,6 +305,8 @@ def results_for(
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
+    With `live`, the router's measurements of this run, a static plan is also estimated from
+    them (`estimate_from_run`).
     """
     plan = target.plan
     fallback: list[dict[str, Any]] = []
@@ -295,6 +336,13 @@ def results_for(
     )
     if cpu_s_per_query:
         out["cpu_ms_per_query"] = {name: round(1000 * s, 4) for name, s in cpu_s_per_query.items()}
+    from_run = None
+    if live and estimated_latencies_ms is None:
+        try:
+            from_run = estimate_from_run(target, arrivals_s, live, beside)
+        except InferlineError:
+            from_run = None  # what was measured stands without it
+    out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
     return out | estimate
 
 
@@ -366,8 +414,9 @@ def run_replay(args: Any, console: Any) -> int:
     result = asyncio.run(
         replay_against(target, arrivals, slo_ms, inputs, args.timeout_s, args.seed, progress_printer(console))
     )
-    cpu = before.per_query_s(CpuReading.now(target.router_pid, target.router_metrics), result.sent)
-    results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu)
+    after = CpuReading.now(target.router_pid, target.router_metrics)
+    cpu = before.per_query_s(after, result.sent)
+    results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu, live=after.live_since(before))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
@@ -383,7 +432,13 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v:.1f}"
 
-    table = Table(title=f"{pipeline}: open-loop replay", caption=f"estimate: {r.get('estimate') or '-'}")
+    caption = f"estimate: {r.get('estimate') or '-'}"
+    from_run = r.get("estimated_from_run_p99_ms")
+    if from_run is not None:
+        caption += f"\nthe same estimate from this run's own service times: P99 {from_run:.1f} ms"
+        if drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
+            caption += " (the servers no longer match their profiles: `inferline calibrate` rewrites them)"
+    table = Table(title=f"{pipeline}: open-loop replay", caption=caption)
     for column in ("sent", "answered", "errors", "throughput q/s", "P99 ms", "estimated P99 ms", "SLO miss", "$/hour"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -393,3 +448,16 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
         "-" if r.get("cost_per_hour") is None else f"{r['cost_per_hour']:.4f}",
     )  # fmt: skip
     return table
+
+
+FIDELITY_TOLERANCE = 0.10
+"""How far from the measured P99 an estimate may be and still count as holding (the design's target)."""
+
+
+def drifted(from_profiles_ms: float | None, from_run_ms: float, measured_ms: float | None) -> bool:
+    """Whether the estimate from the profiles misses the measured P99 where the one from the run's
+    own service times holds: the servers, not the estimator's model, changed."""
+    if from_profiles_ms is None or measured_ms is None or measured_ms <= 0:
+        return False
+    off = abs(from_profiles_ms - measured_ms) / measured_ms
+    return off > FIDELITY_TOLERANCE and abs(from_run_ms - measured_ms) / measured_ms <= FIDELITY_TOLERANCE

@@ -77,6 +77,8 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         cores = info["cores"]
         assert results["estimate"].startswith(f"static plan, replicas sharing {cores} core")
         assert "with the load generator" in results["estimate"]
+        # Estimated again from the service times the router measured in this replay alone.
+        assert results["estimated_from_run_p99_ms"] > 0
         # The HTTP endpoint, named explicitly: a gRPC client could not talk to it at all.
         http = ["--endpoint", info["endpoints"]["http"], "--protocol", "http", "--plan", str(plan)]
         replayed = cli("replay", *http, "--trace", "gamma:rate=40,cv=1,duration=2,seed=5", "--json")
@@ -84,6 +86,7 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         results = json.loads(replayed.stdout)
         assert results["errors"] == 0 and results["answered"] == results["sent"] > 40 and results["p99_ms"] > 0
         assert set(results["cpu_ms_per_query"]) == {"load generator"}  # given by address: no router pid
+        assert results["estimated_from_run_p99_ms"] is None  # nor its metrics
     finally:
         down = cli("down", "--state-dir", str(state))
     assert down.returncode == 0, down.stderr

@@ -41,14 +41,17 @@ SPEC = parse_spec(
 
 
 class SleepingServer:
-    """A stand-in model server whose every call takes CALL_S (the GIL released, as a real call)."""
+    """A stand-in model server whose every call takes `delay_s` (the GIL released, as a real call)."""
+
+    def __init__(self, delay_s: float = CALL_S) -> None:
+        self.delay_s = delay_s
 
     def model_info(self, model: str) -> ModelInfo:
         inputs, outputs = MODELS[model]
         return ModelInfo(model, True, ServingConfig(8, 1), inputs, outputs)
 
     def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
-        time.sleep(CALL_S)
+        time.sleep(self.delay_s)
         n = next(iter(inputs.values())).shape[0]
         name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
         return {name: np.zeros((n, width), np.float32)}
@@ -75,6 +78,37 @@ def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None
         assert live[stage].dispatches > 0
         assert 0 < live[stage].dispatch_ms < 1000 * CALL_S
         assert live[stage].dispatch_ms == pytest.approx(dispatch[stage])
+
+
+def test_live_stages_since_an_earlier_reading_counts_only_what_came_after() -> None:
+    server = SleepingServer()
+    pools = {s: [Replica(server, s, f"{s}-0")] for s in ("a", "b")}
+    router = PipelineRouter(SPEC, pools, {"a": 4, "b": 4}).start()  # type: ignore[arg-type]
+
+    def run(queries: int) -> None:
+        for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(queries)]:
+            f.result(timeout=30)
+
+    try:
+        run(120)
+        first = generate_latest(router.metrics_registry).decode()
+        counts_first = router.batch_sizes()
+        server.delay_s = 4 * CALL_S  # the servers slow down between two replays
+        run(80)
+        second = generate_latest(router.metrics_registry).decode()
+        counts_second = router.batch_sizes()
+    finally:
+        router.stop()
+    since = live_stages(second, since=first)
+    whole = live_stages(second)
+    for stage in ("a", "b"):
+        calls = {n: c - counts_first[stage].get(n, 0) for n, c in counts_second[stage].items()}
+        assert {n: c for n, (_, c) in since[stage].calls.items()} == {n: c for n, c in calls.items() if c > 0}
+        # Only the slow calls: the whole run's means mix in the fast ones.
+        assert all(ms >= 4000 * CALL_S for ms, _ in since[stage].calls.values())
+        assert min(ms for ms, _ in whole[stage].calls.values()) < 4000 * CALL_S
+        assert sum(since[stage].concurrency.values()) == sum(c for _, c in since[stage].calls.values())
+        assert since[stage].dispatches < whole[stage].dispatches
 
 
 def _profile(model: str, means: dict[int, float]) -> object:

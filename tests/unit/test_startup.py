@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from inferline.calibration import LiveStage
 from inferline.cli import main
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
-from inferline.replay_command import Target, results_for, run_estimate
+from inferline.profiles import load_profiles
+from inferline.replay_command import Target, drifted, results_for, run_estimate
 from inferline.router.replay import ReplayResult
 from inferline.runs import simulate_plan
 from inferline.spec import load_spec
@@ -306,3 +308,46 @@ def test_cpu_readings_per_query() -> None:
     assert threads.per_query_s(CpuReading(10.5, 2.2, 1.3), 100) == pytest.approx(
         {"router": 0.005, "load generator": 0.002, "router outside its replica threads": 0.002}
     )
+
+
+# --- the estimate again from the run's own service times ------------------------------------------
+
+
+def _live_at(plan: Any, spec: Any, factor: float, calls: int) -> dict[str, LiveStage]:
+    """Per stage, `calls` batch-1 calls that took `factor` times the profile's mean."""
+    profiles = load_profiles(plan.profiles)
+    out = {}
+    for stage in spec.stages:
+        point = profiles[stage.model].points(plan.stage(stage.name).hardware)[0]
+        out[stage.name] = LiveStage({point.batch_size: (factor * point.latency_ms.mean, calls)}, 0.0, 0)
+    return out
+
+
+def test_a_static_run_is_estimated_again_from_its_own_service_times(plan_path: Path) -> None:
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    result = fake_replay(arrivals)
+    static = Target("127.0.0.1:1", spec.name, plan, spec, None, "none")
+    as_profiled = results_for(static, result, arrivals, 0.0, live=_live_at(plan, spec, 1.0, 500))
+    # Calls as long as profiled: the profiles' estimate again.
+    assert as_profiled["estimated_from_run_p99_ms"] == pytest.approx(as_profiled["estimated_p99_ms"], rel=1e-3)
+    slower = results_for(static, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 500))
+    assert slower["estimated_from_run_p99_ms"] > 1.3 * slower["estimated_p99_ms"]
+    assert slower["estimated_p99_ms"] == as_profiled["estimated_p99_ms"]  # the profiles' estimate stays
+    # Too few calls to calibrate from, no router metrics, or a tuned run: none.
+    assert (
+        results_for(static, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 3))["estimated_from_run_p99_ms"]
+        is None
+    )
+    assert results_for(static, result, arrivals, 0.0)["estimated_from_run_p99_ms"] is None
+    tuned = Target("127.0.0.1:1", spec.name, plan, spec, None, "inferline")
+    assert (
+        results_for(tuned, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 500))["estimated_from_run_p99_ms"]
+        is None
+    )
+
+
+def test_drift_is_named_only_where_the_runs_own_estimate_holds_and_the_profiles_do_not() -> None:
+    assert drifted(120.0, 95.0, 100.0)  # profiles 20% off, the run's own 5%
+    assert not drifted(105.0, 95.0, 100.0)  # the profiles' estimate holds
+    assert not drifted(120.0, 130.0, 100.0)  # both miss: the estimator's model, not drift
+    assert not drifted(None, 95.0, 100.0) and not drifted(120.0, 95.0, None)
