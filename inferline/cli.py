@@ -27,6 +27,7 @@ from inferline.spec import PipelineSpec, load_spec
 from inferline.startup import DEFAULT_STARTUP_S, parse_startup
 from inferline.tables import plan_table, runs_table
 from inferline.traces import load_trace
+from inferline.validation import check_cores
 
 HTTP_HELP = "(Triton) the server's HTTP address HOST:PORT: inference goes over it, cheaper per call than gRPC"
 
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         " whose measured median replica start-up is used",
     )
     s.add_argument("--tick-s", type=float, default=0.25, help="tuner control period in seconds")
+    s.add_argument(
+        "--cores",
+        type=float,
+        help="every replica shares this many cores, as on one machine (default: each has its own hardware unit)",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed for conditional edges")
     s.add_argument("--json", action="store_true", help="print run results as JSON")
     s.add_argument("--plot", help="write a PNG of arrival rate, replicas per stage and latency over time")
@@ -264,11 +270,14 @@ def _simulate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     arrivals = load_trace(args.trace)
     startup_s, measured_in = parse_startup(args.startup_s)
+    check_cores(args.cores)
     result = simulate_plan(
         spec, plan, arrivals, args.tuner, profiles_dir=args.profiles, catalog_path=args.hardware,
-        tick_s=args.tick_s, startup_s=startup_s, seed=args.seed,
+        tick_s=args.tick_s, startup_s=startup_s, seed=args.seed, cores=args.cores,
     )  # fmt: skip
     results = run_results(result, args.tuner) | {"startup_s": startup_s}
+    if args.cores is not None:
+        results["cores"] = args.cores
     if measured_in is not None:
         results["startup_measured_in"] = measured_in
     if args.json:

@@ -203,8 +203,8 @@ def run_estimate(
     A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
-    prediction (`static_latencies_ms` when the caller already has it), with the replicas sharing
-    `cores` cores where given, beside processes that cost `background_s` CPU seconds per query.
+    prediction (`static_latencies_ms` when the caller already has it). Either way the replicas
+    share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query.
     """
     if tuner is None or tuner == "none":
         if static_latencies_ms is not None:
@@ -217,12 +217,7 @@ def run_estimate(
             latencies_ms = predicted_latencies_ms(
                 spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside
             )
-        sharing = ""
-        if cores is not None and static_latencies_ms is None:
-            sharing = f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}" + "".join(
-                f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query)"
-                for i, (name, s) in enumerate((background_s or {}).items())
-            )
+        sharing = _sharing(cores, background_s) if static_latencies_ms is None else ""
         return {
             "estimated_p99_ms": p99(latencies_ms),
             "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
@@ -235,16 +230,27 @@ def run_estimate(
     if measured is None:
         measured = measured_startup_s(fallback_decisions)
     startup_s = measured if measured is not None else DEFAULT_STARTUP_S
-    run = simulate_plan(spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s)
+    beside = tuple((background_s or {}).values())
+    run = simulate_plan(
+        spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s, cores=cores, background_s=beside
+    )
     how = "measured" if measured is not None else "default, none measured"
-    if cores is not None:  # NOTE: the closed-loop simulator has no shared-core mode yet
-        how += "; a core per replica, not shared"
     return {
         "estimated_p99_ms": run.p99_s * 1000.0,
         "estimated_slo_miss_rate": _rate(run.slo_miss_rate),
         "estimated_startup_s": round(startup_s, 3),
-        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {how}",
+        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {how}{_sharing(cores, background_s)}",
     }
+
+
+def _sharing(cores: float | None, background_s: Mapping[str, float] | None) -> str:
+    """How the estimate placed the replicas, for its description ("" : a core each, as planned)."""
+    if cores is None:
+        return ""
+    return f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}" + "".join(
+        f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query)"
+        for i, (name, s) in enumerate((background_s or {}).items())
+    )
 
 
 def estimate_from_run(

@@ -31,10 +31,13 @@ def simulate_plan(
     tick_s: float = 0.25,
     startup_s: float = 5.0,
     seed: int = 0,
+    cores: float | None = None,
+    background_s: tuple[float, ...] = (),
 ) -> RunResult:
     """The plan over the trace in the closed-loop simulator, with `tuner` (a policy name, `none` = static).
 
-    Profiles and hardware catalog default to the ones the plan was made with.
+    Profiles and hardware catalog default to the ones the plan was made with. With `cores`, every
+    replica shares that many cores, beside processes costing `background_s` CPU seconds per query.
     """
     profiles = profiles_dir or plan.profiles
     if profiles is None:
@@ -48,8 +51,9 @@ def simulate_plan(
     if tick_s <= 0 or startup_s < 0:
         raise InferlineError("--tick-s must be positive and --startup-s not negative", "pass sensible durations")
     return simulate_run(
-        model, table, config, arrivals_s, plan.slo_ms / 1000.0, policy, tick_s=tick_s, startup_s=startup_s, seed=seed
-    )
+        model, table, config, arrivals_s, plan.slo_ms / 1000.0, policy, tick_s=tick_s, startup_s=startup_s, seed=seed,
+        cores=cores, background_s=background_s,
+    )  # fmt: skip
 
 
 def run_results(result: RunResult, tuner: str) -> dict[str, Any]:

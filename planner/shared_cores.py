@@ -23,12 +23,15 @@ cores between them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
 from inferline.planner.estimator import Estimator
-from inferline.planner.pipeline import Config
+from inferline.planner.pipeline import Config, PipelineModel
 
 
 def shared_core_latencies_s(
@@ -39,50 +42,225 @@ def shared_core_latencies_s(
     `background_s`: per process beside the replicas on the same cores (e.g. a load generator), the
     CPU seconds each query costs it.
     """
+    model, table = estimator.model, estimator.table
+    options = [table[s].option(c.hardware) for s, c in enumerate(config)]
+    run = start_shared(
+        model,
+        [o.service_s for o in options],
+        [o.cpu_share for o in options],
+        config,
+        estimator.arrivals_s,
+        estimator.visits,
+        cores,
+        background_s,
+    )
+    advance_shared(run, np.inf)
+    return run.latencies_s(), run.completions()
+
+
+@dataclass
+class SharedRun:
+    """One run of the shared-core kernel, resumable: `advance_shared` runs it up to a time, and
+    between two calls replicas may be added or removed and batch caps changed (a tuner's ticks).
+
+    Mutable state, changed in place by the kernel. Queries are kept in time order (`order` maps
+    back to the caller's order).
+    """
+
+    order: NDArray[np.int64]
+    arrivals: NDArray[np.float64]
+    visits: NDArray[np.bool_]
+    roots: NDArray[np.bool_]
+    children: NDArray[np.int64]
+    service: NDArray[np.float64]
+    share: NDArray[np.float64]
+    cores: float
+    background_s: NDArray[np.float64]
+    waiting: NDArray[np.int64]
+    completion: NDArray[np.float64]
+    queue: NDArray[np.int64]
+    head: NDArray[np.int64]
+    tail: NDArray[np.int64]
+    free: NDArray[np.int64]
+    """Idle replicas per stage."""
+    max_batch: NDArray[np.int64]
+    pend_time: NDArray[np.float64]
+    """Replicas still starting: when each is ready, and its stage (`pend_stage`); `counts[2]` of them."""
+    pend_stage: NDArray[np.int64]
+    act_stage: NDArray[np.int64]
+    """Batches under way (`counts[0]` of them): stage, first queue slot, size, CPU share, projected
+    finish, and whether its replica leaves once the batch is done (`act_retire`)."""
+    act_first: NDArray[np.int64]
+    act_size: NDArray[np.int64]
+    act_share: NDArray[np.float64]
+    act_finish: NDArray[np.float64]
+    act_retire: NDArray[np.bool_]
+    bg_busy: NDArray[np.bool_]
+    bg_finish: NDArray[np.float64]
+    clock: NDArray[np.float64]
+    """The time of the last event and the calls per core then (the crowd)."""
+    counts: NDArray[np.int64]
+    """Batches under way, queries arrived, replicas starting."""
+    busy_s: NDArray[np.float64]
+    """Per stage, since the start: service time (alone) of the batches dispatched, queries
+    dispatched, batches dispatched, queries that joined its queue."""
+    dispatched: NDArray[np.int64]
+    batches: NDArray[np.int64]
+    entered: NDArray[np.int64]
+
+    def latencies_s(self) -> NDArray[np.float64]:
+        """Each query's latency, in the caller's query order (a query visiting no stage: 0)."""
+        done = np.maximum(self.completion.max(axis=0), self.arrivals) if self.completion.size else self.arrivals
+        out = np.empty_like(self.arrivals)
+        out[self.order] = done - self.arrivals
+        return out
+
+    def completions(self) -> list[NDArray[np.float64]]:
+        """Per stage, each query's completion there (-inf where not visited), in the caller's order."""
+        out = np.empty_like(self.completion)
+        out[:, self.order] = self.completion
+        return [out[s] for s in range(out.shape[0])]
+
+    def queued(self, stage: int) -> int:
+        return int(self.tail[stage] - self.head[stage])
+
+    def in_flight(self, stage: int, after_s: float) -> int:
+        """Queries in the stage's batches under way that finish after `after_s`."""
+        active = int(self.counts[0])
+        mine = (self.act_stage[:active] == stage) & (self.act_finish[:active] > after_s)
+        return int(self.act_size[:active][mine].sum())
+
+    def drained(self) -> bool:
+        return bool(self.counts[1] == self.arrivals.size and self.counts[0] == 0 and np.all(self.tail == self.head))
+
+    def add_replicas(self, stage: int, count: int, ready_s: float) -> None:
+        """`count` replicas for `stage`, serving from `ready_s`."""
+        pending = int(self.counts[2])
+        if pending + count > self.pend_time.size:
+            grow = max(pending + count, 2 * self.pend_time.size)
+            self.pend_time = np.resize(self.pend_time, grow)
+            self.pend_stage = np.resize(self.pend_stage, grow)
+        self.pend_time[pending : pending + count] = ready_s
+        self.pend_stage[pending : pending + count] = stage
+        self.counts[2] = pending + count
+        slots = int(self.free.sum()) + int(self.counts[0]) + pending + count
+        if slots > self.act_stage.size:  # room for every replica to run a batch at once
+            grow = max(slots, 2 * self.act_stage.size)
+            for name in ("act_stage", "act_first", "act_size", "act_share", "act_finish", "act_retire"):
+                setattr(self, name, np.resize(getattr(self, name), grow))
+
+    def remove_replicas(self, stage: int, count: int) -> None:
+        """`count` of the stage's replicas leave: those free soonest (idle ones, then busy ones by
+        their batch's projected finish, whose batch still completes, then starting ones by ready time)."""
+        active, pending = int(self.counts[0]), int(self.counts[2])
+        candidates = [(-np.inf, "idle", 0)] * int(self.free[stage])
+        candidates += [
+            (float(self.act_finish[i]), "busy", i)
+            for i in range(active)
+            if self.act_stage[i] == stage and not self.act_retire[i]
+        ]
+        candidates += [(float(self.pend_time[k]), "starting", k) for k in range(pending) if self.pend_stage[k] == stage]
+        leaving = sorted(candidates, key=lambda c: c[0])[:count]
+        self.free[stage] -= sum(1 for _, kind, _ in leaving if kind == "idle")
+        for _, kind, i in leaving:
+            if kind == "busy":
+                self.act_retire[i] = True
+        gone = sorted((k for _, kind, k in leaving if kind == "starting"), reverse=True)
+        for k in gone:  # from the back, so that moving the last entry into k keeps the rest valid
+            last = int(self.counts[2]) - 1
+            self.pend_time[k], self.pend_stage[k] = self.pend_time[last], self.pend_stage[last]
+            self.counts[2] = last
+
+
+def start_shared(
+    model: PipelineModel,
+    service_s: Sequence[NDArray[np.float64]],
+    cpu_share: Sequence[NDArray[np.float64] | None],
+    config: Config,
+    arrivals_s: NDArray[np.float64],
+    visits: NDArray[np.bool_],
+    cores: float,
+    background_s: tuple[float, ...] = (),
+) -> SharedRun:
+    """A run of `config` over the arrivals (any order), every replica sharing `cores` cores.
+
+    `service_s[s]` / `cpu_share[s]`: the stage's service time and CPU share per batch size (None:
+    compute-bound), at least up to the largest batch cap the run will use. `visits` as sampled by
+    `sample_visits`. `background_s` as in `shared_core_latencies_s`.
+    """
     if not cores > 0:
         raise ValueError(f"cores must be positive, got {cores}")
     if any(not b >= 0 for b in background_s):
         raise ValueError(f"background CPU per query must be >= 0, got {background_s}")
     if any(c.replicas < 1 for c in config):
         raise ValueError(f"every stage needs a replica, got {[c.replicas for c in config]}")
-    model, table = estimator.model, estimator.table
-    options = [table[s].option(c.hardware) for s, c in enumerate(config)]
-    widest = max(c.max_batch_size for c in config)
-    service = np.zeros((model.size, widest + 1))
-    share = np.ones((model.size, widest + 1))
-    for s, (option, c) in enumerate(zip(options, config, strict=True)):
-        b = c.max_batch_size
-        service[s, : b + 1] = option.service_s[: b + 1]
-        if option.cpu_share is not None:
-            share[s, : b + 1] = option.cpu_share[: b + 1]
+    widest = max(s.size for s in service_s)
+    service = np.zeros((model.size, widest))
+    share = np.ones((model.size, widest))
+    for s in range(model.size):
+        service[s, : service_s[s].size] = service_s[s]
+        table = cpu_share[s]
+        if table is not None:
+            share[s, : table.size] = table
     children = np.full((model.size, max(1, model.size)), -1, dtype=np.int64)
     for s in range(model.size):
         for i, child in enumerate(model.children(s)):
             children[s, i] = child
-    roots = np.array([not model.parents[s] for s in range(model.size)], dtype=np.bool_)
     # The kernel takes arrivals in time order; a stable sort keeps ties in query order.
-    order = np.argsort(estimator.arrivals_s, kind="mergesort")
-    visits = np.ascontiguousarray(estimator.visits[:, order])
-    in_order = run_shared(
-        np.ascontiguousarray(estimator.arrivals_s[order]),
-        order.astype(np.int64),
-        visits,
-        roots,
-        children,
-        _visited_parents(visits, model.parents),
-        service,
-        share,
-        np.array([c.max_batch_size for c in config], dtype=np.int64),
-        np.array([c.replicas for c in config], dtype=np.int64),
-        float(cores),
-        np.asarray(background_s, dtype=np.float64).reshape(-1),
+    order = np.argsort(arrivals_s, kind="mergesort").astype(np.int64)
+    in_order = np.ascontiguousarray(visits[:, order])
+    stages, n = in_order.shape
+    slots = max(1, sum(c.replicas for c in config))
+    workers = len(background_s)
+    return SharedRun(
+        order=order,
+        arrivals=np.ascontiguousarray(np.asarray(arrivals_s, dtype=np.float64)[order]),
+        visits=in_order,
+        roots=np.array([not model.parents[s] for s in range(model.size)], dtype=np.bool_),
+        children=children,
+        service=service,
+        share=share,
+        cores=float(cores),
+        background_s=np.asarray(background_s, dtype=np.float64).reshape(-1),
+        waiting=_visited_parents(in_order, model.parents),
+        completion=np.full((stages, n), -np.inf),
+        queue=np.empty((stages, n), dtype=np.int64),
+        head=np.zeros(stages, dtype=np.int64),
+        tail=np.zeros(stages, dtype=np.int64),
+        free=np.array([c.replicas for c in config], dtype=np.int64),
+        max_batch=np.array([c.max_batch_size for c in config], dtype=np.int64),
+        pend_time=np.zeros(4),
+        pend_stage=np.zeros(4, dtype=np.int64),
+        act_stage=np.empty(slots, dtype=np.int64),
+        act_first=np.empty(slots, dtype=np.int64),
+        act_size=np.empty(slots, dtype=np.int64),
+        act_share=np.empty(slots),
+        act_finish=np.empty(slots),
+        act_retire=np.zeros(slots, dtype=np.bool_),
+        bg_busy=np.zeros(workers, dtype=np.bool_),
+        bg_finish=np.zeros(workers),
+        clock=np.array([0.0, 1.0]),
+        counts=np.zeros(3, dtype=np.int64),
+        busy_s=np.zeros(stages),
+        dispatched=np.zeros(stages, dtype=np.int64),
+        batches=np.zeros(stages, dtype=np.int64),
+        entered=np.zeros(stages, dtype=np.int64),
     )
-    completion = np.empty_like(in_order)
-    completion[:, order] = in_order
-    done = estimator.arrivals_s.copy()  # a query visiting no stage is done on arrival
-    for s in range(model.size):
-        np.maximum(done, completion[s], out=done)
-    return done - estimator.arrivals_s, [completion[s] for s in range(model.size)]
+
+
+def advance_shared(run: SharedRun, horizon_s: float) -> bool:
+    """Run every event before `horizon_s` (all of them: inf); True once every query is done."""
+    if int(run.max_batch.max()) >= run.service.shape[1]:
+        raise ValueError(f"batch caps {run.max_batch.tolist()} exceed the service tables ({run.service.shape[1] - 1})")
+    finished = _advance(
+        run.arrivals, run.order, run.visits, run.roots, run.children,
+        run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.queue,
+        run.head, run.tail, run.free, run.max_batch, run.pend_time, run.pend_stage, run.act_stage,
+        run.act_first, run.act_size, run.act_share, run.act_finish, run.act_retire, run.bg_busy,
+        run.bg_finish, run.clock, run.counts, run.busy_s, run.dispatched, run.batches, run.entered,
+        float(horizon_s),
+    )  # fmt: skip
+    return bool(finished)
 
 
 def _visited_parents(visits: NDArray[np.bool_], parents: tuple[tuple[int, ...], ...]) -> NDArray[np.int64]:
@@ -109,21 +287,42 @@ def crowd_of(demand: float, cores: float) -> float:
 
 
 @njit(cache=True, nogil=True)
-def run_shared(
+def _advance(
     arrivals: NDArray[np.float64],
     rank: NDArray[np.int64],
     visits: NDArray[np.bool_],
     roots: NDArray[np.bool_],
     children: NDArray[np.int64],
-    waiting: NDArray[np.int64],
     service: NDArray[np.float64],
     share: NDArray[np.float64],
-    max_batch: NDArray[np.int64],
-    replicas: NDArray[np.int64],
     cores: float,
     background_s: NDArray[np.float64],
-) -> NDArray[np.float64]:
-    """Completion time of every query at every stage (-inf where not visited); arrivals sorted.
+    waiting: NDArray[np.int64],
+    completion: NDArray[np.float64],
+    queue: NDArray[np.int64],
+    head: NDArray[np.int64],
+    tail: NDArray[np.int64],
+    free: NDArray[np.int64],
+    max_batch: NDArray[np.int64],
+    pend_time: NDArray[np.float64],
+    pend_stage: NDArray[np.int64],
+    act_stage: NDArray[np.int64],
+    act_first: NDArray[np.int64],
+    act_size: NDArray[np.int64],
+    act_share: NDArray[np.float64],
+    act_finish: NDArray[np.float64],
+    act_retire: NDArray[np.bool_],
+    bg_busy: NDArray[np.bool_],
+    bg_finish: NDArray[np.float64],
+    clock: NDArray[np.float64],
+    counts: NDArray[np.int64],
+    busy_s: NDArray[np.float64],
+    dispatched: NDArray[np.int64],
+    batches: NDArray[np.int64],
+    entered: NDArray[np.int64],
+    horizon: float,
+) -> bool:
+    """Run the events before `horizon` (arrivals sorted); the state is `SharedRun`'s, changed in place.
 
     `rank[q]`: query q's index before the sort, which orders queries ready at the same instant.
     `background_s[j]`: CPU seconds that each arriving query costs background process j (a
@@ -136,26 +335,11 @@ def run_shared(
     every finish is exactly start + service, as in the estimator's kernel.
     """
     stages, n = visits.shape
-    waiting = waiting.copy()
-    completion = np.full((stages, n), -np.inf)
-    queue = np.empty((stages, n), dtype=np.int64)
-    head = np.zeros(stages, dtype=np.int64)
-    tail = np.zeros(stages, dtype=np.int64)
-    free = replicas.copy()
-    mark = np.zeros(stages, dtype=np.int64)
-    slots = max(1, int(replicas.sum()))
-    act_stage = np.empty(slots, dtype=np.int64)
-    act_first = np.empty(slots, dtype=np.int64)
-    act_size = np.empty(slots, dtype=np.int64)
-    act_share = np.empty(slots)
-    act_finish = np.empty(slots)
-    active = 0
     workers = background_s.shape[0]
-    bg_busy = np.zeros(workers, dtype=np.bool_)
-    bg_finish = np.zeros(workers)
-    crowd = 1.0
-    t = 0.0
-    arrived = 0
+    t, crowd = clock[0], clock[1]
+    active, arrived, pending = counts[0], counts[1], counts[2]
+    finished = False
+    mark = np.empty(stages, dtype=np.int64)
     while True:
         # Dispatch: every free replica takes what its queue holds, up to its batch cap. New
         # batches hold their service time alone until the crowd they start in is known.
@@ -168,9 +352,13 @@ def run_shared(
                 act_size[active] = size
                 act_share[active] = share[s, size]
                 act_finish[active] = service[s, size]
+                act_retire[active] = False
                 active += 1
                 head[s] += size
                 free[s] -= 1
+                busy_s[s] += service[s, size]
+                dispatched[s] += size
+                batches[s] += 1
         # Summed afresh at every event: adding and removing fractional shares would drift.
         demand = 0.0
         for i in range(active):
@@ -190,7 +378,13 @@ def run_shared(
         for i in range(running, active):
             act_finish[i] = t + act_finish[i] * slowdown(act_share[i], crowd)
         if active == 0 and arrived == n:
-            break
+            queued = False
+            for s in range(stages):
+                if tail[s] > head[s]:
+                    queued = True
+            if not queued:
+                finished = True
+                break
         t_next = np.inf
         for i in range(active):
             if act_finish[i] < t_next:
@@ -198,8 +392,13 @@ def run_shared(
         for j in range(workers):
             if bg_busy[j] and bg_finish[j] < t_next:
                 t_next = bg_finish[j]
+        for k in range(pending):
+            if pend_time[k] < t_next:
+                t_next = pend_time[k]
         if arrived < n and arrivals[arrived] < t_next:
             t_next = arrivals[arrived]
+        if t_next >= horizon or t_next == np.inf:
+            break
         t = t_next
         # Every event at t happens before the next dispatch, so a batch formed at t holds every
         # query ready at t, as in the estimator.
@@ -223,13 +422,25 @@ def run_shared(
                         if waiting[c, q] == 0:
                             queue[c, tail[c]] = q
                             tail[c] += 1
-            free[s] += 1
+                            entered[c] += 1
+            if not act_retire[i]:
+                free[s] += 1
             active -= 1
             act_stage[i] = act_stage[active]
             act_first[i] = act_first[active]
             act_size[i] = act_size[active]
             act_share[i] = act_share[active]
             act_finish[i] = act_finish[active]
+            act_retire[i] = act_retire[active]
+        k = 0
+        while k < pending:  # replicas done starting
+            if pend_time[k] <= t:
+                free[pend_stage[k]] += 1
+                pending -= 1
+                pend_time[k] = pend_time[pending]
+                pend_stage[k] = pend_stage[pending]
+            else:
+                k += 1
         for j in range(workers):
             if bg_busy[j] and bg_finish[j] <= t:
                 bg_busy[j] = False
@@ -243,6 +454,7 @@ def run_shared(
                 if roots[s] and visits[s, q]:
                     queue[s, tail[s]] = q
                     tail[s] += 1
+                    entered[s] += 1
             for j in range(workers):
                 if background_s[j] <= 0.0:
                     continue
@@ -252,4 +464,6 @@ def run_shared(
                     bg_busy[j] = True
                     bg_finish[j] = t + background_s[j] * crowd
             arrived += 1
-    return completion
+    clock[0], clock[1] = t, crowd
+    counts[0], counts[1], counts[2] = active, arrived, pending
+    return finished

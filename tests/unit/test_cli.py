@@ -231,6 +231,18 @@ def test_simulate_is_deterministic(capsys: pytest.CaptureFixture[str], video_pla
     assert run_json(capsys, argv) == run_json(capsys, argv)
 
 
+def test_simulate_with_the_replicas_sharing_cores(capsys: pytest.CaptureFixture[str], video_plan: Path) -> None:
+    argv = ["simulate", VIDEO, "--plan", str(video_plan), "--trace", SIM_TRACE, "--tuner", "inferline", "--json"]
+    own = run_json(capsys, argv)
+    roomy = run_json(capsys, [*argv, "--cores", "1000"])
+    scarce = run_json(capsys, [*argv, "--cores", "2"])
+    assert "cores" not in own and roomy["cores"] == 1000 and scarce["cores"] == 2
+    assert roomy["p99_ms"] == own["p99_ms"]  # never crowded: the same run
+    assert scarce["p99_ms"] > own["p99_ms"]
+    line = error_line(capsys, [*argv, "--cores", "0"])
+    assert "--cores must be positive, got 0" in line
+
+
 def test_simulate_table_and_plot(capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path) -> None:
     png = tmp_path / "out.png"
     argv = ["simulate", VIDEO, "--plan", str(video_plan), "--trace", SIM_TRACE, "--tuner", "inferline"]

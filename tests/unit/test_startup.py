@@ -192,9 +192,13 @@ def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_pa
     unmeasured = run_estimate(plan, spec, arrivals, "inferline", [decision(0.0)])
     assert unmeasured["estimated_startup_s"] == DEFAULT_STARTUP_S and "default" in unmeasured["estimate"]
     assert unmeasured["estimated_p99_ms"] > fast["estimated_p99_ms"]  # replicas arrive 4.5 s later
-    shared = run_estimate(plan, spec, arrivals, "inferline", [decision(0.5)], cores=2.0)
-    assert shared["estimate"].endswith("a core per replica, not shared")  # the closed loop cannot share cores yet
-    assert shared["estimated_p99_ms"] == fast["estimated_p99_ms"]
+    # A local deployment: the replicas share the machine's cores in the closed loop too.
+    roomy = run_estimate(plan, spec, arrivals, "inferline", [decision(0.5)], cores=64.0)
+    assert roomy["estimate"] == "closed-loop tuner inferline, start-up 0.5 s measured, replicas sharing 64 cores"
+    assert roomy["estimated_p99_ms"] == fast["estimated_p99_ms"]  # never crowded: the same run
+    scarce = run_estimate(plan, spec, arrivals, "inferline", [decision(0.5)], cores=0.05, background_s={"x": 0.001})
+    assert scarce["estimate"].endswith("replicas sharing 0.05 cores with the x (1.00 ms CPU per query)")
+    assert scarce["estimated_p99_ms"] > fast["estimated_p99_ms"]
     slow = run_estimate(plan, spec, arrivals, "inferline", [decision(15.0)])
     assert slow["estimated_startup_s"] == 15.0
     assert slow["estimated_slo_miss_rate"] > fast["estimated_slo_miss_rate"]
