@@ -28,6 +28,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.profiler import ProfileSettings, profile_to_directory
+from inferline.calibration import live_stages
 from inferline.catalog import load_catalog
 from inferline.deployment import Endpoints, LocalDeployment, available_cores
 from inferline.errors import InferlineError
@@ -152,10 +153,13 @@ def deploy_and_replay(
         cores = float(available_cores())  # every replica runs on this machine
         target = load_generator_target(deployment.endpoints, spec.name, plan, spec, tuner, cores)
         freeze_long_lived()  # the router runs in this process: no collector pause mid-replay
+        before = generate_latest(deployment.router.metrics_registry).decode()
         started = time.time()
         result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
+        after = generate_latest(deployment.router.metrics_registry).decode()
+        measured = live_stages(after, since=before)
         if metrics_out is not None:
-            metrics_out.write_bytes(generate_latest(deployment.router.metrics_registry))
+            metrics_out.write_text(after)
     finally:
         if live is not None:
             live.stop()
@@ -163,7 +167,7 @@ def deploy_and_replay(
     decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
     # The router runs in this process, beside the load generator: their CPU cannot be told apart, so
     # the estimate counts neither (calibration puts the router's into the service times).
-    results = results_for(target, result, arrivals, started, decisions, estimated_latencies_ms)
+    results = results_for(target, result, arrivals, started, decisions, estimated_latencies_ms, live=measured)
     results["tuner"] = tuner
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}
@@ -207,5 +211,15 @@ def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
         )
         if r.get("estimate"):
             estimates.append(f"{label}: {r['estimate']}")
-    table.caption = "estimates: " + "; ".join(estimates) + "; changes: the tuner's decisions" if estimates else None
+    from_run = [
+        f"{'tuner' if name == 'inferline' else 'static'} {r['estimated_from_run_p99_ms']:.1f} ms"
+        for name, r in runs.items()
+        if r.get("estimated_from_run_p99_ms") is not None
+    ]
+    lines = []
+    if estimates:
+        lines.append("estimates: " + "; ".join(estimates) + "; changes: the tuner's decisions")
+    if from_run:
+        lines.append("est P99 again from each run's own service times: " + ", ".join(from_run))
+    table.caption = "\n".join(lines) if lines else None
     return table

@@ -258,23 +258,34 @@ def estimate_from_run(
     arrivals_s: NDArray[np.float64],
     live: Mapping[str, LiveStage],
     background_s: Mapping[str, float],
+    startup_s: float | None = None,
 ) -> float | None:
-    """The static estimate again, with the service times the router measured in this run in place
+    """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
-    no static plan with profiles or the run measured too few calls.
+    no plan with profiles or the run measured too few calls. A tuned run is simulated closed-loop
+    with its tuner and `startup_s`, as its estimate was.
 
     Beside the estimate from the profiles it tells a user why an estimate missed: if this one
     holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
     estimator's model of the deployment does.
     """
     plan, spec = target.plan, target.spec
-    if plan is None or spec is None or plan.profiles is None or target.tuner not in (None, "none") or not live:
+    if plan is None or spec is None or plan.profiles is None or not live:
         return None
     own, done = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, cores=target.cores)
     if all(c.ratio is None for c in done):
         return None
+    beside = tuple(background_s.values())
+    if target.tuner not in (None, "none"):
+        startup = startup_s if startup_s is not None else DEFAULT_STARTUP_S
+        tuner = str(target.tuner)
+        run = simulate_plan(
+            spec, plan, arrivals_s, tuner, profiles=own, tick_s=LIVE_TICK_S, startup_s=startup, cores=target.cores,
+            background_s=beside,
+        )  # fmt: skip
+        return run.p99_s * 1000.0
     latencies = predicted_latencies_ms(
-        spec, own, plan_catalog(plan), plan, arrivals_s, cores=target.cores, background_s=tuple(background_s.values())
+        spec, own, plan_catalog(plan), plan, arrivals_s, cores=target.cores, background_s=beside
     )
     return p99(latencies)
 
@@ -311,8 +322,8 @@ def results_for(
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
-    With `live`, the router's measurements of this run, a static plan is also estimated from
-    them (`estimate_from_run`).
+    With `live`, the router's measurements of this run, the run is also estimated from them
+    (`estimate_from_run`).
     """
     plan = target.plan
     fallback: list[dict[str, Any]] = []
@@ -343,9 +354,9 @@ def results_for(
     if cpu_s_per_query:
         out["cpu_ms_per_query"] = {name: round(1000 * s, 4) for name, s in cpu_s_per_query.items()}
     from_run = None
-    if live and estimated_latencies_ms is None:
+    if live:
         try:
-            from_run = estimate_from_run(target, arrivals_s, live, beside)
+            from_run = estimate_from_run(target, arrivals_s, live, beside, estimate.get("estimated_startup_s"))
         except InferlineError:
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from inferline.planner.costtable import build_cost_table
 from inferline.planner.pipeline import pipeline_model
 from inferline.planner.planning import plan_config
 from inferline.planner.tuning.registry import make_policy
-from inferline.profiles import load_profiles
+from inferline.profiles import ModelProfile, load_profiles
 from inferline.spec import PipelineSpec
 
 
@@ -27,6 +28,7 @@ def simulate_plan(
     tuner: str,
     *,
     profiles_dir: str | None = None,
+    profiles: Mapping[str, ModelProfile] | None = None,
     catalog_path: str | None = None,
     tick_s: float = 0.25,
     startup_s: float = 5.0,
@@ -36,16 +38,19 @@ def simulate_plan(
 ) -> RunResult:
     """The plan over the trace in the closed-loop simulator, with `tuner` (a policy name, `none` = static).
 
-    Profiles and hardware catalog default to the ones the plan was made with. With `cores`, every
-    replica shares that many cores, beside processes costing `background_s` CPU seconds per query.
+    Profiles (`profiles`, else read from `profiles_dir`) and hardware catalog default to the ones
+    the plan was made with. With `cores`, every replica shares that many cores, beside processes
+    costing `background_s` CPU seconds per query.
     """
-    profiles = profiles_dir or plan.profiles
     if profiles is None:
-        raise InferlineError("the plan does not say where its profiles are", "pass --profiles DIR")
+        where = profiles_dir or plan.profiles
+        if where is None:
+            raise InferlineError("the plan does not say where its profiles are", "pass --profiles DIR")
+        profiles = load_profiles(where)
     catalog_file = catalog_path or plan.hardware_catalog
     catalog = load_catalog(catalog_file) if catalog_file else DEFAULT_CATALOG
     model = pipeline_model(spec)
-    table = build_cost_table(model, load_profiles(profiles), catalog)
+    table = build_cost_table(model, profiles, catalog)
     config = plan_config(model, table, plan)
     policy = make_policy(tuner, plan.tuner)
     if tick_s <= 0 or startup_s < 0:

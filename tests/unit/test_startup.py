@@ -337,17 +337,17 @@ def test_a_static_run_is_estimated_again_from_its_own_service_times(plan_path: P
     slower = results_for(static, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 500))
     assert slower["estimated_from_run_p99_ms"] > 1.3 * slower["estimated_p99_ms"]
     assert slower["estimated_p99_ms"] == as_profiled["estimated_p99_ms"]  # the profiles' estimate stays
-    # Too few calls to calibrate from, no router metrics, or a tuned run: none.
-    assert (
-        results_for(static, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 3))["estimated_from_run_p99_ms"]
-        is None
-    )
+    # Too few calls to calibrate from, or no router metrics: none.
+    few = results_for(static, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 3))
+    assert few["estimated_from_run_p99_ms"] is None
     assert results_for(static, result, arrivals, 0.0)["estimated_from_run_p99_ms"] is None
+    # A tuned run: closed-loop again, with the same tuner and start-up.
     tuned = Target("127.0.0.1:1", spec.name, plan, spec, None, "inferline")
-    assert (
-        results_for(tuned, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 500))["estimated_from_run_p99_ms"]
-        is None
-    )
+    same = results_for(tuned, result, arrivals, 0.0, live=_live_at(plan, spec, 1.0, 500))
+    assert same["estimate"].startswith("closed-loop tuner inferline")
+    assert same["estimated_from_run_p99_ms"] == pytest.approx(same["estimated_p99_ms"], rel=1e-3)
+    slow = results_for(tuned, result, arrivals, 0.0, live=_live_at(plan, spec, 1.5, 500))
+    assert slow["estimated_from_run_p99_ms"] > 1.3 * slow["estimated_p99_ms"]
 
 
 def test_drift_is_named_only_where_the_runs_own_estimate_holds_and_the_profiles_do_not() -> None:
