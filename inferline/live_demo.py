@@ -91,15 +91,14 @@ def run_live_demo(out_dir: Path, console: Console) -> int:
     )
 
     arrivals = load_trace(BURSTY_TRACE)
-    estimated = predicted_latencies_ms(spec, profiles, catalog, plan, arrivals)
+    # The static plan's estimate for the plots, as the run's own is made: every replica on this machine.
+    estimated = predicted_latencies_ms(spec, profiles, catalog, plan, arrivals, cores=float(available_cores()))
     runs: dict[str, dict[str, Any]] = {}
     raw: dict[str, ReplayResult] = {}
     for tuner in ("inferline", "none"):
         console.rule(f"3/4 deploy and replay {BURSTY_TRACE} with tuner {tuner!r}")
         metrics_out = out_dir / f"router-metrics-{tuner}.txt"
-        runs[tuner], raw[tuner] = deploy_and_replay(
-            spec, plan, repository, tuner, arrivals, console, estimated, metrics_out
-        )
+        runs[tuner], raw[tuner] = deploy_and_replay(spec, plan, repository, tuner, arrivals, console, metrics_out)
 
     console.rule("4/4 report")
     # What provisioning for the burst up front would cost: the bar the tuner's cost is held to.
@@ -137,7 +136,6 @@ def deploy_and_replay(
     tuner: str,
     arrivals: NDArray[np.float64],
     console: Console,
-    estimated_latencies_ms: NDArray[np.float64] | None = None,
     metrics_out: Path | None = None,
 ) -> tuple[dict[str, Any], ReplayResult]:
     """Deploy, replay, stop. `metrics_out` keeps the router's Prometheus text of the run, for
@@ -167,7 +165,7 @@ def deploy_and_replay(
     decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
     # The router runs in this process, beside the load generator: their CPU cannot be told apart, so
     # the estimate counts neither (calibration puts the router's into the service times).
-    results = results_for(target, result, arrivals, started, decisions, estimated_latencies_ms, live=measured)
+    results = results_for(target, result, arrivals, started, decisions, live=measured)
     results["tuner"] = tuner
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}
