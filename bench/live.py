@@ -105,23 +105,38 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
     """Each pipeline as users run it: `inferline up` (the router in its own process) and
     `inferline replay` (the load generator in another), twice: planned from the offline profiles,
     then, after `inferline calibrate` rewrote them from the first run's router metrics, planned
-    and replayed again with the calibrated profiles."""
+    and replayed again with the calibrated profiles. Where the calibrated plan is the same plan,
+    the second replay runs at once on the same deployment, as a user would replay it after
+    recalibrating; a second deployment would put a minute of the machine's drift between the
+    calibration and the replay."""
     rows = []
+    cli = [sys.executable, "-m", "inferline.cli"]
     for name, trace in FIDELITY.items():
         spec, plan = _plan(name, trace, measure_routes=True)
         with tempfile.TemporaryDirectory() as tmp:
             spec_path = Path(tmp) / "spec.yaml"
             write_spec(spec, spec_path)
-            offline = _fidelity_run(plan.model_copy(update={"spec": str(spec_path)}), trace, Path(tmp) / "offline")
-            console.print(f"fidelity {name}, offline profiles: {_fmt_fidelity(offline)}")
-            calibrated_dir = Path(tmp) / "calibrated"
-            cli = [sys.executable, "-m", "inferline.cli"]
-            calibrate = [*cli, "calibrate", offline["plan_path"], "--metrics", offline["metrics_path"]]
-            calibrate += ["--cores", str(available_cores())]  # the run's replicas shared this machine
-            subprocess.run([*calibrate, "--out", str(calibrated_dir)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-            _, replanned = _plan(name, trace, profiles=calibrated_dir, spec=spec)
-            calibrated = _fidelity_run(replanned.model_copy(update={"spec": str(spec_path)}), trace, Path(tmp) / "cal")
-            console.print(f"fidelity {name}, calibrated profiles: {_fmt_fidelity(calibrated)}")
+            first = plan.model_copy(update={"spec": str(spec_path)})
+            state = _up(first, Path(tmp) / "deployed")
+            try:
+                offline = _fidelity_run(first, trace, state, Path(tmp) / "offline")
+                console.print(f"fidelity {name}, offline profiles: {_fmt_fidelity(offline)}")
+                calibrated_dir = Path(tmp) / "calibrated"
+                calibrate = [*cli, "calibrate", offline["plan_path"], "--metrics", offline["metrics_path"]]
+                calibrate += ["--cores", str(available_cores())]  # the run's replicas shared this machine
+                calibrate += ["--out", str(calibrated_dir)]
+                subprocess.run(calibrate, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                _, replanned = _plan(name, trace, profiles=calibrated_dir, spec=spec)
+                second = replanned.model_copy(update={"spec": str(spec_path)})
+                redeployed = second.stages != first.stages
+                if redeployed:
+                    _down(state)
+                    state = _up(second, Path(tmp) / "redeployed")
+                calibrated = _fidelity_run(second, trace, state, Path(tmp) / "cal") | {"redeployed": redeployed}
+                where = "redeployed" if redeployed else "the same plan, replayed again at once on its deployment"
+                console.print(f"fidelity {name}, calibrated profiles ({where}): {_fmt_fidelity(calibrated)}")
+            finally:
+                _down(state)
         rows.append({
             "pipeline": name, "trace": trace,
             "probabilities": {s.name: s.probability for s in spec.stages if s.after},
@@ -130,32 +145,45 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
-def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
-    """`up` the plan, `replay` the trace, keep the router's metrics, `down`."""
+def _up(plan: Any, where: Path) -> Path:
+    """`inferline up` the plan (static); its state dir."""
     where.mkdir(parents=True)
     plan_path = where / "plan.json"
     plan_path.write_text(plan.to_json())
     state = where / "state"
-    cli = [sys.executable, "-m", "inferline.cli"]
-    up = [*cli, "up", str(plan_path), "--state-dir", str(state), "--tuner", "none"]
+    up = [sys.executable, "-m", "inferline.cli", "up", str(plan_path), "--state-dir", str(state), "--tuner", "none"]
     if subprocess.run(up, cwd=ROOT, stdout=subprocess.DEVNULL).returncode != 0:
         raise RuntimeError("inferline up failed")
-    try:
-        replayed = subprocess.run(
-            [*cli, "replay", "--state-dir", str(state), "--trace", trace, "--json"],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        result = json.loads(replayed.stdout)
-        metrics = read_metrics(json.loads((state / "up.json").read_text())["endpoints"]["metrics"])
-    finally:
-        subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    return state
+
+
+def _down(state: Path) -> None:
+    down = [sys.executable, "-m", "inferline.cli", "down", "--state-dir", str(state)]
+    subprocess.run(down, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, Any]:
+    """`replay` the trace against the deployment in `state` with `plan` (its estimate), and keep
+    what the router measured during the replay."""
+    where.mkdir(parents=True)
+    plan_path = where / "plan.json"
+    plan_path.write_text(plan.to_json())
+    metrics_url = json.loads((state / "up.json").read_text())["endpoints"]["metrics"]
+    before = read_metrics(metrics_url)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "inferline.cli", "replay", "--state-dir", str(state), "--plan", str(plan_path),
+         "--trace", trace, "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(replayed.stdout)
+    after = read_metrics(metrics_url)
     metrics_path = where / "metrics.txt"
-    metrics_path.write_text(metrics)
+    metrics_path.write_text(after)  # for `inferline calibrate` (a first replay: all the router measured)
     est, meas = result["estimated_p99_ms"], result["p99_ms"]
     # The replay's estimate again from this run's own service times: how far the estimator's
     # semantics are from the router's, apart from how far the machine's speed drifted from the profiles.
     spec = load_spec(plan.spec)
-    live = live_stages(metrics)
+    live = live_stages(after, since=before)
     with_own = result["estimated_from_run_p99_ms"]
     # The estimate as planned: every replica on its own core.
     own_cores = predicted_p99_ms(spec, load_profiles(plan.profiles), load_catalog(CATALOG), plan, load_trace(trace))
@@ -167,11 +195,21 @@ def _fidelity_run(plan: Any, trace: str, where: Path) -> dict[str, Any]:
         "estimated_own_cores_p99_ms": round(own_cores, 3), "error_own_cores": abs(own_cores - meas) / meas,
         "estimated_with_own_live_p99_ms": with_own,
         "error_with_own_live": abs(with_own - meas) / meas if with_own and meas else None,
-        "errors": result["errors"], "mean_batch": _mean_batches(metrics), "core_warning": core_shortfall(plan),
+        "errors": result["errors"], "mean_batch": _mean_batch_of(live), "core_warning": core_shortfall(plan),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path),
     }  # fmt: skip
+
+
+def _mean_batch_of(live: dict[str, Any]) -> dict[str, float]:
+    """Mean batch size per stage from a router's parsed metrics (`live_stages`)."""
+    out = {}
+    for stage, measured in live.items():
+        calls = sum(c for _, c in measured.calls.values())
+        if calls:
+            out[stage] = round(sum(n * c for n, (_, c) in measured.calls.items()) / calls, 3)
+    return out
 
 
 def _public(run: dict[str, Any]) -> dict[str, Any]:
