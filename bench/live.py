@@ -220,9 +220,13 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
     return (
         f"estimated {run['estimated_p99_ms']} ms, measured {run['measured_p99_ms']} ms "
         f"({100 * (run['error'] or 0):.1f}%), ${run['cost_per_hour']:.4f}/h; "
-        f"with a core per replica {run['estimated_own_cores_p99_ms']} ms ({100 * run['error_own_cores']:.1f}%); "
-        f"estimated with the run's own live service times {run['estimated_with_own_live_p99_ms']} ms "
-        f"({100 * (run['error_with_own_live'] or 0):.1f}%)"
+        f"with a core per replica {run['estimated_own_cores_p99_ms']} ms ({100 * run['error_own_cores']:.1f}%)"
+        + (
+            f"; estimated with the run's own live service times {run['estimated_with_own_live_p99_ms']} ms "
+            f"({100 * run['error_with_own_live']:.1f}%)"
+            if run["error_with_own_live"] is not None
+            else "; no estimate from the run's own service times"
+        )
         + (f"; warning: {run['core_warning']}" if run["core_warning"] else "")
     )
 

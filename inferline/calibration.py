@@ -93,14 +93,19 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
     """Per stage, the call and dispatch times in a router's Prometheus text (its /metrics).
 
     The router's counters run from its start; `since`, an earlier reading of the same router's
-    metrics, limits them to what it measured between the two readings (one replay's worth).
+    metrics, limits them to what it measured between the two readings (one replay's worth). If the
+    router restarted in between (its counters were created anew or went down), the later reading
+    holds only what came after the restart and is taken whole.
     """
     earlier = _samples(since) if since is not None else {}
+    later = _samples(metrics_text)
+    if _restarted(earlier, later):
+        earlier = {}
     sums: dict[tuple[str, str, int], float] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
     try:
-        for (name, labels), total in _samples(metrics_text).items():
+        for (name, labels), total in later.items():
             value = total - earlier.get((name, labels), 0.0)
             kind = name.rsplit("_", 1)[-1]
             label = dict(labels)
@@ -131,6 +136,22 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
         out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram)
     return out
+
+
+def _restarted(
+    earlier: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
+    later: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
+) -> bool:
+    """Whether a counter of the earlier reading was created anew or went down in the later one."""
+    for key, value in earlier.items():
+        name = key[0]
+        if key not in later:
+            continue
+        if name.endswith("_created") and later[key] != value:
+            return True
+        if name.endswith(("_total", "_count", "_sum", "_bucket")) and later[key] < value:
+            return True
+    return False
 
 
 def _samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -29,7 +29,7 @@ from inferline.heap import freeze_long_lived
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
 from inferline.process_cpu import process_cpu_s
-from inferline.profiles import load_profiles
+from inferline.profiles import load_profiles, require_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.prediction import predicted_latencies_ms
@@ -272,7 +272,9 @@ def estimate_from_run(
     plan, spec = target.plan, target.spec
     if plan is None or spec is None or plan.profiles is None or not live:
         return None
-    own, done = calibrate_profiles(spec, plan, load_profiles(plan.profiles), live, cores=target.cores)
+    profiles = load_profiles(plan.profiles)
+    require_profiles(sorted({s.model for s in spec.stages}), profiles)
+    own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.cores)
     if all(c.ratio is None for c in done):
         return None
     beside = tuple(background_s.values())
@@ -357,7 +359,7 @@ def results_for(
     if live:
         try:
             from_run = estimate_from_run(target, arrivals_s, live, beside, estimate.get("estimated_startup_s"))
-        except InferlineError:
+        except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
     return out | estimate
@@ -453,7 +455,7 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
     from_run = r.get("estimated_from_run_p99_ms")
     if from_run is not None:
         caption += f"\nthe same estimate from this run's own service times: P99 {from_run:.1f} ms"
-        if drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
+        if not r.get("errors") and drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
             caption += " (the servers no longer match their profiles: `inferline calibrate` rewrites them)"
     table = Table(title=f"{pipeline}: open-loop replay", caption=caption)
     for column in ("sent", "answered", "errors", "throughput q/s", "P99 ms", "estimated P99 ms", "SLO miss", "$/hour"):

@@ -74,6 +74,8 @@ class SharedRun:
     children: NDArray[np.int64]
     service: NDArray[np.float64]
     share: NDArray[np.float64]
+    table_sizes: NDArray[np.int64]
+    """Per stage, the batch sizes its service table covers (0 up to this, excluded)."""
     cores: float
     background_s: NDArray[np.float64]
     waiting: NDArray[np.int64]
@@ -220,6 +222,7 @@ def start_shared(
         children=children,
         service=service,
         share=share,
+        table_sizes=np.array([t.size for t in service_s], dtype=np.int64),
         cores=float(cores),
         background_s=np.asarray(background_s, dtype=np.float64).reshape(-1),
         waiting=_visited_parents(in_order, model.parents),
@@ -250,8 +253,12 @@ def start_shared(
 
 def advance_shared(run: SharedRun, horizon_s: float) -> bool:
     """Run every event before `horizon_s` (all of them: inf); True once every query is done."""
-    if int(run.max_batch.max()) >= run.service.shape[1]:
-        raise ValueError(f"batch caps {run.max_batch.tolist()} exceed the service tables ({run.service.shape[1] - 1})")
+    beyond = np.flatnonzero(run.max_batch >= run.table_sizes)
+    if beyond.size:
+        s = int(beyond[0])
+        raise ValueError(
+            f"stage {s}'s batch cap {int(run.max_batch[s])} exceeds its service table (up to {run.table_sizes[s] - 1})"
+        )
     finished = _advance(
         run.arrivals, run.order, run.visits, run.roots, run.children,
         run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.queue,

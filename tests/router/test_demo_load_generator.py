@@ -27,27 +27,34 @@ from inferline.router.grpc_frontend import serve_grpc
 from inferline.router.http_frontend import serve_http
 from tests.router.fake_router import FAKE_NAME, FakeRouter
 
-fake = FakeRouter(FAKE_NAME, delay_s=0.6)
+fake = FakeRouter(FAKE_NAME, delay_s=5.0)  # every query stays in flight until the interrupt
 grpc_frontend = serve_grpc(fake, "127.0.0.1", 0, max_wait_s=5.0)
 http_frontend = serve_http(fake, "127.0.0.1", 0, max_wait_s=5.0)
 endpoints = Endpoints(grpc_frontend.address, http_frontend.address, http_frontend.url + "/metrics")
 target = load_generator_target(endpoints, FAKE_NAME, None, None, "none", 2.0)
 arrivals = np.linspace(0.0, 0.2, {IN_FLIGHT})
 
+async def interrupt_once_all_are_in_flight():
+    deadline = time.monotonic() + 30.0
+    while len(fake.received) < {IN_FLIGHT} and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
 async def main():
-    # Ctrl-C once every query is sent and none is answered yet.
-    asyncio.get_running_loop().call_later(0.4, os.kill, os.getpid(), signal.SIGINT)
-    await replay_against(target, arrivals, 100.0, fake.input_specs(), 5.0, 0)
+    # Ctrl-C once the router has every query and has answered none.
+    watcher = asyncio.create_task(interrupt_once_all_are_in_flight())
+    await replay_against(target, arrivals, 100.0, fake.input_specs(), 10.0, 0)
+    await watcher
 
 try:
     asyncio.run(main())
     print("not interrupted")
 except KeyboardInterrupt:
     pass
-time.sleep(1.0)  # the router answers the abandoned queries meanwhile
+print("received", len(fake.received))
+time.sleep(5.5)  # the router answers the abandoned queries meanwhile
 http_frontend.stop()
 grpc_frontend.stop()
-print("received", len(fake.received))
 """
 
 

@@ -344,3 +344,18 @@ def test_the_calls_beside_a_call_are_weighted_by_how_long_they_are_under_way() -
     by_model = {c.model: c.contention for c in done}
     assert by_model["m"] == pytest.approx(mean_slowdown({3.0: 100}, 1.0, mean_share, 1.0))
     assert by_model["m"] == pytest.approx(1.0 + 1.0 * (1.0 + 2 * mean_share - 1.0))
+
+
+def test_a_router_restarted_between_two_readings_is_read_from_its_restart() -> None:
+    # Earlier: 100 detect calls of 10 ms. After a restart the counters start again: 40 calls of 12.5 ms.
+    earlier = METRICS.replace(" 40.0", " 100.0").replace("} 0.5\n", "} 1.0\n")
+    after_restart = live_stages(METRICS, since=earlier)
+    assert after_restart == live_stages(METRICS)
+    assert dict(after_restart["detect"].calls) == {1: (pytest.approx(12.5), 40)}
+    # A later reading of the same router: only the difference.
+    later = METRICS.replace(" 40.0", " 140.0").replace("} 0.5\n", "} 2.0\n")
+    assert dict(live_stages(later, since=earlier)["detect"].calls) == {1: (pytest.approx(25.0), 40)}
+    # A counter created anew (its _created time changed) is a restart too, even where it grew.
+    created = "inferline_router_queries_created 100.0\n"
+    grown = later + created.replace("100.0", "200.0")
+    assert live_stages(grown, since=earlier + created) == live_stages(grown)

@@ -8,8 +8,9 @@ the design's closed loop (a removed busy replica finishes its batch, a new one s
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from inferline.planner.closedloop import RunResult, simulate_run
 from inferline.planner.estimator import Estimator
 from inferline.planner.pipeline import StageConfig, sample_visits
 from inferline.planner.shared_cores import SharedRun, advance_shared, shared_core_latencies_s, start_shared
-from inferline.planner.tuning.context import Decision, TunerContext
+from inferline.planner.tuning.context import Decision, StageStatus, TunerContext
 from tests.reference_sim import build_pipeline
 from tests.unit.test_estimator_reference import SEEDS, make_case
 
@@ -32,11 +33,14 @@ class ScriptedPolicy:
     caps: dict[str, int]
     seed: int
     name: str = "scripted"
+    seen: list[tuple[StageStatus, ...]] = field(default_factory=list)
+    """What the policy was shown at each tick."""
 
     def initial_state(self) -> Any:
         return np.random.default_rng(self.seed)
 
     def decide(self, ctx: TunerContext, rng: Any) -> tuple[list[Decision], Any]:
+        self.seen.append(ctx.stages)
         out = []
         for stage in ctx.stages:
             if rng.random() < 0.3:
@@ -69,11 +73,18 @@ def test_equals_a_core_per_replica_when_the_cores_suffice_whatever_the_tuner_doe
         tick = span / 20
         args = (case.model, case.table, config, case.arrivals, math.inf)
         kwargs = {"tick_s": tick, "startup_s": startup_factor * tick, "seed": seed}
-        alone = simulate_run(*args, ScriptedPolicy(caps, seed), **kwargs)  # type: ignore[arg-type]
+        alone_policy, shared_policy = ScriptedPolicy(caps, seed), ScriptedPolicy(caps, seed)
+        alone = simulate_run(*args, alone_policy, **kwargs)  # type: ignore[arg-type]
         # Far more cores than batches can ever be under way (removed replicas finish theirs too).
-        shared = simulate_run(*args, ScriptedPolicy(caps, seed), cores=1e9, **kwargs)  # type: ignore[arg-type]
+        shared = simulate_run(*args, shared_policy, cores=1e9, **kwargs)  # type: ignore[arg-type]
         assert alone.decisions, "the scripted tuner changed nothing"
         assert_same_run(shared, alone)
+        # The policy saw the same stages at every tick (busy time is summed in another order).
+        assert len(shared_policy.seen) == len(alone_policy.seen)
+        for got, expected in zip(shared_policy.seen, alone_policy.seen, strict=True):
+            for g, e in zip(got, expected, strict=True):
+                assert g.busy_fraction == pytest.approx(e.busy_fraction, abs=1e-9)
+                assert dataclasses.replace(g, busy_fraction=0.0) == dataclasses.replace(e, busy_fraction=0.0)
 
 
 @pytest.mark.parametrize("seed", SEEDS[:40])
@@ -132,7 +143,7 @@ def test_an_added_replica_serves_once_started() -> None:
     assert completions_ms(run) == [10.0, 20.0, 25.0]
 
 
-def test_replicas_added_and_removed_share_the_cores_while_they_compute() -> None:
+def test_an_added_replica_shares_the_cores_while_it_computes() -> None:
     # One core: two batches at once take twice as long. The second replica starts at 5 ms and
     # takes the second query; both share the core until the first finishes.
     run = one_stage_run([0.0, 0.0], replicas=1, cores=1.0)
@@ -147,5 +158,23 @@ def test_replicas_added_and_removed_share_the_cores_while_they_compute() -> None
 def test_batch_caps_beyond_the_service_table_are_refused() -> None:
     run = one_stage_run([0.0], replicas=1)
     run.max_batch[0] = 4
-    with pytest.raises(ValueError, match="exceed the service tables"):
+    with pytest.raises(ValueError, match=r"stage 0's batch cap 4 exceeds its service table \(up to 1\)"):
+        advance_shared(run, math.inf)
+
+
+def test_a_cap_beyond_one_stages_table_is_refused_though_another_stage_covers_it() -> None:
+    small = {"cpu": [{"batch_size": 1, "latency_ms": {"mean": 10.0}}]}
+    large = {"cpu": [{"batch_size": b, "latency_ms": {"mean": 10.0 + b}} for b in (1, 2, 4, 8)]}
+    model, table = build_pipeline(
+        [{"name": "a", "model": "m"}, {"name": "b", "model": "n", "after": ["a"]}], {"m": small, "n": large}
+    )
+    options = [table[s].option("cpu") for s in range(2)]
+    times = np.zeros(4)
+    visits = sample_visits(model, times.size, np.random.default_rng(0))
+    config = (StageConfig("cpu", 1, 1), StageConfig("cpu", 8, 1))
+    run = start_shared(
+        model, [o.service_s for o in options], [o.cpu_share for o in options], config, times, visits, 8.0
+    )
+    run.max_batch[0] = 4  # within stage b's table, beyond stage a's
+    with pytest.raises(ValueError, match=r"stage 0's batch cap 4 exceeds its service table \(up to 1\)"):
         advance_shared(run, math.inf)

@@ -350,8 +350,38 @@ def test_a_static_run_is_estimated_again_from_its_own_service_times(plan_path: P
     assert slow["estimated_from_run_p99_ms"] > 1.3 * slow["estimated_p99_ms"]
 
 
+def test_a_profile_missing_for_the_estimate_from_the_run_leaves_the_results_standing(
+    plan_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    profiles = tmp_path / "profiles"
+    shutil.copytree(str(plan.profiles), profiles)
+    (profiles / f"{spec.stages[-1].model}.json").unlink()
+    lacking = plan.model_copy(update={"profiles": str(profiles)})
+    target = Target("127.0.0.1:1", spec.name, lacking, spec, None, "none")
+    results = results_for(target, fake_replay(arrivals), arrivals, 0.0, live=_live_at(plan, spec, 1.0, 500))
+    assert results["estimated_from_run_p99_ms"] is None
+    assert results["p99_ms"] == pytest.approx(50.0) and results["estimate"].startswith("none: ")
+
+
 def test_drift_is_named_only_where_the_runs_own_estimate_holds_and_the_profiles_do_not() -> None:
     assert drifted(120.0, 95.0, 100.0)  # profiles 20% off, the run's own 5%
     assert not drifted(105.0, 95.0, 100.0)  # the profiles' estimate holds
     assert not drifted(120.0, 130.0, 100.0)  # both miss: the estimator's model, not drift
     assert not drifted(None, 95.0, 100.0) and not drifted(120.0, 95.0, None)
+
+
+@pytest.mark.parametrize(("errors", "hint"), [(0, True), (3, False)])
+def test_the_replay_table_names_drift_only_after_a_run_without_errors(errors: int, hint: bool) -> None:
+    from inferline.replay_command import replay_table
+
+    results = {
+        "sent": 100, "answered": 100 - errors, "errors": errors, "throughput_qps": 50.0, "p99_ms": 100.0,
+        "estimated_p99_ms": 120.0, "estimated_from_run_p99_ms": 95.0, "slo_miss_rate": 0.0, "cost_per_hour": 0.1,
+        "estimate": "static plan",
+    }  # fmt: skip
+    caption = str(replay_table("p", results).caption)
+    assert "this run's own service times: P99 95.0 ms" in caption
+    assert ("`inferline calibrate` rewrites them" in caption) is hint
