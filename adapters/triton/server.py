@@ -145,7 +145,8 @@ class EmbeddedTriton:
                 self._wait_ready()
                 break
             except ServerError:
-                port_clash = "address already in use" in self.log_tail().lower()
+                # gRPC says "Socket '...' already in use", HTTP "Address already in use".
+                port_clash = "already in use" in self.log_tail().lower()
                 self.stop(keep_workdir=True)
                 if not port_clash or attempt == 2:
                     raise

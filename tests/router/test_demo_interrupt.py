@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXIT_WITHIN_S = 30.0
+EXIT_WITHIN_S = 60.0  # generous: a loaded 2-core machine stops Triton and its stubs slowly
 
 
 def _stat(pid: int) -> tuple[int, str, int] | None:
@@ -164,15 +164,15 @@ def interrupt_and_check(demo: Demo) -> None:
     lines = [line for line in demo.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "interrupted" in lines[0], demo.stderr
     assert "Traceback" not in "".join(demo.lines)
-    deadline = time.monotonic() + 5.0  # a stub may take a moment after its server to go
+    deadline = time.monotonic() + 15.0  # a stub may take a moment after its server to go
     while demo.leftovers() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert demo.leftovers() == [], f"left running after Ctrl-C ({took:.1f} s to exit)"
 
 
 def test_ctrl_c_while_profiling_leaves_no_process(demo: Demo) -> None:
-    demo.wait_for("Triton ready", timeout_s=90.0)
-    time.sleep(2.0)  # in the middle of profiling
+    # The first model profiled: the next is being profiled.
+    demo.wait_for(r"^profiled \S+ in", timeout_s=120.0)
     interrupt_and_check(demo)
 
 

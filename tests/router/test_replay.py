@@ -25,7 +25,7 @@ from inferline.traces import load_trace
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Timing tolerance for a loaded test machine; the effects tested are several times larger.
-TOL_S = 0.05
+TOL_S = 0.15  # well under the slow query's 300 ms, above a loaded machine's scheduling stalls
 
 
 class Overloaded(Exception):
@@ -114,7 +114,7 @@ def test_counts_add_up_with_ok_failing_overloaded_and_timing_out_queries() -> No
     assert np.array_equal(np.isnan(result.latencies_ms), np.arange(n) % 4 != 0)
     assert result.slo_miss_rate == pytest.approx(15 / 20)
     assert math.isinf(result.p99_ms)  # 75% errors: errors count as infinitely late
-    assert result.p99_answered_ms < 50.0
+    assert result.p99_answered_ms < 300.0  # 1 ms sends, far from the 600 ms timeout
     # At least one report while the timeouts ran (every 0.5 s) and a final one with everything counted.
     assert len(progress) >= 2
     assert progress[-1] == ReplayProgress(sent=n, answered=5, errors=15, elapsed_s=progress[-1].elapsed_s, total=n)

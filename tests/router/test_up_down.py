@@ -72,8 +72,10 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert info["cores"] == len(os.sched_getaffinity(0))
         cpu = results["cpu_ms_per_query"]
         assert set(cpu) == {"router", "load generator", "router outside its replica threads"}
-        assert all(ms > 0 for ms in cpu.values())
-        assert cpu["router outside its replica threads"] < cpu["router"]
+        assert cpu["router"] > 0 and cpu["load generator"] > 0
+        # What remains of the router's CPU after its replica threads' (0 at worst: a thread that
+        # exits mid-replay takes its CPU out of the process's sum).
+        assert 0 <= cpu["router outside its replica threads"] < cpu["router"]
         cores = info["cores"]
         assert results["estimate"].startswith(f"static plan, replicas sharing {cores} core")
         assert "with the load generator" in results["estimate"]

@@ -74,9 +74,9 @@ def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None
         assert {n: c for n, (_, c) in live[stage].calls.items()} == batches[stage]
         assert all(ms >= 1000 * CALL_S for ms, _ in live[stage].calls.values())
         # 200 queries queued at once: the replicas ran back to back, and the router's own work
-        # between calls was measured (positive, well under a call).
+        # between calls was measured (positive, and short: a loaded machine may stretch it).
         assert live[stage].dispatches > 0
-        assert 0 < live[stage].dispatch_ms < 1000 * CALL_S
+        assert 0 < live[stage].dispatch_ms < 5 * 1000 * CALL_S
         assert live[stage].dispatch_ms == pytest.approx(dispatch[stage])
 
 
