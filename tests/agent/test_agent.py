@@ -305,7 +305,7 @@ def test_a_cancelled_profile_stops_restores_the_config_and_frees_the_agent(
         if p.done == 1:
             raise Stop
 
-    settings = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=50)
+    settings = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=200)
     with pytest.raises(Stop):
         stack.client.profile(MODEL, settings, on_progress=stop_after_first)
     deadline = time.monotonic() + 15

@@ -99,7 +99,7 @@ def test_configure_shows_in_config_and_in_statistics_after_traffic(adapter: Trit
     now = adapter.configure("known", ServingConfig(max_batch_size=1, instance_count=3))
     assert now == ServingConfig(1, 3, 0) and adapter.model_info("known").config == now
     parallel = burst(6)
-    assert parallel < 0.7 * serial  # three instances run the six requests side by side
+    assert parallel < 0.8 * serial  # three instances run the six requests side by side (about 0.35)
 
     adapter.configure("known", ServingConfig(max_batch_size=4, instance_count=1))
     before = adapter.stats("known")
