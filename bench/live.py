@@ -332,6 +332,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
     d = float(np.median(medians["direct"]))
+    direct_live, routed_live = live_stages(direct_metrics), live_stages(routed_metrics)
     out: dict[str, Any] = {
         "rate_qps": rate, "queries": int(arrivals.size), "rounds": OVERHEAD_ROUNDS,
         "plan": {n: s.model_dump() for n, s in plan.stages.items()},
@@ -339,9 +340,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         "direct_machine_busy": float(np.mean(busy["direct"])),
         # The direct path's process runs the dispatch core and the replica calls too: not a client's CPU.
         "direct_process_cpu_ms_per_query": 1000.0 * client_cpu["direct"] / (arrivals.size * OVERHEAD_ROUNDS),
-        "direct_mean_batch": _mean_batches(direct_metrics), "router_mean_batch": _mean_batches(routed_metrics),
-        "direct_call_ms": _router_call_ms(live_stages(direct_metrics)),
-        "router_call_ms": _router_call_ms(live_stages(routed_metrics)),
+        "direct_mean_batch": _mean_batch_of(direct_live), "router_mean_batch": _mean_batch_of(routed_live),
+        "direct_call_ms": _router_call_ms(direct_live), "router_call_ms": _router_call_ms(routed_live),
     }  # fmt: skip
     for protocol in ("grpc", "http"):
         r = float(np.median(medians[protocol]))
@@ -404,15 +404,6 @@ class _Spent:
 
 def _samples(text: str, family_name: str) -> list[Any]:
     return [s for f in text_string_to_metric_families(text) if f.name == family_name for s in f.samples]
-
-
-def _mean_batches(metrics_text: str) -> dict[str, float]:
-    """Mean batch size per stage, from a router's Prometheus metrics."""
-    sums: dict[str, dict[str, float]] = {}
-    for sample in _samples(metrics_text, "inferline_router_batch_size"):
-        if sample.name.endswith(("_sum", "_count")):
-            sums.setdefault(sample.labels["stage"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
-    return {stage: v.get("sum", 0.0) / max(v.get("count", 0.0), 1.0) for stage, v in sums.items()}
 
 
 def tuner_live(console: Console) -> dict[str, Any]:

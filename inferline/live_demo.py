@@ -194,7 +194,7 @@ def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
     columns = ("run", "est P99", "P99", "est miss", "miss", "errors", "$/hour", "changes")
     for column in columns:
         table.add_column(column, justify="right")
-    estimates = []
+    estimates, from_run = [], []
     for name, r in runs.items():
         label = "tuner" if name == "inferline" else "static"
         table.add_row(
@@ -209,11 +209,8 @@ def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
         )
         if r.get("estimate"):
             estimates.append(f"{label}: {r['estimate']}")
-    from_run = [
-        f"{'tuner' if name == 'inferline' else 'static'} {r['estimated_from_run_p99_ms']:.1f} ms"
-        for name, r in runs.items()
-        if r.get("estimated_from_run_p99_ms") is not None
-    ]
+        if r.get("estimated_from_run_p99_ms") is not None:
+            from_run.append(f"{label} {r['estimated_from_run_p99_ms']:.1f} ms")
     lines = []
     if estimates:
         lines.append("estimates: " + "; ".join(estimates) + "; changes: the tuner's decisions")

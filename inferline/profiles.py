@@ -35,6 +35,14 @@ class BatchPoint(BaseModel):
     latency_ms: LatencyStats
 
 
+def _by_batch_size(sizes: NDArray[np.float64], values: NDArray[np.float64], max_batch_size: int) -> NDArray[np.float64]:
+    """Values measured at `sizes`, for n = 0..max_batch_size (index 0: 0.0), linear between sizes and
+    held beyond the smallest and largest."""
+    table = np.zeros(max_batch_size + 1)
+    table[1:] = np.interp(np.arange(1, max_batch_size + 1, dtype=np.float64), sizes, values)
+    return table
+
+
 class ModelProfile(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -78,9 +86,7 @@ class ModelProfile(BaseModel):
                 f"model {self.model!r} on {hardware!r} has no profiled batch size {max_batch_size}",
                 f"use one of {list(self.batch_sizes(hardware))}",
             )
-        table = np.zeros(max_batch_size + 1)
-        table[1:] = np.interp(np.arange(1, max_batch_size + 1, dtype=np.float64), sizes, lat)
-        return table
+        return _by_batch_size(sizes, lat, max_batch_size)
 
     def cpu_shares(self, hardware: str, max_batch_size: int) -> NDArray[np.float64] | None:
         """The fraction of a batch's latency spent on a core, for n = 0..max_batch_size (index 0: 0.0).
@@ -94,9 +100,7 @@ class ModelProfile(BaseModel):
             return None
         sizes = np.array([p.batch_size for p in pts], dtype=np.float64)
         shares = np.array([p.latency_ms.server_cpu_ms / p.latency_ms.mean for p in pts], dtype=np.float64)  # type: ignore[operator]
-        table = np.zeros(max_batch_size + 1)
-        table[1:] = np.clip(np.interp(np.arange(1, max_batch_size + 1, dtype=np.float64), sizes, shares), 0.0, 1.0)
-        return table
+        return np.clip(_by_batch_size(sizes, shares, max_batch_size), 0.0, 1.0)
 
     def throughput_qps(self, hardware: str, batch_size: int) -> float:
         """Queries per second of one replica that always runs full batches of batch_size."""

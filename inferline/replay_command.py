@@ -206,6 +206,7 @@ def run_estimate(
     prediction (`static_latencies_ms` when the caller already has it). Either way the replicas
     share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query.
     """
+    beside = tuple((background_s or {}).values())
     if tuner is None or tuner == "none":
         if static_latencies_ms is not None:
             latencies_ms = static_latencies_ms
@@ -213,7 +214,6 @@ def run_estimate(
             return no_estimate("no plan with its profiles and spec to estimate from")
         else:
             profiles = load_profiles(plan.profiles)
-            beside = tuple((background_s or {}).values())
             latencies_ms = predicted_latencies_ms(
                 spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside
             )
@@ -230,7 +230,6 @@ def run_estimate(
     if measured is None:
         measured = measured_startup_s(fallback_decisions)
     startup_s = measured if measured is not None else DEFAULT_STARTUP_S
-    beside = tuple((background_s or {}).values())
     run = simulate_plan(
         spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s, cores=cores, background_s=beside
     )

@@ -231,7 +231,7 @@ class _StageEngine:
         visits: NDArray[np.bool_],
     ) -> None:
         n = arrivals.size
-        self.model, self.arrivals, self.visits = model, arrivals, visits
+        self.arrivals, self.visits = arrivals, visits
         self.stages = [
             _Stage(service_s=o.service_s, max_batch=c.max_batch_size, heap=np.zeros(c.replicas))
             for o, c in zip(options, config, strict=True)

@@ -112,7 +112,7 @@ class SharedRun:
 
     def latencies_s(self) -> NDArray[np.float64]:
         """Each query's latency, in the caller's query order (a query visiting no stage: 0)."""
-        done = np.maximum(self.completion.max(axis=0), self.arrivals) if self.completion.size else self.arrivals
+        done = np.maximum(self.completion.max(axis=0), self.arrivals)
         out = np.empty_like(self.arrivals)
         out[self.order] = done - self.arrivals
         return out
