@@ -62,7 +62,7 @@ FIDELITY = {
 }
 STEP = "step:rate=80/200/80,cv=2,every=20,seed=2"
 LINEAGE_SAMPLES = 300
-OVERHEAD_RATES, OVERHEAD_S, OVERHEAD_ROUNDS = (250, 500), 10, 2
+OVERHEAD_RATES, OVERHEAD_S, OVERHEAD_ROUNDS = (250, 500), 8, 4
 
 
 def _plan(
@@ -261,7 +261,9 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     in its own process, with no endpoint in between. So both paths send batches formed by the same
     rule and the difference of medians is the endpoint hop: protocol, process boundary, hand-offs.
     The three paths take turns for OVERHEAD_ROUNDS rounds, so a drift of the machine's speed
-    (large on this VM) hits them alike; each path's figure is the median of its rounds' medians.
+    (large on this VM: two direct rounds a minute apart differed by 4.6 ms) hits them alike; each
+    path's figure is the median of its rounds' medians, and the overhead is also taken round by
+    round (a protocol's median minus the direct median of the same round) and its median reported.
     """
     spec, plan = _plan("local-emulated", f"gamma:rate={rate},cv=1,duration=30,seed=9")
     arrivals = load_trace(f"gamma:rate={rate},cv=1,duration={OVERHEAD_S},seed=9")
@@ -270,6 +272,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     cpu: dict[str, float] = {"grpc": 0.0, "http": 0.0}
     busy: dict[str, list[float]] = {"direct": [], "grpc": [], "http": []}
     hop: dict[str, list[float]] = {"grpc": [], "http": []}
+    paired: dict[str, list[float]] = {"grpc": [], "http": []}
     client_cpu: dict[str, float] = {"direct": 0.0, "grpc": 0.0, "http": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = Path(tmp) / "plan.json"
@@ -313,11 +316,12 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                     spent = _Meters.read(None).since(before)
                     busy["direct"].append(spent.machine_busy)
                     client_cpu["direct"] += spent.client_cpu_s
-                    for protocol, client_type in (("grpc", AsyncKServeClient), ("http", AsyncKServeHttpClient)):
+                    for protocol, client_type in (("http", AsyncKServeHttpClient), ("grpc", AsyncKServeClient)):
                         before = _Meters.read(info)
                         result = asyncio.run(routed(client_type(info["endpoints"][protocol])))
                         spent = _Meters.read(info).since(before)
                         medians[protocol].append(float(np.nanmedian(result.latencies_ms)))
+                        paired[protocol].append(medians[protocol][-1] - medians["direct"][-1])
                         busy[protocol].append(spent.machine_busy)
                         client_cpu[protocol] += spent.client_cpu_s
                         cpu[protocol] += spent.router_cpu_s
@@ -347,6 +351,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
         r = float(np.median(medians[protocol]))
         out[protocol] = {
             "router_median_ms": r, "overhead_median_ms": r - d, "round_medians_ms": medians[protocol],
+            "overhead_paired_ms": float(np.median(paired[protocol])), "overhead_by_round_ms": paired[protocol],
             "router_cpu_ms_per_query": 1000.0 * cpu[protocol] / (arrivals.size * OVERHEAD_ROUNDS),
             "machine_busy": float(np.mean(busy[protocol])),
             "hop_mean_ms": float(np.median(hop[protocol])),  # the median over rounds of each round's mean
@@ -467,7 +472,9 @@ def main() -> None:
         for protocol in ("grpc", "http"):
             p = o[protocol]
             console.print(
-                f"  via {protocol}: {p['router_median_ms']:.2f} ms = {p['overhead_median_ms']:+.2f} ms to the median; "
+                f"  via {protocol}: {p['router_median_ms']:.2f} ms = {p['overhead_median_ms']:+.2f} ms to the median "
+                f"({p['overhead_paired_ms']:+.2f} ms round by round, rounds "
+                f"{', '.join(f'{x:+.2f}' for x in p['overhead_by_round_ms'])}); "
                 f"the hop itself (client mean - router's own mean) {p['hop_mean_ms']:.2f} ms; router CPU "
                 f"{p['router_cpu_ms_per_query']:.2f} ms/query; machine {p['machine_busy']:.0%} busy"
             )

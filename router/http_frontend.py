@@ -13,13 +13,14 @@ A whole pipeline is served as ONE model named after the pipeline:
 tensor extension (the `Inference-Header-Content-Length` header, `binary_data_size`,
 `binary_data` / `binary_data_output`), which tritonclient.http uses by default.
 
-Errors answer `{"error": "<one line>"}`: bad input 400, unknown model 404, router overloaded
-503 (with Retry-After), query failed 502 (a bad gateway: the router is up but the model servers
-behind it failed the query, which a client may tell from overload), no answer in time 504,
-router not started 503.
+Errors answer `{"error": "<one line>"}`: bad input 400, unknown model or path 404, wrong method
+405, body too large 413, router overloaded 503 (with Retry-After), query failed 502 (a bad
+gateway: the router is up but the model servers behind it failed the query, which a client may
+tell from overload), no answer in time 504, router not started 503.
 
-aiohttp runs on an event loop of its own thread; a query awaits the router's future, so waiting
-never blocks the loop and the number of queries in flight is bounded by the router's queues.
+The server (`http_server`) runs on an event loop of its own thread; a query's reply is a future the
+router's answer fills, so waiting never blocks the loop and the number of queries in flight is
+bounded by the router's queues.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inferline.errors import InferlineError
@@ -45,6 +45,7 @@ from inferline.router.frontend_types import (
     LoopThread,
     Pipeline,
     RequestError,
+    answer_later,
     check_inputs,
     check_model,
     check_outputs,
@@ -54,12 +55,16 @@ from inferline.router.frontend_types import (
     from_values,
     invalid,
     request_shape,
-    run_query,
     server_version,
+    submit,
     to_raw,
     to_values,
     wait_budget,
 )
+from inferline.router.http_server import HttpServer, Reply, Request
+
+if TYPE_CHECKING:
+    from inferline.router.core import QueryResult
 
 HTTP_STATUS = {
     ErrorKind.NOT_FOUND: 404,
@@ -73,9 +78,7 @@ HTTP_STATUS = {
 HEADER_LENGTH = "Inference-Header-Content-Length"
 """Triton's binary extension: the JSON part's length; binary tensor data follows it in the body."""
 MAX_REQUEST_BYTES = 256 * 2**20
-"""aiohttp's default (1 MiB) is far below an image batch; this still bounds a runaway request."""
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+"""Far above an image batch; still bounds a runaway request (413)."""
 
 
 # -- request parsing and response encoding (pure) ------------------------------------------------
@@ -213,92 +216,119 @@ def tensor_metadata(specs: Any) -> list[dict[str, Any]]:
     return [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": request_shape(s)} for s in specs]
 
 
-def error_response(exc: RequestError) -> web.Response:
-    headers = {"Retry-After": "1"} if exc.kind is ErrorKind.OVERLOADED else None
-    return web.json_response({"error": exc.one_line()}, status=HTTP_STATUS[exc.kind], headers=headers)
+def error_reply(exc: RequestError) -> Reply:
+    headers = (("Retry-After", "1"),) if exc.kind is ErrorKind.OVERLOADED else ()
+    return Reply(HTTP_STATUS[exc.kind], _json({"error": exc.one_line()}), headers=headers)
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
 
 
 # -- the handlers --------------------------------------------------------------------------------
 class Routes:
+    """`dispatch` answers every request: the protocol's paths, /metrics, and one-line JSON errors."""
+
     def __init__(self, pipeline: Pipeline, max_wait_s: float) -> None:
         self.pipeline = pipeline
         self.max_wait_s = max_wait_s
 
-    def table(self) -> list[web.RouteDef]:
-        model = "/v2/models/{name}"
-        versioned = "/v2/models/{name}/versions/{version}"
-        return [
-            web.get("/v2/health/live", self.live),
-            web.get("/v2/health/ready", self.ready),
-            web.get("/v2", self.server_metadata),
-            *(web.get(prefix, self.model_metadata) for prefix in (model, versioned)),
-            *(web.get(f"{prefix}/ready", self.model_ready) for prefix in (model, versioned)),
-            *(web.post(f"{prefix}/infer", self.infer) for prefix in (model, versioned)),
-            web.get("/metrics", self.metrics),
-        ]
+    def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
+        try:
+            return self._route(request)
+        except RequestError as exc:
+            return error_reply(exc)
+        except _NotAllowed as exc:
+            return Reply(405, _json({"error": str(exc)}))
+        except Exception as exc:  # a bug must still answer one line, never a traceback
+            return error_reply(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
-    async def live(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+    def _route(self, request: Request) -> Reply | Awaitable[Reply]:
+        path, method = request.path, request.method
+        fixed = {"/v2/health/live": self.live, "/v2/health/ready": self.ready, "/v2": self.server_metadata}
+        if path in fixed or path == "/metrics":
+            _allow(request, "GET")
+            return self.metrics() if path == "/metrics" else fixed[path]()
+        parts = path.split("/")
+        # /v2/models/{name}[/versions/{version}][/ready | /infer]
+        if len(parts) < 4 or parts[:3] != ["", "v2", "models"] or not parts[3]:
+            raise RequestError(ErrorKind.NOT_FOUND, f"Not Found: {method} {path}")
+        name, rest = parts[3], parts[4:]
+        version = ""
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+        if rest == []:
+            _allow(request, "GET")
+            check_model(self.pipeline, name, version)
+            return self.model_metadata()
+        if rest == ["ready"]:
+            _allow(request, "GET")
+            check_model(self.pipeline, name, version)
+            return self.ready()
+        if rest == ["infer"]:
+            _allow(request, "POST")
+            check_model(self.pipeline, name, version)
+            return self.infer(request)
+        raise RequestError(ErrorKind.NOT_FOUND, f"Not Found: {method} {path}")
 
-    async def ready(self, request: web.Request) -> web.Response:
+    def live(self) -> Reply:
+        return Reply(200)
+
+    def ready(self) -> Reply:
         if self.pipeline.ready():
-            return web.Response(status=200)
-        return web.json_response({"error": f"pipeline {self.pipeline.name!r} is not ready"}, status=400)
+            return Reply(200)
+        return Reply(400, _json({"error": f"pipeline {self.pipeline.name!r} is not ready"}))
 
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"name": SERVER_NAME, "version": server_version(), "extensions": ["binary_tensor_data"]}
+    def server_metadata(self) -> Reply:
+        return Reply(
+            200, _json({"name": SERVER_NAME, "version": server_version(), "extensions": ["binary_tensor_data"]})
         )
 
-    async def model_metadata(self, request: web.Request) -> web.Response:
-        check_model(self.pipeline, request.match_info["name"], request.match_info.get("version", ""))
-        return web.json_response(
-            {
-                "name": self.pipeline.name,
-                "versions": [MODEL_VERSION],
-                "platform": PLATFORM,
-                "inputs": tensor_metadata(self.pipeline.input_specs()),
-                "outputs": tensor_metadata(self.pipeline.output_specs()),
-            }
+    def model_metadata(self) -> Reply:
+        return Reply(
+            200,
+            _json(
+                {
+                    "name": self.pipeline.name,
+                    "versions": [MODEL_VERSION],
+                    "platform": PLATFORM,
+                    "inputs": tensor_metadata(self.pipeline.input_specs()),
+                    "outputs": tensor_metadata(self.pipeline.output_specs()),
+                }
+            ),
         )
 
-    async def model_ready(self, request: web.Request) -> web.Response:
-        check_model(self.pipeline, request.match_info["name"], request.match_info.get("version", ""))
-        return await self.ready(request)
-
-    async def infer(self, request: web.Request) -> web.Response:
-        check_model(self.pipeline, request.match_info["name"], request.match_info.get("version", ""))
-        parsed = parse_infer_request(await request.read(), request.headers.get(HEADER_LENGTH))
+    def infer(self, request: Request) -> asyncio.Future[Reply]:
+        """Submit at once, inside the connection's read; the reply is a future that the router's answer fills,
+        so a query costs the loop no task of its own."""
+        parsed = parse_infer_request(request.body, request.headers.get(HEADER_LENGTH.lower()))
         check_inputs(self.pipeline, parsed.inputs)
         check_outputs(self.pipeline, [o.name for o in parsed.outputs])
-        result = await run_query(self.pipeline, parsed.inputs, wait_budget(parsed.timeout_s, self.max_wait_s))
+        timeout_s = wait_budget(parsed.timeout_s, self.max_wait_s)
+        return answer_later(
+            submit(self.pipeline, parsed.inputs), timeout_s, lambda result: self._answer(parsed, result), error_reply
+        )
+
+    def _answer(self, parsed: InferRequest, result: QueryResult) -> Reply:
         outputs = chosen_outputs(result, [o.name for o in parsed.outputs])
         body, header_length = encode_response(self.pipeline.name, parsed, outputs, result.visited)
         if header_length is None:
-            return web.Response(body=body, content_type="application/json")
-        return web.Response(
-            body=body, content_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
-        )
+            return Reply(200, body)
+        return Reply(200, body, "application/octet-stream", ((HEADER_LENGTH, str(header_length)),))
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self) -> Reply:
         # Collectors may take the router's locks: scrape off the loop so queries keep flowing.
         text = await asyncio.to_thread(generate_latest, self.pipeline.metrics_registry)
-        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Reply(200, text, CONTENT_TYPE_LATEST)
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error as `{"error": "<one line>"}`: ours, aiohttp's (404 path, 405, 413), and bugs."""
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response({"error": f"{exc.reason}: {request.method} {request.path}"}, status=exc.status)
-    except Exception as exc:  # a bug must still answer one line, never a traceback
-        return error_response(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
+class _NotAllowed(Exception):
+    """HTTP's own 405, which no other protocol of the router has."""
+
+
+def _allow(request: Request, method: str) -> None:
+    if request.method != method:
+        raise _NotAllowed(f"Method Not Allowed: {request.method} {request.path}")
 
 
 # -- lifecycle -----------------------------------------------------------------------------------
@@ -308,7 +338,7 @@ class HttpFrontend:
 
     address: str
     port: int
-    _runner: web.AppRunner
+    _server: HttpServer
     _loop: LoopThread
 
     @property
@@ -319,14 +349,8 @@ class HttpFrontend:
         """Close the listening socket and connections, then end the loop thread."""
         if self._loop.loop.is_closed():
             return
-        self._loop.call(self._runner.cleanup(), timeout_s=30.0)
+        self._loop.call(self._server.close(), timeout_s=30.0)
         self._loop.close()
-
-
-def make_app(router: Pipeline, max_wait_s: float = DEFAULT_TIMEOUT_S) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_REQUEST_BYTES)
-    app.add_routes(Routes(router, max_wait_s).table())
-    return app
 
 
 def serve_http(
@@ -338,14 +362,15 @@ def serve_http(
     """
     sock = bind(host, port)
     loop = LoopThread("inferline-http-frontend")
+    server = HttpServer(Routes(router, max_wait_s).dispatch, MAX_REQUEST_BYTES)
     try:
-        runner = loop.call(_start(make_app(router, max_wait_s), sock))
+        loop.call(server.start(sock))
     except BaseException:
         sock.close()
         loop.close()
         raise
     bound = sock.getsockname()[1]
-    return HttpFrontend(f"{host}:{bound}", bound, runner, loop)
+    return HttpFrontend(f"{host}:{bound}", bound, server, loop)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -359,10 +384,3 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise InferlineError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}", "choose a free port") from None
     return sock
-
-
-async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    return runner

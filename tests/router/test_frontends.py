@@ -318,6 +318,13 @@ def test_unknown_model_is_not_found_and_404(client: KServeClient, http_frontend:
     assert status == 404 and "error" in json.loads(body)
 
 
+def test_a_wrong_method_is_405_with_a_json_error(http_frontend: HttpFrontend, fake: FakeRouter) -> None:
+    for method, path in [("GET", f"/v2/models/{NAME}/infer"), ("POST", "/v2/health/ready"), ("DELETE", "/metrics")]:
+        status, body, _ = http(method, f"{http_frontend.url}{path}", {} if method == "POST" else None)
+        assert status == 405 and f"Method Not Allowed: {method} {path}" in json.loads(body)["error"]
+    assert fake.received == []
+
+
 def test_readiness_follows_the_router(client: KServeClient, http_frontend: HttpFrontend, fake: FakeRouter) -> None:
     fake.is_ready = False
     assert not client.ready() and not client.ready(NAME)

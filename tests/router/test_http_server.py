@@ -1,0 +1,198 @@
+"""The router's lean HTTP/1.1 server, spoken to over raw sockets: what clients rely on besides the happy path."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Iterator
+
+import pytest
+
+from inferline.router.frontend_types import LoopThread
+from inferline.router.http_frontend import bind
+from inferline.router.http_server import HttpServer, Reply, Request
+
+LIMIT = 1000
+
+
+class App:
+    """Echoes the request; /slow answers once `release` is called; /boom raises; /fail fails later."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.slow: list[asyncio.Future[Reply]] = []
+
+    def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
+        if request.path == "/boom":
+            raise RuntimeError("a bug")
+        if request.path == "/slow":
+            later: asyncio.Future[Reply] = self.loop.create_future()
+            self.slow.append(later)
+            return later
+        if request.path == "/fail":
+            return self._fail()
+        body = f"{request.method} {request.path} {len(request.body)} ".encode() + request.body
+        return Reply(200, body, "text/plain", (("X-Seen", request.headers.get("x-tag", "-")),))
+
+    async def _fail(self) -> Reply:
+        raise ValueError("failed later")
+
+    def release(self) -> None:
+        def go() -> None:
+            for i, f in enumerate(self.slow):
+                f.set_result(Reply(200, b"slow %d" % i, "text/plain"))
+
+        self.loop.call_soon_threadsafe(go)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[int, App, HttpServer]]:
+    loop = LoopThread("test-http-server")
+    app = App(loop.loop)
+    server = HttpServer(app.dispatch, LIMIT)
+    sock = bind("127.0.0.1", 0)
+    loop.call(server.start(sock))
+    try:
+        yield sock.getsockname()[1], app, server
+    finally:
+        loop.call(server.close())
+        loop.close()
+
+
+class Conn:
+    """A raw client socket that reads Content-Length framed replies (as the server always sends)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buffer = b""
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {self.buffer!r}")
+        self.buffer += chunk
+
+    def reply(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(self.buffer) < length:
+            self._more()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def closed_by_peer(self) -> bool:
+        self.sock.settimeout(5)
+        return self.buffer == b"" and self.sock.recv(1) == b""
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(served: tuple[int, App, HttpServer]) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        for i in range(3):
+            body = b"x" * i
+            s.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nX-Tag: t%d\r\nContent-Length: %d\r\n\r\n%s" % (i, i, body))
+            status, headers, reply = s.reply()
+            assert (status, reply, headers["x-seen"]) == (200, b"POST /echo %d " % i + body, f"t{i}")
+            assert "connection" not in headers
+
+
+def test_pipelined_requests_are_answered_in_order(served: tuple[int, App, HttpServer]) -> None:
+    port, app, _ = served
+    with Conn(port) as s:
+        s.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\nGET /fast?q=1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        s.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            s.sock.recv(1)  # the fast reply waits behind the slow one
+        app.release()
+        s.sock.settimeout(5)
+        assert s.reply()[2] == b"slow 0"
+        assert s.reply()[2] == b"GET /fast 0 "  # the query string is not part of the path
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [b"GET /a HTTP/1.0\r\n\r\n", b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"],
+    ids=["http-1.0", "connection-close"],
+)
+def test_a_client_that_does_not_keep_alive_is_closed_after_its_reply(
+    served: tuple[int, App, HttpServer], request_head: bytes
+) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(request_head)
+        status, headers, body = s.reply()
+        assert status == 200 and body == b"GET /a 0 " and headers["connection"] == "close"
+        assert s.closed_by_peer()
+
+
+def test_expect_100_continue_and_a_chunked_body(served: tuple[int, App, HttpServer]) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(b"POST /e HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        assert s.sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.send(b"abc")
+        assert s.reply()[2] == b"POST /e 3 abc"
+        s.send(b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
+        assert s.reply()[2] == b"POST /c 5 abcde"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (LIMIT + 1),
+        b"POST /big HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+        % (LIMIT + 1, b"y" * (LIMIT + 1)),
+    ],
+    ids=["declared", "chunked"],
+)
+def test_a_body_over_the_limit_is_413_and_closes(served: tuple[int, App, HttpServer], request_bytes: bytes) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(request_bytes)
+        status, _, body = s.reply()
+        assert status == 413 and b"exceeds the limit of 1000" in body
+        assert s.closed_by_peer()
+
+
+def test_a_malformed_request_is_400_and_closes(served: tuple[int, App, HttpServer]) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(b"GET /ok HTTP/1.1\r\nHost: h\r\n\r\nNOT HTTP AT ALL\r\n\r\n")
+        assert s.reply()[0] == 200  # the good request before it is still answered
+        status, _, body = s.reply()
+        assert status == 400 and b"malformed HTTP request" in body
+        assert s.closed_by_peer()
+
+
+def test_a_handler_bug_answers_500_and_keeps_the_connection(served: tuple[int, App, HttpServer]) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        for path in (b"/boom", b"/fail"):
+            s.send(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % path)
+            status, _, body = s.reply()
+            assert status == 500 and b"Error" in body
+        s.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert s.reply()[:1] == (200,)
+
+
+def test_close_drops_open_connections(served: tuple[int, App, HttpServer]) -> None:
+    port, app, server = served
+    with Conn(port) as s:
+        s.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        asyncio.run_coroutine_threadsafe(server.close(), app.loop).result(5)
+        assert s.closed_by_peer()
+    with pytest.raises(OSError):
+        Conn(port)
