@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--state-dir", default=".inferline", help="the pipeline `inferline up` started from here")
     rp.add_argument("--endpoint", help="a router's address instead (HOST:PORT; for http also a URL)")
     rp.add_argument(
-        "--protocol", choices=("grpc", "http"), default="grpc", help="KServe v2 over gRPC or over HTTP (cheaper)"
+        "--protocol", choices=("grpc", "http"), default="http", help="KServe v2 over HTTP (cheaper) or over gRPC"
     )
     rp.add_argument("--plan", help="the plan it serves (for the estimate and cost; default: from up.json)")
     rp.add_argument("--pipeline", help="pipeline (model) name at --endpoint (default: the plan's)")

@@ -52,8 +52,8 @@ class Target:
     decisions_path: Path | None
     tuner: str | None = None
     """The live tuner the pipeline runs (`none` or None: a static plan)."""
-    protocol: str = "grpc"
-    """How `endpoint` is called: "grpc" or "http" (KServe v2 either way)."""
+    protocol: str = "http"
+    """How `endpoint` is called: "http" or "grpc" (KServe v2 either way)."""
     cores: float | None = None
     """The cores all replicas share (a local deployment); None: each has its own, as planned."""
     router_pid: int | None = None
@@ -369,7 +369,7 @@ def target_from(
     endpoint: str | None,
     plan_path: str | None,
     pipeline: str | None,
-    protocol: str = "grpc",
+    protocol: str = "http",
     cores: float | None = None,
 ) -> Target:
     """The pipeline to replay against: given by address, or the one `inferline up` started from `state_dir`.

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import logging
 import math
 import struct
 import threading
@@ -30,6 +31,8 @@ from inferline.errors import InferlineError, did_you_mean
 
 if TYPE_CHECKING:  # the client needs only the codecs, not the router (and its prometheus dependency)
     from inferline.router.core import QueryResult
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -337,6 +340,9 @@ def answer_later(
             reply.set_result(answer(query_result(future)))
         except RequestError as exc:
             reply.set_result(refuse(exc))
+        except Exception as exc:  # e.g. an output the protocol cannot encode: still one answer, never a hang
+            log.exception("answering a query failed")
+            reply.set_result(refuse(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")))
 
     def expire() -> None:
         if not reply.done():
@@ -389,7 +395,10 @@ class _Wakeups:
         with self._lock:
             woken, self._pending = self._pending, []
         for callback in woken:
-            callback()
+            try:
+                callback()
+            except Exception:  # one failing must not drop the others of the burst
+                log.exception("a frontend wake-up failed")
 
 
 _WAKEUPS: dict[asyncio.AbstractEventLoop, _Wakeups] = {}

@@ -16,11 +16,17 @@ its EOF), and a connection lost mid-request fails that request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import cast
 
 import httptools
+
+KEEP_IDLE_S = 30.0
+"""A connection unused this long is closed rather than reused: servers close idle ones (the router's
+after 75 s), and a request sent just as the server closes would fail without having been served."""
 
 
 class ConnectionFailed(Exception):
@@ -44,6 +50,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._keep_alive = True
+        self.idle_since = 0.0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,7 +110,8 @@ class ConnectionPool:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._idle: list[_Connection] = []
+        self._idle: collections.deque[_Connection] = collections.deque()
+        """Most recently used last; each with the time it was put back."""
         self._open: set[_Connection] = set()
         """Every connection not yet closed, idle or carrying a request."""
         self._host_header = f"Host: {host}:{port}\r\n".encode()
@@ -123,12 +131,16 @@ class ConnectionPool:
             self._discard(connection)  # a half-read response would poison the next request on it
             raise
         if connection.reusable:
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         else:
             self._discard(connection)
         return response
 
     async def _acquire(self) -> _Connection:
+        stale = time.monotonic() - KEEP_IDLE_S
+        while self._idle and self._idle[0].idle_since < stale:
+            self._discard(self._idle.popleft())
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed:

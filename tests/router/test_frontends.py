@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import grpc
@@ -409,3 +411,22 @@ def test_errors_are_inferline_errors() -> None:
     for cls in (ServerOverloaded, QueryError, InvalidRequest, QueryTimeout):
         assert issubclass(cls, InferlineError)
     assert QueryTimeout("no answer").one_line() == "no answer."
+
+
+def test_an_answer_that_cannot_be_encoded_is_an_internal_error_not_a_hang() -> None:
+    from inferline.router.core import QueryResult
+
+    async def go() -> list[str]:
+        futures: list[Future[QueryResult]] = [Future(), Future()]
+
+        def encode(result: QueryResult) -> str:
+            if result.visited == ("bad",):
+                raise TypeError("bytes(None)")
+            return "ok"
+
+        replies = [ft.answer_later(f, 5.0, encode, lambda e: f"{e.kind.value}: {e.message}") for f in futures]
+        done = QueryResult({}, ("bad",), 1.0), QueryResult({}, ("good",), 1.0)
+        threading.Thread(target=lambda: [f.set_result(r) for f, r in zip(futures, done, strict=True)]).start()
+        return list(await asyncio.wait_for(asyncio.gather(*replies), 5))
+
+    assert asyncio.run(go()) == ["internal: TypeError: bytes(None)", "ok"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from inferline.router import http_connection
 from inferline.router.http_connection import ConnectionFailed, ConnectionPool
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Scripted"], Awaitable[None]]
@@ -157,3 +158,17 @@ def test_nothing_listening_and_close_fail_requests() -> None:
             await ConnectionPool("127.0.0.1", 1).request("GET", "/")
 
     asyncio.run(nowhere())
+
+
+def test_a_connection_idle_too_long_is_replaced_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_connection, "KEEP_IDLE_S", 0.1)
+
+    async def test(pool: ConnectionPool, s: Scripted) -> list[int]:
+        seen = []
+        for pause_s in (0.0, 0.01, 0.3):
+            await asyncio.sleep(pause_s)
+            await pool.request("POST", "/p", b"x")
+            seen.append(s.connections)
+        return seen
+
+    assert serve(keep_alive_echo, test) == [1, 1, 2]

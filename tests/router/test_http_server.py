@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Iterator
 
 import pytest
 
 from inferline.router.frontend_types import LoopThread
 from inferline.router.http_frontend import bind
-from inferline.router.http_server import HttpServer, Reply, Request
+from inferline.router.http_server import MAX_PENDING_REPLIES, HttpServer, Reply, Request
 
 LIMIT = 1000
 
@@ -188,11 +189,68 @@ def test_a_handler_bug_answers_500_and_keeps_the_connection(served: tuple[int, A
         assert s.reply()[:1] == (200,)
 
 
-def test_close_drops_open_connections(served: tuple[int, App, HttpServer]) -> None:
+def test_an_idle_connection_is_closed_a_busy_one_is_not() -> None:
+    loop = LoopThread("test-http-idle")
+    app = App(loop.loop)
+    server = HttpServer(app.dispatch, LIMIT, idle_timeout_s=0.2)
+    sock = bind("127.0.0.1", 0)
+    loop.call(server.start(sock))
+    try:
+        with Conn(sock.getsockname()[1]) as idle, Conn(sock.getsockname()[1]) as busy:
+            busy.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert idle.closed_by_peer()  # within the socket's 5 s timeout
+            app.release()  # the busy one was kept: its reply still comes
+            assert busy.reply()[2] == b"slow 0"
+    finally:
+        loop.call(server.close())
+        loop.close()
+
+
+def test_head_is_get_without_the_body(served: tuple[int, App, HttpServer]) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\nGET /g HTTP/1.1\r\nHost: h\r\n\r\n")
+        head = s.buffer
+        while b"GET /g" not in s.buffer:  # both replies, back to back: no body between them
+            s._more()
+        assert s.buffer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 9\r\n" in s.buffer  # "GET /h 0 "
+        head = s.buffer.split(b"\r\n\r\n", 1)[1]
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"GET /g 0 ")
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_ends(served: tuple[int, App, HttpServer]) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(b"GET /u HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nPRI * HTTP/2.0\r\n")
+        status, _, body = s.reply()
+        assert (status, body) == (200, b"GET /u 0 ")
+        assert s.closed_by_peer()  # and nothing after the reply: no stray 400
+
+
+def test_reading_pauses_while_pipelined_replies_pile_up(served: tuple[int, App, HttpServer]) -> None:
+    port, app, _ = served
+    request = b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n"
+    with Conn(port) as s:
+        s.send(request * MAX_PENDING_REPLIES)  # one read: all are taken, then reading pauses
+        time.sleep(0.3)
+        s.send(request * 8)
+        time.sleep(0.3)
+        assert len(app.slow) == MAX_PENDING_REPLIES  # the later ones wait unread in the socket
+        app.release()
+        for i in range(MAX_PENDING_REPLIES):
+            assert s.reply()[2] == b"slow %d" % i
+        time.sleep(0.3)
+        assert len(app.slow) == MAX_PENDING_REPLIES + 8  # reading resumed
+
+
+def test_close_answers_waiting_requests_503_and_drops_connections(served: tuple[int, App, HttpServer]) -> None:
     port, app, server = served
     with Conn(port) as s:
         s.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        time.sleep(0.1)
         asyncio.run_coroutine_threadsafe(server.close(), app.loop).result(5)
+        status, headers, body = s.reply()
+        assert status == 503 and b"stopping" in body and headers["connection"] == "close"
         assert s.closed_by_peer()
     with pytest.raises(OSError):
         Conn(port)

@@ -81,9 +81,9 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert "with the load generator" in results["estimate"]
         # Estimated again from the service times the router measured in this replay alone.
         assert results["estimated_from_run_p99_ms"] > 0
-        # The HTTP endpoint, named explicitly: a gRPC client could not talk to it at all.
-        http = ["--endpoint", info["endpoints"]["http"], "--protocol", "http", "--plan", str(plan)]
-        replayed = cli("replay", *http, "--trace", "gamma:rate=40,cv=1,duration=2,seed=5", "--json")
+        # The gRPC endpoint, named explicitly: an HTTP client could not talk to it at all.
+        grpc = ["--endpoint", info["endpoints"]["grpc"], "--protocol", "grpc", "--plan", str(plan)]
+        replayed = cli("replay", *grpc, "--trace", "gamma:rate=40,cv=1,duration=2,seed=5", "--json")
         assert replayed.returncode == 0, replayed.stderr
         results = json.loads(replayed.stdout)
         assert results["errors"] == 0 and results["answered"] == results["sent"] > 40 and results["p99_ms"] > 0
