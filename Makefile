@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # mypy cannot follow that mapping, so it checks a symlink tree laid out as installed.
 TYPECHECK := build/typecheck/inferline
 
-.PHONY: demo test lint tree typecheck unit bench bench-live clean install protos
+.PHONY: demo test lint tree typecheck unit bench bench-live bench-hop clean install protos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 # Live benchmarks on real Triton processes: estimator fidelity, router overhead, live tuner.
 bench-live: $(STAMP)
 	$(BIN)/python -m bench.live
+
+# The router endpoint's hop alone (a null pipeline, no model servers): latency and CPU per query.
+bench-hop: $(STAMP)
+	$(BIN)/python -m bench.hop
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
