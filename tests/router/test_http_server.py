@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Iterator
@@ -46,11 +47,11 @@ class App:
         self.loop.call_soon_threadsafe(go)
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[int, App, HttpServer]]:
+@contextlib.contextmanager
+def serving(idle_timeout_s: float = 75.0) -> Iterator[tuple[int, App, HttpServer]]:
     loop = LoopThread("test-http-server")
     app = App(loop.loop)
-    server = HttpServer(app.dispatch, LIMIT)
+    server = HttpServer(app.dispatch, LIMIT, idle_timeout_s)
     sock = bind("127.0.0.1", 0)
     loop.call(server.start(sock))
     try:
@@ -58,6 +59,12 @@ def served() -> Iterator[tuple[int, App, HttpServer]]:
     finally:
         loop.call(server.close())
         loop.close()
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[int, App, HttpServer]]:
+    with serving() as started:
+        yield started
 
 
 class Conn:
@@ -190,32 +197,22 @@ def test_a_handler_bug_answers_500_and_keeps_the_connection(served: tuple[int, A
 
 
 def test_an_idle_connection_is_closed_a_busy_one_is_not() -> None:
-    loop = LoopThread("test-http-idle")
-    app = App(loop.loop)
-    server = HttpServer(app.dispatch, LIMIT, idle_timeout_s=0.2)
-    sock = bind("127.0.0.1", 0)
-    loop.call(server.start(sock))
-    try:
-        with Conn(sock.getsockname()[1]) as idle, Conn(sock.getsockname()[1]) as busy:
-            busy.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
-            assert idle.closed_by_peer()  # within the socket's 5 s timeout
-            app.release()  # the busy one was kept: its reply still comes
-            assert busy.reply()[2] == b"slow 0"
-    finally:
-        loop.call(server.close())
-        loop.close()
+    with serving(idle_timeout_s=0.2) as (port, app, _), Conn(port) as idle, Conn(port) as busy:
+        busy.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert idle.closed_by_peer()  # within the socket's 5 s timeout
+        app.release()  # the busy one was kept: its reply still comes
+        assert busy.reply()[2] == b"slow 0"
 
 
 def test_head_is_get_without_the_body(served: tuple[int, App, HttpServer]) -> None:
     port, _, _ = served
     with Conn(port) as s:
         s.send(b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\nGET /g HTTP/1.1\r\nHost: h\r\n\r\n")
-        head = s.buffer
-        while b"GET /g" not in s.buffer:  # both replies, back to back: no body between them
+        while b"GET /g" not in s.buffer:
             s._more()
-        assert s.buffer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 9\r\n" in s.buffer  # "GET /h 0 "
-        head = s.buffer.split(b"\r\n\r\n", 1)[1]
-        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"GET /g 0 ")
+        first, second = s.buffer.split(b"\r\n\r\n", 1)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 9" in first  # as GET's "GET /h 0 "
+        assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"GET /g 0 ")  # no body between
 
 
 def test_an_upgrade_request_is_answered_then_the_connection_ends(served: tuple[int, App, HttpServer]) -> None:
