@@ -355,15 +355,11 @@ def answer_later(
 
 
 def query_result(future: Future[QueryResult]) -> QueryResult:
-    """A done query's result; its failure as a RequestError of the right kind."""
-    from inferline.router.core import QueryFailed
-
+    """A done query's result; its failure (QueryFailed, or any other InferlineError) as a RequestError."""
     try:
         return future.result()
     except RequestError:
         raise
-    except QueryFailed as exc:
-        raise RequestError(ErrorKind.FAILED, exc.one_line()) from None
     except InferlineError as exc:
         raise RequestError(ErrorKind.FAILED, exc.one_line()) from None
     except Exception as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import http
+import json
 import logging
 import socket
 import time
@@ -68,7 +69,7 @@ def encode_reply(reply: Reply, keep_alive: bool, with_body: bool = True) -> byte
 
 
 def _error(status: int, message: str) -> Reply:
-    return Reply(status, b'{"error": "%s"}' % message.replace('"', "'").encode())
+    return Reply(status, json.dumps({"error": message}).encode())
 
 
 MAX_PENDING_REPLIES = 32
