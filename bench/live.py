@@ -62,7 +62,8 @@ FIDELITY = {
 }
 STEP = "step:rate=80/200/80,cv=2,every=20,seed=2"
 LINEAGE_SAMPLES = 300
-OVERHEAD_RATES, OVERHEAD_S, OVERHEAD_ROUNDS = (250, 500), 8, 4
+OVERHEAD_RATES, OVERHEAD_S, OVERHEAD_ROUNDS = (250, 500), 5, 8
+CLIENTS = {"http": AsyncKServeHttpClient, "grpc": AsyncKServeClient}
 
 
 def _plan(
@@ -260,7 +261,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     (per-stage FIFO queues, greedy batching up to the planned max batch, one worker per replica)
     in its own process, with no endpoint in between. So both paths send batches formed by the same
     rule and the difference of medians is the endpoint hop: protocol, process boundary, hand-offs.
-    The three paths take turns for OVERHEAD_ROUNDS rounds, so a drift of the machine's speed
+    The three paths take turns for OVERHEAD_ROUNDS short rounds, so a drift of the machine's speed
     (large on this VM: two direct rounds a minute apart differed by 4.6 ms) hits them alike; each
     path's figure is the median of its rounds' medians, and the overhead is also taken round by
     round (a protocol's median minus the direct median of the same round) and its median reported.
@@ -310,22 +311,28 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                     await client.close()
 
             try:
-                for _ in range(OVERHEAD_ROUNDS):
-                    before = _Meters.read(None)
-                    medians["direct"].append(float(np.nanmedian(asyncio.run(direct()).latencies_ms)))
-                    spent = _Meters.read(None).since(before)
-                    busy["direct"].append(spent.machine_busy)
-                    client_cpu["direct"] += spent.client_cpu_s
-                    for protocol, client_type in (("http", AsyncKServeHttpClient), ("grpc", AsyncKServeClient)):
+                for round_ in range(OVERHEAD_ROUNDS):
+                    # Every other round in reverse order, so a steady drift of the machine's speed
+                    # favours neither path.
+                    paths = ("direct", "http", "grpc") if round_ % 2 == 0 else ("grpc", "http", "direct")
+                    for path in paths:
+                        if path == "direct":
+                            before = _Meters.read(None)
+                            medians["direct"].append(float(np.nanmedian(asyncio.run(direct()).latencies_ms)))
+                            spent = _Meters.read(None).since(before)
+                            busy["direct"].append(spent.machine_busy)
+                            client_cpu["direct"] += spent.client_cpu_s
+                            continue
                         before = _Meters.read(info)
-                        result = asyncio.run(routed(client_type(info["endpoints"][protocol])))
+                        result = asyncio.run(routed(CLIENTS[path](info["endpoints"][path])))
                         spent = _Meters.read(info).since(before)
-                        medians[protocol].append(float(np.nanmedian(result.latencies_ms)))
+                        medians[path].append(float(np.nanmedian(result.latencies_ms)))
+                        busy[path].append(spent.machine_busy)
+                        client_cpu[path] += spent.client_cpu_s
+                        cpu[path] += spent.router_cpu_s
+                        hop[path].append(float(np.nanmean(result.latencies_ms)) - spent.router_mean_ms)
+                    for protocol in CLIENTS:
                         paired[protocol].append(medians[protocol][-1] - medians["direct"][-1])
-                        busy[protocol].append(spent.machine_busy)
-                        client_cpu[protocol] += spent.client_cpu_s
-                        cpu[protocol] += spent.router_cpu_s
-                        hop[protocol].append(float(np.nanmean(result.latencies_ms)) - spent.router_mean_ms)
                 direct_metrics = generate_latest(core.metrics_registry).decode()
             finally:
                 core.stop()
@@ -465,7 +472,8 @@ def main() -> None:
     for o in results["router_overhead"]:
         console.print(
             f"router overhead at {o['rate_qps']} q/s (median of {o['rounds']} rounds): direct "
-            f"{o['direct_median_ms']:.2f} ms, machine {o['direct_machine_busy']:.0%} busy, mean batches "
+            f"{o['direct_median_ms']:.2f} ms (its rounds {min(o['direct_round_medians_ms']):.2f}–"
+            f"{max(o['direct_round_medians_ms']):.2f}), machine {o['direct_machine_busy']:.0%} busy, mean batches "
             f"{_fmt_batches(o['direct_mean_batch'])} (router: {_fmt_batches(o['router_mean_batch'])}); replica "
             f"calls {_call_difference(o):+.2f} ms longer in the router than direct"
         )

@@ -38,7 +38,7 @@ Classify = Callable[[BaseException], str]
 
 
 def default_classify(exc: BaseException) -> str:
-    """`asyncio.wait_for`'s timeout (builtin TimeoutError since 3.11) is "timeout"; anything else "failed"."""
+    """`asyncio.timeout`'s TimeoutError (builtin since 3.11) is "timeout"; anything else "failed"."""
     return "timeout" if isinstance(exc, TimeoutError) else "failed"
 
 
@@ -161,7 +161,8 @@ async def _one(
 ) -> None:
     run.started_s[i] = loop.time() - run.t0
     try:
-        await asyncio.wait_for(send(i), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: that runs the query in a task of its own
+            await send(i)
     except Exception as exc:  # not BaseException: a cancelled replay must stay cancelled
         kind = classify(exc)
         run.outcomes[i] = kind if kind != OK else "failed"  # a raised query is never "ok"
