@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 """Tries of one batch on different replicas before its queries fail."""
+ARRIVALS_KEPT_S = 120.0
+"""Arrival times kept for `arrivals_since` (the live tuner reads the last 60 s)."""
 PROBE_INTERVAL_S = 0.5
 """How often a replica whose server stopped answering checks whether it is back."""
 
@@ -208,6 +210,7 @@ class PipelineRouter:
         slo_ms: float | None = None,
         max_queue: int = 2000,
         seed: int = 0,
+        arrivals_kept_s: float = ARRIVALS_KEPT_S,
     ) -> None:
         self.name = spec.name
         self.spec = spec
@@ -241,6 +244,7 @@ class PipelineRouter:
         self._calls_in_flight = 0
         """Replica calls under way across all stages: how many models compute at once."""
         self._arrivals: collections.deque[float] = collections.deque()
+        self._arrivals_kept_s = arrivals_kept_s
         self._started = False
         self.metrics_registry = CollectorRegistry()
         self._metrics = _RouterMetrics(self.metrics_registry, self)
@@ -328,6 +332,8 @@ class PipelineRouter:
                 )
             self._inflight += 1
             self._arrivals.append(now)
+            while self._arrivals[0] < now - self._arrivals_kept_s:  # bounded also when no tuner reads them
+                self._arrivals.popleft()
             query = _Query(next(self._ids), now, tensors, future, [PENDING] * len(self._stages))
             for i in self._entry:
                 query.state[i] = QUEUED

@@ -106,3 +106,18 @@ def test_the_router_counts_the_cpu_of_its_replica_threads() -> None:
     assert burnt >= 0.002 * calls  # every call's 2 ms, and the threads' own work around it
     slept, calls = replica_cpu(SleepingServer())
     assert slept < 0.5 * CALL_S * calls  # waiting for a model server costs the thread little CPU
+
+
+def test_arrival_history_is_bounded_without_a_reader() -> None:
+    pools = {"a": [Replica(SleepingServer(), "a", "a-0")], "b": [Replica(SleepingServer(), "b", "b-0")]}
+    router = PipelineRouter(SPEC, pools, {"a": 2, "b": 2}, arrivals_kept_s=0.2).start()  # type: ignore[arg-type]
+    x = {"INPUT": np.zeros((1, 4), np.float32)}
+    try:
+        for f in [router.submit(x) for _ in range(30)]:
+            f.result(timeout=30)
+        time.sleep(0.3)
+        router.submit(x).result(timeout=30)
+        assert len(router._arrivals) == 1  # the 30 older ones went when the next query came
+        assert router.arrivals_since(0.0).size == 1
+    finally:
+        router.stop()
