@@ -301,25 +301,6 @@ def submit(pipeline: Pipeline, inputs: Mapping[str, Array]) -> Future[QueryResul
         raise RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}") from None
 
 
-async def wait_for(future: Future[Any], timeout_s: float) -> None:
-    """Wait until the future is done, without blocking the event loop and without cancelling the future.
-
-    The router's futures are not cancellable (the query keeps its place), so a timeout only stops
-    waiting; the wake-up tolerates an event loop that closed meanwhile (the frontend stopped).
-    """
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    wakeups = _wakeups_of(loop)
-    future.add_done_callback(lambda _: wakeups.wake(lambda: _resolve(waiter)))
-    expiry = loop.call_later(timeout_s, _expire, waiter)
-    try:
-        await waiter
-    except TimeoutError:
-        raise RequestError(ErrorKind.TIMEOUT, f"no answer within {timeout_s:.3g} s") from None
-    finally:
-        expiry.cancel()
-
-
 def answer_later(
     future: Future[QueryResult],
     timeout_s: float,
@@ -327,8 +308,10 @@ def answer_later(
     refuse: Callable[[RequestError], R],
 ) -> asyncio.Future[R]:
     """A future of the running loop holding `answer(result)` once the router answers, or `refuse(error)`
-    with the error's kind (TIMEOUT after `timeout_s`; FAILED for a failed query). Unlike `wait_for` it
-    needs no task: a frontend that replies from a callback pays the loop only for the wake-up."""
+    with the error's kind (TIMEOUT after `timeout_s`; FAILED for a failed query). It needs no task: a
+    frontend that replies from a callback pays the loop only for the wake-up. The router's futures are
+    not cancellable (the query keeps its place), so a timeout only stops waiting; the wake-up
+    tolerates an event loop that closed meanwhile (the frontend stopped)."""
     loop = asyncio.get_running_loop()
     reply: asyncio.Future[R] = loop.create_future()
 
@@ -411,21 +394,14 @@ def _wakeups_of(loop: asyncio.AbstractEventLoop) -> _Wakeups:
     return found
 
 
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 async def run_query(pipeline: Pipeline, inputs: Mapping[str, Array], timeout_s: float) -> QueryResult:
     """Submit one query and await its result; every failure becomes a RequestError of the right kind."""
-    future = submit(pipeline, inputs)
-    await wait_for(future, timeout_s)
-    return query_result(future)
+    outcome: QueryResult | RequestError = await answer_later(
+        submit(pipeline, inputs), timeout_s, lambda result: result, lambda error: error
+    )
+    if isinstance(outcome, RequestError):
+        raise outcome
+    return outcome
 
 
 def wait_budget(client_timeout_s: float | None, cap_s: float) -> float:

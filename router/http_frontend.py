@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -232,6 +232,12 @@ class Routes:
     def __init__(self, pipeline: Pipeline, max_wait_s: float) -> None:
         self.pipeline = pipeline
         self.max_wait_s = max_wait_s
+        self._fixed: dict[str, Callable[[], Reply | Awaitable[Reply]]] = {
+            "/v2/health/live": self.live,
+            "/v2/health/ready": self.ready,
+            "/v2": self.server_metadata,
+            "/metrics": self.metrics,
+        }
 
     def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
         try:
@@ -245,10 +251,10 @@ class Routes:
 
     def _route(self, request: Request) -> Reply | Awaitable[Reply]:
         path, method = request.path, request.method
-        fixed = {"/v2/health/live": self.live, "/v2/health/ready": self.ready, "/v2": self.server_metadata}
-        if path in fixed or path == "/metrics":
+        fixed = self._fixed.get(path)
+        if fixed is not None:
             _allow(request, "GET")
-            return self.metrics() if path == "/metrics" else fixed[path]()
+            return fixed()
         parts = path.split("/")
         # /v2/models/{name}[/versions/{version}][/ready | /infer]
         if len(parts) < 4 or parts[:3] != ["", "v2", "models"] or not parts[3]:
