@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.errors import InferlineError, ModelNotFoundError, ServerUnreachable
+from inferline.http_connection import ConnectionFailed, ConnectionPool
 from inferline.router.client import (
     DEFAULT_TIMEOUT_S,
     InvalidRequest,
@@ -38,7 +39,6 @@ from inferline.router.client import (
     TensorMetadata,
 )
 from inferline.router.frontend_types import RequestError, datatype_of, from_raw, from_values, to_raw
-from inferline.router.http_connection import ConnectionFailed, ConnectionPool
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

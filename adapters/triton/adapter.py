@@ -10,6 +10,7 @@ changes the three fields InferLine tunes, and sends all of it back.
 
 from __future__ import annotations
 
+import asyncio
 import http.client as http_client
 import json
 from collections.abc import Mapping
@@ -111,24 +112,45 @@ class TritonAdapter:
         result = self._call(f"infer on model {model!r}", self._client.infer, model, requests, model_name=model)
         return {name: result.as_numpy(name) for name in self._output_names(model)}
 
+    async def infer_async(self, model: str, inputs: Tensors) -> dict[str, NDArray[np.generic]]:
+        """`infer` for a caller on an event loop: over HTTP on the loop itself, else (gRPC only) in a thread."""
+        if self._http is None:
+            return await asyncio.to_thread(self.infer, model, inputs)
+        http, outputs = self._http, self._output_names(model)
+        try:
+            return await http.infer_async(model, inputs, outputs)
+        except Exception as exc:
+            error = self._http_error(http, model, exc)
+            if error is exc:
+                raise
+            raise error from exc
+
     def _infer_http(self, http: HttpInference, model: str, inputs: Tensors) -> dict[str, NDArray[np.generic]]:
-        what, where = f"infer on model {model!r}", http.address
         outputs = self._output_names(model)
         try:
             return http.infer(model, inputs, outputs)
-        except InferenceFailed as exc:
+        except Exception as exc:
+            error = self._http_error(http, model, exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _http_error(self, http: HttpInference, model: str, exc: Exception) -> Exception:
+        """What an HTTP inference failure means to a caller: an unreachable server (the router tries
+        another replica) or an error of this query; anything unforeseen is passed on as it is."""
+        what, where = f"infer on model {model!r}", http.address
+        if isinstance(exc, InferenceFailed):
             if exc.status == 503:  # Triton's UNAVAILABLE: the router tries another replica, as over gRPC
-                raise _unreachable(what, where, exc.text) from exc
-            raise _error_text(what, where, exc.text, model) from exc
-        except NotConnected as exc:
-            raise _unreachable(what, where, str(exc)) from exc
-        except TimeoutError as exc:
+                return _unreachable(what, where, exc.text)
+            return _error_text(what, where, exc.text, model)
+        if isinstance(exc, NotConnected):
+            return _unreachable(what, where, str(exc))
+        if isinstance(exc, TimeoutError):
             # Sent, and no answer in time: the model may have run, so this is not a server to avoid.
-            raise ServerError(
-                f"{what}: no answer from the Triton server at {where} within {self.timeout_s:g} s"
-            ) from exc
-        except (OSError, http_client.HTTPException) as exc:
-            raise _unreachable(what, where, str(exc) or type(exc).__name__) from exc
+            return ServerError(f"{what}: no answer from the Triton server at {where} within {self.timeout_s:g} s")
+        if isinstance(exc, OSError | http_client.HTTPException):
+            return _unreachable(what, where, str(exc) or type(exc).__name__)
+        return exc
 
     def configure(self, model: str, config: ServingConfig) -> ServingConfig:
         if config.max_batch_size < 1 or config.instance_count < 1 or config.batching_delay_us < 0:

@@ -3,6 +3,7 @@ the server closed, and one connection per calling thread."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client as http_client
 import json
 import threading
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -173,6 +174,85 @@ def test_an_error_answer_carries_its_status_and_one_line_message(echo_server: st
     assert (err.value.status, err.value.text) == (400, "inference request for model 'bad' failed")
 
 
+async def _until_the_server_closed_async(http: HttpInference) -> None:
+    """`_until_the_server_closed` for the loop's pool: wait until the dropped connection reads as closed."""
+    pool = http._pool()
+    deadline = time.monotonic() + 10.0
+    while _EchoHandler.drop and any(not c.closed for c in pool._idle) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def test_on_an_event_loop_a_kept_alive_connection_is_reused_and_one_the_server_closed_is_replaced(
+    echo_server: str,
+) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
+
+    async def three() -> list[bool]:
+        same = []
+        try:
+            for _ in range(3):
+                same.append(np.array_equal((await http.infer_async("echo", {"INPUT": x}, ["OUTPUT"]))["OUTPUT"], x))
+                await _until_the_server_closed_async(http)
+        finally:
+            http.close()  # on the loop, before it ends: its connections close there
+        return same
+
+    assert asyncio.run(three()) == [True] * 3
+    assert len(_EchoHandler.connections) == (3 if _EchoHandler.drop else 1)
+    assert len(_EchoHandler.queries) == 3  # none sent twice
+
+
+def test_on_an_event_loop_concurrent_calls_each_have_a_connection_and_their_own_answer(keepalive_server: str) -> None:
+    http = HttpInference(keepalive_server, timeout_s=5.0)
+
+    async def call(i: int) -> bool:
+        x = np.full((1, 16), i, dtype=np.float32)
+        return np.array_equal((await http.infer_async("echo", {"INPUT": x}, ["OUTPUT"]))["OUTPUT"], x)
+
+    async def together() -> list[bool]:
+        try:
+            return list(await asyncio.gather(*(call(i) for i in range(4))))
+        finally:
+            http.close()
+
+    assert asyncio.run(together()) == [True] * 4
+    assert len(_EchoHandler.connections) == 4
+
+
+def test_on_an_event_loop_a_server_that_hangs_up_after_reading_the_query_is_not_sent_it_again(
+    echo_server: str,
+) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+    x = np.zeros((1, 16), np.float32)
+
+    async def calls() -> None:
+        try:
+            await http.infer_async("echo", {"INPUT": x}, ["OUTPUT"])  # a connection to reuse where the server keeps it
+            await _until_the_server_closed_async(http)
+            await http.infer_async("vanish", {"INPUT": x}, ["OUTPUT"])
+        finally:
+            http.close()
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(calls())
+    assert _EchoHandler.queries.count("/v2/models/vanish/infer") == 1
+
+
+def test_on_an_event_loop_an_error_answer_carries_its_status_and_one_line_message(echo_server: str) -> None:
+    http = HttpInference(echo_server, timeout_s=5.0)
+
+    async def bad() -> None:
+        try:
+            await http.infer_async("bad", {"INPUT": np.zeros((1, 16), np.float32)}, ["OUTPUT"])
+        finally:
+            http.close()
+
+    with pytest.raises(InferenceFailed) as err:
+        asyncio.run(bad())
+    assert (err.value.status, err.value.text) == (400, "inference request for model 'bad' failed")
+
+
 @pytest.mark.parametrize("address", ["localhost", "localhost:http", ":8000", "host:70000"])
 def test_an_address_without_a_usable_port_is_a_one_line_error(address: str) -> None:
     with pytest.raises(ServerError, match="HOST:PORT") as err:
@@ -188,41 +268,68 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
         yield server
 
 
-def test_triton_refusing_a_batch_is_a_query_error_not_an_unreachable_server(triton: EmbeddedTriton) -> None:
+@pytest.fixture(params=[False, True], ids=["thread", "event-loop"])
+def on_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop | None]:
+    """Who calls the adapter: a thread (`infer`), or one event loop for the whole test (`infer_async`)."""
+    if not request.param:
+        yield None
+        return
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.run_until_complete(asyncio.sleep(0.01))  # the adapter's close, closing its connections, runs here
+        loop.close()
+
+
+def _infer(
+    adapter: TritonAdapter, on_loop: asyncio.AbstractEventLoop | None, model: str, inputs: dict[str, Any]
+) -> dict[str, Any]:
+    """The same call, and the same answers and errors, whether from a thread or on an event loop."""
+    if on_loop is not None:
+        return on_loop.run_until_complete(adapter.infer_async(model, inputs))
+    return adapter.infer(model, inputs)
+
+
+def test_triton_refusing_a_batch_is_a_query_error_not_an_unreachable_server(
+    triton: EmbeddedTriton, on_loop: asyncio.AbstractEventLoop | None
+) -> None:
     adapter = TritonAdapter(triton.grpc_address, http_address=triton.http_address)
     try:
         with pytest.raises(ServerError) as err:
-            adapter.infer("echo", {"INPUT": np.zeros((5, 16), np.float32)})  # over max_batch_size 4
+            _infer(adapter, on_loop, "echo", {"INPUT": np.zeros((5, 16), np.float32)})  # over max_batch_size 4
         assert not isinstance(err.value, ServerUnreachable)
         assert "\n" not in err.value.one_line() and "echo" in err.value.one_line()
-        out = adapter.infer("echo", {"INPUT": np.ones((4, 16), np.float32)})  # the connection still serves
+        out = _infer(adapter, on_loop, "echo", {"INPUT": np.ones((4, 16), np.float32)})  # the connection still serves
         np.testing.assert_array_equal(out["OUTPUT"], np.ones((4, 16), np.float32))
     finally:
         adapter.close()
 
 
-def test_a_model_unloaded_while_serving_is_not_found(tmp_path: Path) -> None:
+def test_a_model_unloaded_while_serving_is_not_found(tmp_path: Path, on_loop: asyncio.AbstractEventLoop | None) -> None:
     add_emulated(tmp_path, "echo", 1.0, 0.0, max_batch=4)
     with EmbeddedTriton(tmp_path, ["echo"]) as server:
         adapter = TritonAdapter(server.grpc_address, http_address=server.http_address)
         try:
-            adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})  # tensors known, so HTTP only now
+            _infer(adapter, on_loop, "echo", {"INPUT": np.zeros((1, 16), np.float32)})  # tensors known: HTTP only now
             tritonclient.grpc.InferenceServerClient(server.grpc_address).unload_model("echo")
             with pytest.raises(ModelNotFoundError) as err:
-                adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})
+                _infer(adapter, on_loop, "echo", {"INPUT": np.zeros((1, 16), np.float32)})
             assert server.http_address in err.value.one_line()  # the address the query went to
         finally:
             adapter.close()
 
 
-def test_nothing_listening_at_the_http_address_is_an_unreachable_server(tmp_path: Path) -> None:
+def test_nothing_listening_at_the_http_address_is_an_unreachable_server(
+    tmp_path: Path, on_loop: asyncio.AbstractEventLoop | None
+) -> None:
     add_emulated(tmp_path, "echo", 1.0, 0.0, max_batch=4)
     with EmbeddedTriton(tmp_path, ["echo"]) as server:
         adapter = TritonAdapter(server.grpc_address, http_address=server.http_address)
-        adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})  # a kept-alive connection now
+        _infer(adapter, on_loop, "echo", {"INPUT": np.zeros((1, 16), np.float32)})
     try:
         with pytest.raises(ServerUnreachable) as err:  # the server is gone: the router retries elsewhere
-            adapter.infer("echo", {"INPUT": np.zeros((1, 16), np.float32)})
+            _infer(adapter, on_loop, "echo", {"INPUT": np.zeros((1, 16), np.float32)})
         assert "unreachable" in err.value.one_line()
     finally:
         adapter.close()

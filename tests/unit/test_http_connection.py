@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from inferline.router import http_connection
-from inferline.router.http_connection import ConnectionFailed, ConnectionPool
+from inferline import http_connection
+from inferline.http_connection import ConnectionFailed, ConnectionPool
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Scripted"], Awaitable[None]]
 

@@ -1,4 +1,5 @@
-"""HTTP/1.1 keep-alive connections for the router's asyncio clients: httptools' parser on asyncio's transports.
+"""HTTP/1.1 keep-alive connections for asyncio clients (the router's KServe client, the Triton adapter's
+async inference): httptools' parser on asyncio's transports.
 
 A load generator on the same machine as the pipeline takes its CPU from the pipeline, so a
 client's cost per query is part of what a replay measures. aiohttp's client session spends most
