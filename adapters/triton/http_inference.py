@@ -77,10 +77,7 @@ class HttpInference:
         noticed before the query goes out on it (as urllib3 does), not by resending after a failure,
         since a failure after sending cannot tell whether the model ran.
         """
-        body, head = request_body(inputs, outputs)
-        headers = {"Content-Type": "application/octet-stream"}
-        if head is not None:
-            headers[HEADER_LENGTH] = str(head)
+        body, headers = request(inputs, outputs)
         connection = self._connection()
         try:
             connection.request("POST", f"/v2/models/{quote(model, safe='')}/infer", body=body, headers=headers)
@@ -98,10 +95,7 @@ class HttpInference:
         """`infer` on the running event loop. Raises InferenceFailed for an error answer, ConnectionError
         when no connection opens or one fails mid-call (the query is never sent twice), and TimeoutError
         when no answer comes within `timeout_s`."""
-        body, head = request_body(inputs, outputs)
-        headers = {"Content-Type": "application/octet-stream"}
-        if head is not None:
-            headers[HEADER_LENGTH] = str(head)
+        body, headers = request(inputs, outputs)
         pool = self._pool()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -166,6 +160,15 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
+
+
+def request(inputs: Mapping[str, NDArray[np.generic]], outputs: Sequence[str]) -> tuple[bytes, dict[str, str]]:
+    """An infer request's body and headers (the binary extension's head length among them)."""
+    body, head = request_body(inputs, outputs)
+    headers = {"Content-Type": "application/octet-stream"}
+    if head is not None:
+        headers[HEADER_LENGTH] = str(head)
+    return body, headers
 
 
 def request_body(inputs: Mapping[str, NDArray[np.generic]], outputs: Sequence[str]) -> tuple[bytes, int | None]:
