@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from inferline.process_cpu import process_cpu_s
 from inferline.profiles import load_profiles
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
+from inferline.router.event_loop import LoopThread
 from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.prediction import predicted_p99_ms
 from inferline.router.replay import replay
@@ -294,14 +296,17 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                 for s in spec.stages
             }  # fmt: skip
             batches = {name: s.max_batch_size for name, s in plan.stages.items()}
-            core = PipelineRouter(spec, pools, batches, plan.slo_ms).start()
+            # The direct path's load generator and the core's replicas share one loop (asyncio's, as the
+            # replay tool's everywhere): no thread between them.
+            direct_loop = LoopThread("bench-direct", asyncio.new_event_loop)
+            core = PipelineRouter(spec, pools, batches, plan.slo_ms).start(direct_loop.loop)
             freeze_long_lived()  # as `inferline up` and `replay` do: no collector pause in either path
 
-            async def direct() -> Any:
+            def direct() -> Any:
                 async def send(i: int) -> None:
-                    await asyncio.wrap_future(core.submit({"INPUT": x}))
+                    await _answered_on_this_loop(core.submit({"INPUT": x}))
 
-                return await replay(send, arrivals, None, timeout_s=10.0)
+                return direct_loop.call(replay(send, arrivals, None, timeout_s=10.0), timeout_s=OVERHEAD_S + 60.0)
 
             async def routed(client: Any) -> Any:
                 async def send(i: int) -> None:
@@ -320,7 +325,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                     for path in paths:
                         if path == "direct":
                             before = _Meters.read(None)
-                            result = asyncio.run(direct())
+                            result = direct()
                             spent = _Meters.read(None).since(before)
                             medians["direct"].append(float(np.nanmedian(result.latencies_ms)))
                             _record_lag(result, lag["direct"], from_send["direct"])
@@ -340,10 +345,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
                         paired[protocol].append(medians[protocol][-1] - medians["direct"][-1])
                 direct_metrics = generate_latest(core.metrics_registry).decode()
             finally:
-                core.stop()
-                for pool in pools.values():
-                    for replica in pool:
-                        replica.adapter.close()
+                core.stop()  # closes the replicas' connections on its loop
+                direct_loop.close()
             routed_metrics = read_metrics(info["endpoints"]["metrics"])  # both protocols' runs
         finally:
             subprocess.run([*cli, "down", "--state-dir", str(state)], cwd=ROOT)
@@ -374,6 +377,20 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
             "client_cpu_ms_per_query": 1000.0 * client_cpu[protocol] / (arrivals.size * OVERHEAD_ROUNDS),
         }  # fmt: skip
     return out
+
+
+def _answered_on_this_loop(future: Future[Any]) -> asyncio.Future[None]:
+    """A query's answer for a core whose replicas run on the running loop: they settle it on this
+    thread, so no thread-safe wake-up (asyncio.wrap_future's) is needed."""
+    waiter = asyncio.get_running_loop().create_future()
+
+    def settle(done: Future[Any]) -> None:
+        if not waiter.done():
+            exc = done.exception()
+            waiter.set_exception(exc) if exc is not None else waiter.set_result(None)
+
+    future.add_done_callback(settle)
+    return waiter
 
 
 def _record_lag(result: Any, lags: list[float], from_send: list[float]) -> None:

@@ -175,7 +175,7 @@ def _samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], 
 
 
 def replica_cpu_s(metrics_text: str) -> float | None:
-    """CPU seconds the router's replica threads spent serving batches, all stages (None: not in the text)."""
+    """CPU seconds the router's replicas spent serving batches, all stages (None: not in the text)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     families = [

@@ -163,9 +163,9 @@ class LocalDeployment:
             self.spec, pools, self.batches, self.plan.slo_ms, self.max_queue, self.seed
         ).start()
         self._stack.callback(self.router.stop)
-        grpc_frontend = serve_grpc(self.router, self.host, self.grpc_port)
+        grpc_frontend = serve_grpc(self.router, self.host, self.grpc_port, loop=self.router.loop_thread)
         self._stack.callback(grpc_frontend.stop)
-        http_frontend = serve_http(self.router, self.host, self.http_port)
+        http_frontend = serve_http(self.router, self.host, self.http_port, loop=self.router.loop_thread)
         self._stack.callback(http_frontend.stop)
         self.endpoints = Endpoints(grpc_frontend.address, http_frontend.address, f"{http_frontend.url}/metrics")
 

@@ -64,8 +64,8 @@ class Target:
 
 @dataclass(frozen=True)
 class CpuReading:
-    """CPU seconds used so far by the router's process (where it runs here), by its replica threads
-    (from its metrics), and by this load generator."""
+    """CPU seconds used so far by the router's process (where it runs here), by its replicas'
+    own work (from its metrics), and by this load generator."""
 
     router_s: float | None
     client_s: float
@@ -96,7 +96,7 @@ class CpuReading:
 
     def per_query_s(self, later: CpuReading, queries: int) -> dict[str, float]:
         """CPU seconds per query since this reading: the router's, the part of it outside its
-        replica threads (its frontends and the rest), and the load generator's."""
+        replicas' own work (its frontends and the rest), and the load generator's."""
         if queries <= 0:
             return {}
         out = {"load generator": (later.client_s - self.client_s) / queries}
@@ -109,9 +109,9 @@ class CpuReading:
         return out
 
 
-OUTSIDE_REPLICAS = "router outside its replica threads"
+OUTSIDE_REPLICAS = "router outside its replicas"
 BESIDE_THE_REPLICAS = ("load generator", OUTSIDE_REPLICAS)
-"""The CPU a shared-core estimate counts beside the replicas: the router's replica threads are in the
+"""The CPU a shared-core estimate counts beside the replicas: the router's replicas' own CPU is in the
 calibrated service times already (their calls and the time between them)."""
 
 
@@ -318,8 +318,8 @@ def results_for(
 
     `cpu_s_per_query`: the CPU seconds per query of the router and the load generator, measured
     during the run (`CpuReading`), are reported. Where the replicas share this machine's cores, the
-    estimate counts the load generator's and the router's outside its replica threads beside them;
-    the replica threads' is in calibrated service times already (their call and dispatch times).
+    estimate counts the load generator's and the router's outside its replicas beside them;
+    the replicas' own is in calibrated service times already (their call and dispatch times).
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.

@@ -19,7 +19,7 @@ import logging
 import math
 import struct
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # the client needs only the codecs, not the router (and its p
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 R = TypeVar("R")
 Array = NDArray[Any]
 
@@ -355,10 +354,13 @@ class _Wakeups:
     A replica answers a whole batch at once; waking the loop once per query costs a self-pipe write
     and a loop iteration each (measured: 0.13 ms per query, the largest share of the hand-off back
     to the frontend). Here only the first callback of a burst schedules the drain; the others join it.
+    A router whose replicas run on the frontend's own loop answers from that loop's thread: there the
+    drain is scheduled without the self-pipe write.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._thread = threading.get_ident()  # made on the loop: `answer_later` runs there
         self._lock = threading.Lock()
         self._pending: list[Callable[[], None]] = []
 
@@ -366,9 +368,13 @@ class _Wakeups:
         with self._lock:
             self._pending.append(callback)
             first = len(self._pending) == 1
-        if first:
-            with contextlib.suppress(RuntimeError):  # loop closed (frontend stopped): nobody waits any more
-                self.loop.call_soon_threadsafe(self._drain)
+        if not first:
+            return
+        if threading.get_ident() == self._thread:
+            self.loop.call_soon(self._drain)
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed (frontend stopped): nobody waits any more
+            self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         with self._lock:
@@ -409,52 +415,3 @@ def wait_budget(client_timeout_s: float | None, cap_s: float) -> float:
     if client_timeout_s is None:
         return cap_s
     return max(0.0, min(client_timeout_s, cap_s))
-
-
-# -- an event loop of its own --------------------------------------------------------------------
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop where it is installed (the router extra brings it on Linux and macOS), else asyncio's.
-
-    Frontends pay the loop's cost on every query: in one pair of runs at 500 q/s on 2 cores, uvloop
-    took the router's CPU per query from 1.09 to 0.92 ms over HTTP (1.21 to 1.07 ms over gRPC). Timers are
-    only deadlines here, so libuv's millisecond timer resolution costs nothing; the replay tool,
-    whose send times are measurements, keeps asyncio's own loop.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-class LoopThread:
-    """An asyncio event loop running in a daemon thread, so servers on it can be started and
-    stopped from synchronous code (the CLI, the deployment, tests) without owning their loop."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.call(_cancel_others(), timeout_s=10.0)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10.0)
-        self.loop.close()
-
-
-async def _cancel_others() -> None:
-    """Cancel what is left on the loop (requests still waiting) so it closes without warnings."""
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

@@ -25,6 +25,7 @@ import grpc
 from inferline.errors import InferlineError
 from inferline.protos import kserve_v2_pb2 as pb
 from inferline.protos import kserve_v2_pb2_grpc as pb_grpc
+from inferline.router.event_loop import LoopThread
 from inferline.router.frontend_types import (
     DEFAULT_TIMEOUT_S,
     ERROR_KIND_KEY,
@@ -33,7 +34,6 @@ from inferline.router.frontend_types import (
     SERVER_NAME,
     Array,
     ErrorKind,
-    LoopThread,
     Pipeline,
     RequestError,
     check_inputs,
@@ -201,29 +201,40 @@ class GrpcFrontend:
     port: int
     _server: grpc.aio.Server
     _loop: LoopThread
+    _owns_loop: bool
 
     def stop(self, grace_s: float = 1.0) -> None:
-        """Stop accepting calls, give calls in flight `grace_s` to finish, and end the loop thread."""
+        """Stop accepting calls, give calls in flight `grace_s` to finish, and end the loop thread if
+        it is the frontend's own."""
         if self._loop.loop.is_closed():
             return
         self._loop.call(self._server.stop(grace_s), timeout_s=grace_s + 10.0)
-        self._loop.close()
+        if self._owns_loop:
+            self._loop.close()
 
 
 def serve_grpc(
-    router: Pipeline, host: str = "127.0.0.1", port: int = 0, max_wait_s: float = DEFAULT_TIMEOUT_S
+    router: Pipeline,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_wait_s: float = DEFAULT_TIMEOUT_S,
+    loop: LoopThread | None = None,
 ) -> GrpcFrontend:
     """Serve `router` as the model `router.name` over KServe v2 gRPC; port 0 picks a free port.
 
-    `max_wait_s` caps how long a query waits when its call sets no (or a longer) deadline.
+    `max_wait_s` caps how long a query waits when its call sets no (or a longer) deadline. `loop`:
+    serve on this loop thread (the router's own, `PipelineRouter.loop_thread`) instead of one of the
+    frontend's own; it stays running at `stop`.
     """
-    loop = LoopThread("inferline-grpc-frontend")
+    owns_loop = loop is None
+    thread = LoopThread("inferline-grpc-frontend") if loop is None else loop
     try:
-        server, bound = loop.call(_start(router, host, port, max_wait_s))
+        server, bound = thread.call(_start(router, host, port, max_wait_s))
     except BaseException:
-        loop.close()
+        if owns_loop:
+            thread.close()
         raise
-    return GrpcFrontend(f"{host}:{bound}", bound, server, loop)
+    return GrpcFrontend(f"{host}:{bound}", bound, server, thread, owns_loop)
 
 
 async def _start(router: Pipeline, host: str, port: int, max_wait_s: float) -> tuple[grpc.aio.Server, int]:

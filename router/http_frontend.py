@@ -18,9 +18,10 @@ Errors answer `{"error": "<one line>"}`: bad input 400, unknown model or path 40
 gateway: the router is up but the model servers behind it failed the query, which a client may
 tell from overload), no answer in time 504, router not started 503.
 
-The server (`http_server`) runs on an event loop of its own thread; a query's reply is a future the
-router's answer fills, so waiting never blocks the loop and the number of queries in flight is
-bounded by the router's queues.
+The server (`http_server`) runs on an event loop thread: the router's own where it is given (its
+replicas then answer on the thread the request came in on), else one of its own. A query's reply is
+a future the router's answer fills, so waiting never blocks the loop and the number of queries in
+flight is bounded by the router's queues.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inferline.errors import InferlineError
+from inferline.router.event_loop import LoopThread
 from inferline.router.frontend_types import (
     DEFAULT_TIMEOUT_S,
     MODEL_VERSION,
@@ -42,7 +44,6 @@ from inferline.router.frontend_types import (
     SERVER_NAME,
     Array,
     ErrorKind,
-    LoopThread,
     Pipeline,
     RequestError,
     answer_later,
@@ -346,37 +347,47 @@ class HttpFrontend:
     port: int
     _server: HttpServer
     _loop: LoopThread
+    _owns_loop: bool
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
 
     def stop(self) -> None:
-        """Close the listening socket and connections, then end the loop thread."""
+        """Close the listening socket and connections, then end the loop thread if it is the frontend's own."""
         if self._loop.loop.is_closed():
             return
         self._loop.call(self._server.close(), timeout_s=30.0)
-        self._loop.close()
+        if self._owns_loop:
+            self._loop.close()
 
 
 def serve_http(
-    router: Pipeline, host: str = "127.0.0.1", port: int = 0, max_wait_s: float = DEFAULT_TIMEOUT_S
+    router: Pipeline,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_wait_s: float = DEFAULT_TIMEOUT_S,
+    loop: LoopThread | None = None,
 ) -> HttpFrontend:
     """Serve `router` as the model `router.name` over KServe v2 HTTP/REST; port 0 picks a free port.
 
     `max_wait_s` caps how long a query waits (also when the request's `timeout` asks for longer).
+    `loop`: serve on this loop thread (the router's own, `PipelineRouter.loop_thread`, so that a query
+    and its answer stay on one thread) instead of one of the frontend's own; it stays running at `stop`.
     """
     sock = bind(host, port)
-    loop = LoopThread("inferline-http-frontend")
+    owns_loop = loop is None
+    thread = LoopThread("inferline-http-frontend") if loop is None else loop
     server = HttpServer(Routes(router, max_wait_s).dispatch, MAX_REQUEST_BYTES)
     try:
-        loop.call(server.start(sock))
+        thread.call(server.start(sock))
     except BaseException:
         sock.close()
-        loop.close()
+        if owns_loop:
+            thread.close()
         raise
     bound = sock.getsockname()[1]
-    return HttpFrontend(f"{host}:{bound}", bound, server, loop)
+    return HttpFrontend(f"{host}:{bound}", bound, server, thread, owns_loop)
 
 
 def bind(host: str, port: int) -> socket.socket:

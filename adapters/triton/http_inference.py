@@ -9,9 +9,10 @@ batch 4 (about 15.5 ms), two rounds each:
     tritonclient gRPC              0.92-0.96 ms client CPU, 0.73-0.80 ms Triton CPU
     this                           0.69-0.85 ms client CPU, 0.53-0.60 ms Triton CPU, 0.1-0.3 ms sooner
 
-Connections are per thread because an HTTPConnection serves one request at a time and each
-router replica is a thread of its own. `infer_async` is the same call for a caller on an event loop
-(no thread per replica): kept-alive connections of `inferline.http_connection`, a pool per loop.
+Connections are per thread because an HTTPConnection serves one request at a time and a caller
+such as the profiler calls from threads of its own. `infer_async` is the same call for a caller on
+an event loop (the router's replicas): kept-alive connections of `inferline.http_connection`, a
+pool per loop.
 """
 
 from __future__ import annotations

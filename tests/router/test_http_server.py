@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Iterator
 
 import pytest
 
-from inferline.router.frontend_types import LoopThread
+from inferline.router.event_loop import LoopThread
 from inferline.router.http_frontend import bind
 from inferline.router.http_server import MAX_PENDING_REPLIES, HttpServer, Reply, Request
 

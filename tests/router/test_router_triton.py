@@ -41,15 +41,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
         yield s
 
 
-def replicas(address: str, model: str, n: int) -> list[Replica]:
-    return [Replica(TritonAdapter(address), model, f"{model}-{i}") for i in range(n)]
+@pytest.fixture(params=["http", "grpc"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """How the replicas call Triton: over HTTP as coroutines on the router's loop (as `inferline up`'s
+    replicas do), or over gRPC only, each call in a thread of its own."""
+    return str(request.param)
 
 
-def router_for(server: EmbeddedTriton, det: int = 2, cls: int = 1, **kw: object) -> PipelineRouter:
+def replicas(server: EmbeddedTriton, model: str, n: int, transport: str = "http") -> list[Replica]:
+    options = {"http_address": server.http_address} if transport == "http" else {}
+    return [Replica(TritonAdapter(server.grpc_address, **options), model, f"{model}-{i}") for i in range(n)]
+
+
+def router_for(server: EmbeddedTriton, transport: str, det: int = 2, cls: int = 1, **kw: object) -> PipelineRouter:
     control = TritonAdapter(server.grpc_address)
     control.configure("det", ServingConfig(8, det))
     control.configure("cls", ServingConfig(4, cls))
-    pools = {"detect": replicas(server.grpc_address, "det", det), "classify": replicas(server.grpc_address, "cls", cls)}
+    pools = {"detect": replicas(server, "det", det, transport), "classify": replicas(server, "cls", cls, transport)}
     return PipelineRouter(ROUTED, pools, {"detect": 8, "classify": 4}, **kw).start()  # type: ignore[arg-type]
 
 
@@ -59,8 +67,8 @@ def query(value: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"INPUT": x}
 
 
-def test_conditional_edge_follows_the_route_on_real_outputs(server: EmbeddedTriton) -> None:
-    router = router_for(server)
+def test_conditional_edge_follows_the_route_on_real_outputs(server: EmbeddedTriton, transport: str) -> None:
+    router = router_for(server, transport)
     rng = np.random.default_rng(0)
     try:
         for value in (0.9, 0.1, 0.7, 0.3):
@@ -83,7 +91,7 @@ def test_a_routing_function_that_raises_fails_its_query_and_the_replica_keeps_se
     control = TritonAdapter(server.grpc_address)
     control.configure("det", ServingConfig(8, 1))
     control.configure("cls", ServingConfig(4, 1))
-    pools = {"detect": replicas(server.grpc_address, "det", 1), "classify": replicas(server.grpc_address, "cls", 1)}
+    pools = {"detect": replicas(server, "det", 1), "classify": replicas(server, "cls", 1)}
     router = PipelineRouter(spec, pools, {"detect": 8, "classify": 4}).start()  # type: ignore[arg-type]
     rng = np.random.default_rng(3)
     try:
@@ -96,8 +104,8 @@ def test_a_routing_function_that_raises_fails_its_query_and_the_replica_keeps_se
         router.stop()
 
 
-def test_batches_respect_the_planned_maximum_and_form_under_load(server: EmbeddedTriton) -> None:
-    router = router_for(server, det=1, cls=1)
+def test_batches_respect_the_planned_maximum_and_form_under_load(server: EmbeddedTriton, transport: str) -> None:
+    router = router_for(server, transport, det=1, cls=1)
     rng = np.random.default_rng(1)
     try:
         futures = [router.submit(query(0.9, rng)) for _ in range(80)]
@@ -120,8 +128,8 @@ def test_batches_respect_the_planned_maximum_and_form_under_load(server: Embedde
         assert f'inferline_router_call_seconds_count{{batch_size="{n}",stage="detect"}} {float(count)}' in text
 
 
-def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton) -> None:
-    router = router_for(server, det=1, cls=1, max_queue=10)
+def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton, transport: str) -> None:
+    router = router_for(server, transport, det=1, cls=1, max_queue=10)
     rng = np.random.default_rng(2)
     futures: list[Future[QueryResult]] = []
     refused = 0
@@ -139,7 +147,7 @@ def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: Emb
 
 
 def test_bad_query_inputs_are_refused_with_a_reason(server: EmbeddedTriton) -> None:
-    router = router_for(server)
+    router = router_for(server, "http")
     try:
         with pytest.raises(InvalidQuery, match="missing"):
             router.submit({"WRONG": np.zeros((1, 16), np.float32)})
@@ -150,7 +158,8 @@ def test_bad_query_inputs_are_refused_with_a_reason(server: EmbeddedTriton) -> N
 
 
 def test_unreachable_server_at_start_is_a_one_line_error() -> None:
-    pools = {"detect": replicas("127.0.0.1:9", "det", 1), "classify": replicas("127.0.0.1:9", "cls", 1)}
+    unreachable = [Replica(TritonAdapter("127.0.0.1:9", http_address="127.0.0.1:9"), "det", "det-0")]
+    pools = {"detect": unreachable, "classify": unreachable}
     with pytest.raises(ServerError) as err:
         PipelineRouter(ROUTED, pools, {"detect": 8, "classify": 4})
     assert "unreachable" in err.value.one_line() and "\n" not in err.value.one_line()
@@ -160,20 +169,20 @@ def test_stage_inputs_that_no_parent_outputs_are_refused_at_start(server: Embedd
     spec = parse_spec(
         {"name": "p", "stages": [{"name": "a", "model": "det"}, {"name": "b", "model": "det", "after": ["a"]}]}
     )
-    pools = {"a": replicas(server.grpc_address, "det", 1), "b": replicas(server.grpc_address, "det", 1)}
+    pools = {"a": replicas(server, "det", 1), "b": replicas(server, "det", 1)}
     PipelineRouter(spec, pools, {"a": 8, "b": 8})  # same shapes: fine
     with pytest.raises(InferlineError, match="stage"):
         PipelineRouter(spec, {"a": pools["a"]}, {"a": 8, "b": 8})
 
 
-def test_killing_a_replica_mid_load_loses_no_query(tmp_path: Path) -> None:
+def test_killing_a_replica_mid_load_loses_no_query(tmp_path: Path, transport: str) -> None:
     """Stage replicas on two servers; one server is killed while queries flow: all are answered."""
     repo = tmp_path / "repo"
     add_emulated(repo, "det", 3.0, 0.5, max_batch=8)
     add_emulated(repo, "cls", 2.0, 0.5, max_batch=8)
     spec = parse_spec({"name": "p", "stages": [{"name": "detect", "model": "det"}]})
     with EmbeddedTriton(repo, ["det"]) as first, EmbeddedTriton(repo, ["det"]) as second:
-        pools = {"detect": replicas(first.grpc_address, "det", 2) + replicas(second.grpc_address, "det", 2)}
+        pools = {"detect": replicas(first, "det", 2, transport) + replicas(second, "det", 2, transport)}
         for s in (first, second):
             TritonAdapter(s.grpc_address).configure("det", ServingConfig(8, 2))
         router = PipelineRouter(spec, pools, {"detect": 8}).start()
@@ -231,9 +240,9 @@ def test_a_stage_reads_an_ancestors_output_its_parent_consumed(tmp_path: Path) -
     assert EXAMPLES.is_dir()
     with EmbeddedTriton(repo, ["preprocess", "classifier-small", "classifier-large"]) as s:
         pools = {
-            "pre": replicas(s.grpc_address, "preprocess", 1),
-            "small": replicas(s.grpc_address, "classifier-small", 1),
-            "large": replicas(s.grpc_address, "classifier-large", 1),
+            "pre": replicas(s, "preprocess", 1),
+            "small": replicas(s, "classifier-small", 1),
+            "large": replicas(s, "classifier-large", 1),
         }
         router = PipelineRouter(spec, pools, {"pre": 4, "small": 4, "large": 4}).start()
         try:

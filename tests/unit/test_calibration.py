@@ -50,6 +50,9 @@ class SleepingServer:
         inputs, outputs = MODELS[model]
         return ModelInfo(model, True, ServingConfig(8, 1), inputs, outputs)
 
+    def close(self) -> None:
+        pass
+
     def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
         time.sleep(self.delay_s)
         n = next(iter(inputs.values())).shape[0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 
 import numpy as np
+import pytest
 from numpy.typing import NDArray
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +16,7 @@ from inferline.calibration import replica_cpu_s
 from inferline.errors import ServerError
 from inferline.router.core import PipelineRouter, Replica
 from tests.unit.test_calibration import CALL_S, SPEC, SleepingServer
+from tests.unit.test_router_replicas import Tensors, outputs
 
 FAMILY = "inferline_router_concurrent_calls"
 
@@ -21,6 +24,22 @@ FAMILY = "inferline_router_concurrent_calls"
 class FailingServer(SleepingServer):
     def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> dict[str, NDArray[np.generic]]:
         raise ServerError("the model failed")
+
+
+class AsyncSleepingServer(SleepingServer):
+    """For a replica that runs as a coroutine on the router's loop."""
+
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        await asyncio.sleep(self.delay_s)
+        return outputs(model, inputs)
+
+
+class AsyncFailingServer(SleepingServer):
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        raise ServerError("the model failed")
+
+
+KINDS = {"thread": (SleepingServer, FailingServer), "coroutine": (AsyncSleepingServer, AsyncFailingServer)}
 
 
 def _histogram(router: PipelineRouter) -> dict[str, dict[str, float]]:
@@ -39,10 +58,12 @@ def _histogram(router: PipelineRouter) -> dict[str, dict[str, float]]:
     return out
 
 
-def test_calls_of_all_stages_are_counted_together_and_never_above_the_replicas() -> None:
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_calls_of_all_stages_are_counted_together_and_never_above_the_replicas(kind: str) -> None:
+    sleeping = KINDS[kind][0]
     pools = {
-        "a": [Replica(SleepingServer(), "a", "a-0"), Replica(SleepingServer(), "a", "a-1")],
-        "b": [Replica(SleepingServer(), "b", "b-0")],
+        "a": [Replica(sleeping(), "a", "a-0"), Replica(sleeping(), "a", "a-1")],
+        "b": [Replica(sleeping(), "b", "b-0")],
     }
     router = PipelineRouter(SPEC, pools, {"a": 2, "b": 2}).start()  # type: ignore[arg-type]
     try:
@@ -60,8 +81,10 @@ def test_calls_of_all_stages_are_counted_together_and_never_above_the_replicas()
     assert router._calls_in_flight == 0
 
 
-def test_a_failed_call_is_no_longer_counted() -> None:
-    pools = {"a": [Replica(FailingServer(), "a", "a-0")], "b": [Replica(SleepingServer(), "b", "b-0")]}
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_failed_call_is_no_longer_counted(kind: str) -> None:
+    sleeping, failing = KINDS[kind]
+    pools = {"a": [Replica(failing(), "a", "a-0")], "b": [Replica(sleeping(), "b", "b-0")]}
     router = PipelineRouter(SPEC, pools, {"a": 2, "b": 2}).start()  # type: ignore[arg-type]
     try:
         for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(10)]:

@@ -288,10 +288,10 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     # outside them counts.
     assert router_only["estimated_p99_ms"] == quiet["estimated_p99_ms"]
     assert router_only["estimate"] == "static plan, replicas sharing 1 core"
-    outside = {"router": 0.004, "router outside its replica threads": 0.006}
+    outside = {"router": 0.004, "router outside its replicas": 0.006}
     frontends = results_for(local, result, arrivals, 0.0, cpu_s_per_query=outside)
     assert frontends["estimated_p99_ms"] == pytest.approx(beside["estimated_p99_ms"])
-    assert frontends["estimate"].endswith("with the router outside its replica threads (6.00 ms CPU per query)")
+    assert frontends["estimate"].endswith("with the router outside its replicas (6.00 ms CPU per query)")
     remote_target = Target("127.0.0.1:1", spec.name, plan, spec, None, "none")
     remote = results_for(remote_target, result, arrivals, 0.0, cpu_s_per_query=busy)
     assert remote["estimate"] == "static plan" and remote["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
@@ -310,7 +310,7 @@ def test_cpu_readings_per_query() -> None:
     assert before.per_query_s(CpuReading(10.5, 2.2), 0) == {}
     threads = CpuReading(router_s=10.0, client_s=2.0, replicas_s=1.0)
     assert threads.per_query_s(CpuReading(10.5, 2.2, 1.3), 100) == pytest.approx(
-        {"router": 0.005, "load generator": 0.002, "router outside its replica threads": 0.002}
+        {"router": 0.005, "load generator": 0.002, "router outside its replicas": 0.002}
     )
 
 

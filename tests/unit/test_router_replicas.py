@@ -1,0 +1,277 @@
+"""The router's replicas, either kind: a coroutine on an event loop (an adapter with `infer_async`)
+or a thread (the others). Both keep the reference semantics: batches up to the stage's maximum from
+one FIFO queue, a batch handed on when its server stops answering, scaling, and every query ending
+exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from prometheus_client import generate_latest
+
+from inferline.calibration import replica_cpu_s
+from inferline.errors import InferlineError, ServerUnreachable
+from inferline.router.core import PipelineRouter, QueryFailed, QueryResult, Replica
+from inferline.router.http_frontend import serve_http
+from tests.unit.test_calibration import SPEC, SleepingServer
+
+Tensors = dict[str, NDArray[np.generic]]
+QUERY = {"INPUT": np.zeros((1, 4), np.float32)}
+
+
+def outputs(model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+    n = next(iter(inputs.values())).shape[0]
+    name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
+    return {name: np.zeros((n, width), np.float32)}
+
+
+class Counting(SleepingServer):
+    """A thread replica's server that counts its calls and the batch sizes it was sent."""
+
+    def __init__(self, delay_s: float = 0.002) -> None:
+        super().__init__(delay_s)
+        self.sizes: list[int] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        self.sizes.append(next(iter(inputs.values())).shape[0])
+        return super().infer(model, inputs)
+
+
+class AsyncCounting(Counting):
+    """The same server for a coroutine replica: it waits on the loop instead of blocking a thread."""
+
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        self.sizes.append(next(iter(inputs.values())).shape[0])
+        await asyncio.sleep(self.delay_s)
+        return outputs(model, inputs)
+
+
+KINDS: dict[str, Callable[..., Counting]] = {"thread": Counting, "coroutine": AsyncCounting}
+
+
+@pytest.fixture(params=sorted(KINDS))
+def server(request: pytest.FixtureRequest) -> Callable[..., Counting]:
+    return KINDS[request.param]
+
+
+def router(pools: dict[str, list[Counting]], max_batch: int = 4) -> PipelineRouter:
+    replicas = {s: [Replica(srv, s, f"{s}-{i}") for i, srv in enumerate(servers)] for s, servers in pools.items()}
+    return PipelineRouter(SPEC, replicas, {"a": max_batch, "b": max_batch})  # type: ignore[arg-type]
+
+
+def ends(futures: list[Future[QueryResult]]) -> tuple[int, list[str]]:
+    """(answered, failure messages) once every query ended."""
+    answered, failed = 0, []
+    for f in futures:
+        exc = f.exception(timeout=30)
+        if exc is None:
+            answered += 1
+        else:
+            assert isinstance(exc, QueryFailed), exc
+            failed.append(str(exc))
+    return answered, failed
+
+
+def test_a_burst_is_served_in_batches_up_to_the_maximum(server: Callable[..., Counting]) -> None:
+    a, b = [server(), server()], [server()]
+    r = router({"a": a, "b": b}).start()
+    try:
+        assert ends([r.submit(QUERY) for _ in range(120)]) == (120, [])
+    finally:
+        r.stop()
+    for srv in (*a, *b):
+        assert srv.sizes and max(srv.sizes) <= 4
+    assert sum(s for srv in a for s in srv.sizes) == 120 == sum(b[0].sizes)
+    assert max(b[0].sizes) == 4  # 120 queued at once: the queue fills batches, greedily
+
+
+class Dead(Counting):
+    """A server that stopped answering: every call is refused, and it never becomes ready."""
+
+    def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        self.sizes.append(next(iter(inputs.values())).shape[0])
+        raise ServerUnreachable("connection refused")
+
+    def is_ready(self) -> bool:
+        return False
+
+
+class AsyncDead(Dead):
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        return self.infer(model, inputs)
+
+
+def test_a_batch_whose_server_stopped_answering_goes_to_another_replica(server: Callable[..., Counting]) -> None:
+    dead = AsyncDead() if server is AsyncCounting else Dead()
+    alive = server()
+    r = router({"a": [dead, alive], "b": [server()]}).start()
+    try:
+        assert ends([r.submit(QUERY) for _ in range(60)]) == (60, [])
+        a = r.snapshot()[0]
+    finally:
+        r.stop()
+    assert dead.sizes  # it was tried ...
+    assert sum(alive.sizes) == 60  # ... and every query it held was served by the other
+    assert (a.replicas, a.ready_replicas) == (2, 1)
+
+
+def test_stop_fails_the_queued_queries_and_every_query_ends_once(server: Callable[..., Counting]) -> None:
+    r = router({"a": [server(0.05)], "b": [server(0.05)]}, max_batch=1).start()
+    futures = [r.submit(QUERY) for _ in range(20)]
+    time.sleep(0.02)
+    r.stop()
+    answered, failed = ends(futures)
+    assert answered + len(failed) == 20
+    assert len(failed) >= 15 and all("the router stopped" in m for m in failed)
+
+
+def test_scaling_a_stage_while_it_serves(server: Callable[..., Counting]) -> None:
+    first, second, third = server(), server(), server()
+    r = router({"a": [first, second], "b": [server()]}).start()
+    try:
+        assert ends([r.submit(QUERY) for _ in range(40)]) == (40, [])
+        removed = r.remove_replica("a")
+        assert removed is not None and removed.adapter is second  # the newest goes
+        assert r.remove_replica("a") is None  # never the last one
+        served_before = len(second.sizes)
+        assert ends([r.submit(QUERY) for _ in range(40)]) == (40, [])
+        assert len(second.sizes) == served_before  # retired: no batch since ...
+        assert second.closed  # ... and its adapter closed
+        assert not first.closed
+        r.add_replica("a", Replica(third, "a", "a-2"))
+        r.set_max_batch("a", 8)
+        assert ends([r.submit(QUERY) for _ in range(120)]) == (120, [])
+        replicas = r.snapshot()[0].replicas
+    finally:
+        r.stop()
+    assert third.sizes  # the new replica took work
+    assert max(first.sizes[-10:] + third.sizes) > 4  # the larger cap applies to the next batches
+    assert replicas == 2
+
+
+def test_thread_and_coroutine_replicas_share_one_stage_queue() -> None:
+    thread, coroutine = Counting(0.005), AsyncCounting(0.005)
+    r = router({"a": [thread, coroutine], "b": [AsyncCounting()]}).start()
+    try:
+        assert ends([r.submit(QUERY) for _ in range(100)]) == (100, [])
+    finally:
+        r.stop()
+    assert thread.sizes and coroutine.sizes
+    assert sum(thread.sizes) + sum(coroutine.sizes) == 100
+
+
+def test_coroutine_replicas_can_run_on_the_callers_loop() -> None:
+    a, b = AsyncCounting(), AsyncCounting()
+    r = router({"a": [a], "b": [b]})
+
+    async def serve(n: int) -> int:
+        r.start(asyncio.get_running_loop())
+        assert r.loop_thread is None  # no loop of the router's own
+        try:
+            done = await asyncio.gather(*(asyncio.wrap_future(r.submit(QUERY)) for _ in range(n)))
+            return len(done)
+        finally:
+            r.stop()
+
+    assert asyncio.run(serve(30)) == 30
+    assert r.snapshot()[0].replicas == 0  # stopped
+    assert a.closed and b.closed  # the router closed its replicas' adapters
+    with pytest.raises(InferlineError, match="started already"):
+        r.start()
+
+
+def test_stop_on_the_routers_own_loop_cancels_calls_under_way_and_fails_their_queries() -> None:
+    slow = AsyncCounting(5.0)
+    r = router({"a": [slow], "b": [AsyncCounting()]}, max_batch=2)
+
+    async def run() -> list[Future[QueryResult]]:
+        r.start(asyncio.get_running_loop())
+        futures = [r.submit(QUERY) for _ in range(5)]
+        await asyncio.sleep(0.05)  # a batch of 2 is under way, 3 queries wait
+        r.stop()
+        await asyncio.sleep(0.05)  # the cancelled call ends its batch
+        return futures
+
+    started = time.perf_counter()
+    answered, failed = ends(asyncio.run(run()))
+    assert time.perf_counter() - started < 2.0  # nobody waited for the 5 s call
+    assert slow.sizes == [2]
+    assert (answered, len(failed)) == (0, 5)
+    assert all("the router stopped" in m for m in failed)
+
+
+class AsyncBurning(AsyncCounting):
+    """Computes for 2 ms of CPU on the loop per call, then waits for its server."""
+
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        end = time.thread_time() + 0.002
+        while time.thread_time() < end:
+            pass
+        await asyncio.sleep(0.005)
+        return outputs(model, inputs)
+
+
+def test_a_coroutine_replicas_cpu_is_its_own_not_the_loops_other_work() -> None:
+    """While the replicas wait, another coroutine on the same loop computes 3 ms at a time: the router
+    counts only what its replicas' own steps cost (each call's 2 ms and the work around it)."""
+    r = router({"a": [AsyncBurning()], "b": [AsyncBurning()]}, max_batch=1)
+
+    async def run() -> int:
+        r.start(asyncio.get_running_loop())
+        done = False
+
+        async def other_work() -> None:
+            while not done:
+                end = time.thread_time() + 0.003
+                while time.thread_time() < end:
+                    pass
+                await asyncio.sleep(0)
+
+        burner = asyncio.create_task(other_work())
+        try:
+            for f in [r.submit(QUERY) for _ in range(30)]:
+                await asyncio.wrap_future(f)
+        finally:
+            done = True
+            await burner
+            r.stop()
+        return sum(sum(sizes.values()) for sizes in r.batch_sizes().values())
+
+    calls = asyncio.run(run())
+    cpu = replica_cpu_s(generate_latest(r.metrics_registry).decode())
+    assert cpu is not None and calls == 60
+    assert 0.002 * calls <= cpu < 0.0035 * calls  # counting the other work would add >= 3 ms a call
+
+
+def test_frontends_on_the_routers_loop_stop_without_stopping_it() -> None:
+    r = router({"a": [AsyncCounting()], "b": [AsyncCounting()]}).start()
+    try:
+        assert r.loop_thread is not None
+        frontend = serve_http(r, loop=r.loop_thread)  # type: ignore[arg-type]
+        body = {"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}]}
+        request = urllib.request.Request(
+            f"{frontend.url}/v2/models/p/infer", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            answer = json.load(reply)
+        threads = {t.name for t in threading.enumerate()}
+        frontend.stop()
+        assert r.submit(QUERY).result(timeout=10).visited == ("a", "b")  # the router's loop still runs
+    finally:
+        r.stop()
+    assert {o["name"] for o in answer["outputs"]} == {"a.FEAT", "b.OUT"}
+    assert "inferline-http-frontend" not in threads  # it served on the router's loop thread
+    assert r.loop_thread is None
