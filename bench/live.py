@@ -22,6 +22,7 @@ import math
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -382,12 +383,19 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 def _answered_on_this_loop(future: Future[Any]) -> asyncio.Future[None]:
     """A query's answer for a core whose replicas run on the running loop: they settle it on this
     thread, so no thread-safe wake-up (asyncio.wrap_future's) is needed."""
-    waiter = asyncio.get_running_loop().create_future()
+    loop, thread = asyncio.get_running_loop(), threading.get_ident()
+    waiter = loop.create_future()
 
-    def settle(done: Future[Any]) -> None:
+    def settle_here(done: Future[Any]) -> None:
         if not waiter.done():
             exc = done.exception()
             waiter.set_exception(exc) if exc is not None else waiter.set_result(None)
+
+    def settle(done: Future[Any]) -> None:
+        if threading.get_ident() == thread:
+            settle_here(done)
+        else:  # e.g. failed by `stop` from another thread
+            loop.call_soon_threadsafe(settle_here, done)
 
     future.add_done_callback(settle)
     return waiter

@@ -27,7 +27,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
@@ -51,9 +51,11 @@ ARRIVALS_KEPT_S = 120.0
 """Arrival times kept for `arrivals_since` (the live tuner reads the last 60 s)."""
 PROBE_INTERVAL_S = 0.5
 """How often a replica whose server stopped answering checks whether it is back."""
+STOP_WAIT_S = 30.0
+"""How long `stop` waits for the batches under way, all replicas together."""
 
 Tensors = dict[str, NDArray[np.generic]]
-AsyncInfer = Callable[[str, Tensors], Coroutine[Any, Any, Tensors]]
+AsyncInfer = Callable[[str, Tensors], Awaitable[Tensors]]
 
 
 class Overloaded(InferlineError):
@@ -98,6 +100,8 @@ class _Query:
     future: Future[QueryResult]
     state: list[int]
     outputs: dict[int, Tensors] = field(default_factory=dict)
+    ended: bool = False
+    """Answered or failed (set under the router's lock: parallel branches may fail at once)."""
 
 
 @dataclass(eq=False)
@@ -159,9 +163,11 @@ class _Worker:
         self.healthy = True
         self.last_call_end: float | None = None
         self.thread: threading.Thread | None = None
-        self.task: Future[None] | None = None
+        self.done: Future[None] | None = None
+        """Where it is a coroutine: done once it ended."""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
+        self._loop_thread_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     # -- as a thread -----------------------------------------------------------------------
@@ -185,7 +191,7 @@ class _Worker:
                         stage.cond.wait(PROBE_INTERVAL_S)
                 if self.stopping:
                     return
-                self.healthy = self.replica.adapter.is_ready()
+                self.healthy = self._probe()
                 continue
             with stage.cond:
                 back_to_back = bool(stage.items)
@@ -195,7 +201,10 @@ class _Worker:
                     return
                 batch = self._take()
             cpu = time.thread_time()
-            tensors, started = self._begin(batch, back_to_back)
+            tensors = self._tensors(batch)
+            if tensors is None:
+                continue
+            started = self._begin(batch, back_to_back)
             try:
                 outputs = self.replica.adapter.infer(self.replica.model, tensors)
             except Exception as exc:
@@ -208,17 +217,24 @@ class _Worker:
     # -- as a coroutine ----------------------------------------------------------------------
     def start_on(self, loop: asyncio.AbstractEventLoop, infer: AsyncInfer) -> None:
         self._loop = loop
-        self.task = asyncio.run_coroutine_threadsafe(self._run_coroutine(infer), loop)
+        self.done = asyncio.run_coroutine_threadsafe(self._run_coroutine(infer), loop)
 
     def wake(self) -> None:
         """Resume the coroutine replica if it waits (from any thread; a no-op for a thread replica)."""
         if self._loop is None:
             return
-        if threading.get_ident() == self._loop_thread:
+        if threading.get_ident() == self._loop_thread_id:
             self._resume()
         else:
             with contextlib.suppress(RuntimeError):  # the loop closed: the replica is gone already
                 self._loop.call_soon_threadsafe(self._resume)
+
+    def cancel(self) -> None:
+        """On its loop's thread: end the coroutine at its next step, a call under way included."""
+        if self._task is not None:
+            self._task.cancel()
+        elif self.done is not None:
+            self.done.cancel()  # not started yet: it never will
 
     def _resume(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -236,11 +252,27 @@ class _Worker:
                 timer.cancel()
 
     async def _run_coroutine(self, infer: AsyncInfer) -> None:
-        self._loop_thread = threading.get_ident()
+        self._loop_thread_id = threading.get_ident()
+        self._task = asyncio.current_task()
         try:
             await self._serve_on_loop(infer)
+        except Exception:  # a bug must not end the replica unnoticed
+            log.exception("replica %s stopped on an internal error", self.replica.label)
         finally:
+            self._retire()
             self._close_adapter()  # on the loop, still running: its connections close there
+
+    def _retire(self) -> None:
+        """The coroutine ended (stopped, cancelled or failed): out of the idle set for good, and a
+        wake-up it may have been handed goes on to another idle replica."""
+        stage = self.stage
+        with stage.cond:
+            stage.idle.pop(self, None)
+            if not self.stopping:  # cancelled with its loop, or failed: it serves no more
+                self.stopping, self.healthy = True, False
+            woken = stage.take_idle(everyone=False) if stage.items else []
+        for w in woken:
+            w.wake()
 
     async def _serve_on_loop(self, infer: AsyncInfer) -> None:
         stage = self.stage
@@ -250,7 +282,7 @@ class _Worker:
                 await self._wait(PROBE_INTERVAL_S)
                 if self.stopping:
                     return
-                self.healthy = await asyncio.to_thread(self.replica.adapter.is_ready)
+                self.healthy = await asyncio.to_thread(self._probe)
                 continue
             with stage.cond:
                 if self.stopping:
@@ -263,11 +295,16 @@ class _Worker:
                 back_to_back = False
                 continue
             cpu = time.thread_time()
-            tensors, started = self._begin(batch, back_to_back)
-            call = _OwnCpu(infer(self.replica.model, tensors))
-            own_cpu = time.thread_time() - cpu
+            tensors = self._tensors(batch)
+            if tensors is None:
+                continue
+            started = self._begin(batch, back_to_back)
+            call: _OwnCpu | None = None
+            own_cpu = 0.0
             outcome: Tensors | Exception
             try:
+                call = _OwnCpu(infer(self.replica.model, tensors))
+                own_cpu = time.thread_time() - cpu
                 outcome = await call
             except asyncio.CancelledError:  # the loop is going away: the batch's queries still end once
                 self._failed(batch, started, QueryFailed("the router stopped"))
@@ -279,9 +316,16 @@ class _Worker:
                 self._failed(batch, started, outcome)
             else:
                 self._served(batch, started, outcome)
-            own_cpu += call.cpu_s + time.thread_time() - cpu
+            own_cpu += (call.cpu_s if call is not None else 0.0) + time.thread_time() - cpu
             self.router._metrics.observe_replica_cpu(stage.name, own_cpu)
             back_to_back = True
+
+    def _probe(self) -> bool:
+        try:
+            return self.replica.adapter.is_ready()
+        except Exception:  # the contract says never; a replica must not end on it
+            log.exception("probing replica %s failed", self.replica.label)
+            return False
 
     def _close_adapter(self) -> None:
         try:
@@ -297,17 +341,26 @@ class _Worker:
         stage.in_flight += n
         return [stage.items.popleft() for _ in range(n)]
 
-    def _begin(self, batch: list[_Item], back_to_back: bool) -> tuple[Tensors, float]:
+    def _tensors(self, batch: list[_Item]) -> Tensors | None:
+        """The batch's inputs stacked, or None where they cannot be (queries of different lengths
+        along a variable dimension): then its queries fail and nothing is sent."""
+        try:
+            return {name: np.concatenate([item.inputs[name] for item in batch]) for name in batch[0].inputs}
+        except ValueError as exc:
+            with self.stage.cond:
+                self.stage.in_flight -= len(batch)
+            self.router._fail(batch, f"stage {self.stage.name!r}: its queries cannot form one batch ({exc})")
+            return None
+
+    def _begin(self, batch: list[_Item], back_to_back: bool) -> float:
         stage = self.stage
-        names = batch[0].inputs.keys()
-        tensors = {name: np.concatenate([item.inputs[name] for item in batch]) for name in names}
         started = time.perf_counter()
         if back_to_back and self.last_call_end is not None:
             # The queue waited while the replica did the router's own work between two calls.
             self.router._metrics.observe_dispatch(stage.name, started - self.last_call_end)
         self.last_call_end = None  # set again only when this call succeeds
         self.router._call_started(stage.name)
-        return tensors, started
+        return started
 
     def _failed(self, batch: list[_Item], started: float, exc: Exception) -> None:
         stage = self.stage
@@ -342,15 +395,16 @@ class _Worker:
 
 
 class _OwnCpu:
-    """Awaits a coroutine and sums the CPU of its own steps only: on an event loop, the thread's CPU
-    between two of its resumptions is other coroutines' work."""
+    """Awaits an adapter's call and sums the CPU of its own steps only: on an event loop, the
+    thread's CPU between two of its resumptions is other coroutines' work."""
 
-    def __init__(self, coroutine: Coroutine[Any, Any, Tensors]) -> None:
-        self.coroutine = coroutine
+    def __init__(self, call: Awaitable[Tensors]) -> None:
+        self.call = call
         self.cpu_s = 0.0
 
     def __await__(self) -> Generator[Any, Any, Tensors]:
-        step: Callable[[Any], Any] = self.coroutine.send
+        steps = self.call.__await__()
+        step: Callable[[Any], Any] = steps.send
         value: Any = None
         while True:
             cpu = time.thread_time()
@@ -361,12 +415,14 @@ class _OwnCpu:
             finally:
                 self.cpu_s += time.thread_time() - cpu
             try:
-                value, step = (yield yielded), self.coroutine.send
+                value, step = (yield yielded), steps.send
             except GeneratorExit:
-                self.coroutine.close()
+                close = getattr(steps, "close", None)
+                if close is not None:
+                    close()
                 raise
-            except BaseException as exc:  # thrown in (a cancellation): the coroutine handles it
-                value, step = exc, self.coroutine.throw
+            except BaseException as exc:  # thrown in (a cancellation): the call handles it
+                value, step = exc, steps.throw
 
 
 class PipelineRouter:
@@ -415,7 +471,7 @@ class PipelineRouter:
         """Replica calls under way across all stages: how many models compute at once."""
         self._arrivals: collections.deque[float] = collections.deque()
         self._arrivals_kept_s = arrivals_kept_s
-        self._started = self._stopped = False
+        self._started = self._stopped = self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread: LoopThread | None = None
         """The router's own event loop, where it made one (see `start`)."""
@@ -432,7 +488,8 @@ class PipelineRouter:
             raise InferlineError(f"pipeline {self.name!r}: the router was started already", "make a new router")
         if loop is None:
             self.loop_thread = LoopThread(f"inferline-router-{self.name}")
-            # Replicas whose adapter calls a blocking client from a coroutine get a thread each.
+            # An adapter whose `infer_async` runs a blocking client in the loop's executor (Triton's over
+            # gRPC only) needs a thread per replica there: the default has min(32, cores + 4).
             self.loop_thread.loop.set_default_executor(ThreadPoolExecutor(256, "inferline-replica-call"))
             loop = self.loop_thread.loop
         self._loop = loop
@@ -443,27 +500,34 @@ class PipelineRouter:
         return self
 
     def stop(self) -> None:
-        """Stop the replicas once their batches under way end (on the router's loop itself, they are
-        cancelled), then fail the queries still queued: every query ends once."""
+        """Stop the replicas once their batches under way end (called on the loop its coroutine
+        replicas run on, a caller's, it cancels them instead), then fail the queries still queued:
+        every query ends once. Stop frontends that share the router's loop before it."""
+        on_loop = self._loop is not None and _running_loop() is self._loop
+        if on_loop and self.loop_thread is not None:
+            raise InferlineError(
+                f"pipeline {self.name!r}: the router cannot stop from its own event loop", "stop it from another thread"
+            )
+        self._stopping = True
         for stage in self._stages:
             with stage.cond:
                 for w in stage.workers:
                     w.stopping = True
                 stage.take_idle(everyone=True)
-        on_loop = self._loop is not None and _running_loop() is self._loop
-        tasks = []
+        deadline = time.monotonic() + STOP_WAIT_S
+        coroutines = []
         for stage in self._stages:
             for w in stage.workers:
                 w.wake()
-                if w.thread is not None:
-                    w.thread.join(timeout=30)
-                elif w.task is not None:
-                    tasks.append(w.task)
+                if w.thread is not None and not on_loop:  # never block the loop on a thread
+                    w.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                elif w.done is not None:
+                    coroutines.append(w)
         if on_loop:
-            for task in tasks:
-                task.cancel()
+            for w in coroutines:
+                w.cancel()
         elif self._loop is not None and self._loop.is_running():
-            wait_for_futures(tasks, timeout=30)
+            wait_for_futures([w.done for w in coroutines if w.done], timeout=max(0.0, deadline - time.monotonic()))
         for stage in self._stages:
             with stage.cond:
                 left = list(stage.items)
@@ -538,6 +602,8 @@ class PipelineRouter:
         future.set_running_or_notify_cancel()
         now = time.perf_counter()
         with self._lock:
+            if self._stopping:
+                raise InferlineError(f"pipeline {self.name!r} is stopping", "send the query to a running router")
             if self._inflight >= self.max_queue:
                 self._metrics.rejected.inc()
                 raise Overloaded(
@@ -576,9 +642,15 @@ class PipelineRouter:
     def _enqueue(self, index: int, query: _Query, inputs: Tensors) -> None:
         stage = self._stages[index]
         with stage.cond:
-            stage.items.append(_Item(query, inputs))
-            stage.arrivals += 1
-            woken = stage.take_idle(everyone=False)
+            if self._stopping:  # its queue was emptied already: nobody would serve it
+                woken = None
+            else:
+                stage.items.append(_Item(query, inputs))
+                stage.arrivals += 1
+                woken = stage.take_idle(everyone=False)
+        if woken is None:
+            self._fail([_Item(query, inputs)], "the router stopped")
+            return
         for w in woken:
             w.wake()
 
@@ -633,15 +705,19 @@ class PipelineRouter:
         outputs = {f"{self._stages[i].name}.{k}": v for i in sorted(query.outputs) for k, v in query.outputs[i].items()}
         visited = tuple(self._stages[i].name for i in sorted(query.outputs))
         with self._lock:
+            if query.ended:  # a parallel branch failed it already
+                return
+            query.ended = True
             self._inflight -= 1
         self._metrics.observe(latency_ms, self.slo_ms)
         query.future.set_result(QueryResult(outputs, visited, latency_ms))
 
     def _fail(self, items: Sequence[_Item], reason: str) -> None:
         for item in items:
-            if item.query.future.done():
-                continue
             with self._lock:
+                if item.query.ended:
+                    continue
+                item.query.ended = True
                 self._inflight -= 1
             self._metrics.errors.labels(kind="failed").inc()
             item.query.future.set_exception(QueryFailed(reason))

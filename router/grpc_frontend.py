@@ -224,7 +224,7 @@ def serve_grpc(
 
     `max_wait_s` caps how long a query waits when its call sets no (or a longer) deadline. `loop`:
     serve on this loop thread (the router's own, `PipelineRouter.loop_thread`) instead of one of the
-    frontend's own; it stays running at `stop`.
+    frontend's own; it stays running at `stop`, which must come before the router's.
     """
     owns_loop = loop is None
     thread = LoopThread("inferline-grpc-frontend") if loop is None else loop

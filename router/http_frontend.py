@@ -373,7 +373,8 @@ def serve_http(
 
     `max_wait_s` caps how long a query waits (also when the request's `timeout` asks for longer).
     `loop`: serve on this loop thread (the router's own, `PipelineRouter.loop_thread`, so that a query
-    and its answer stay on one thread) instead of one of the frontend's own; it stays running at `stop`.
+    and its answer stay on one thread) instead of one of the frontend's own; it stays running at `stop`,
+    which must come before the router's.
     """
     sock = bind(host, port)
     owns_loop = loop is None

@@ -2,8 +2,9 @@
 
 Control goes over gRPC by default, HTTP with `protocol="http"`. Inference goes over Triton's HTTP
 endpoint when the adapter knows one (`http_address`, or `address` itself with `protocol="http"`),
-on a kept-alive connection per thread (`http_inference`): cheaper per call than tritonclient's
-clients. Without one it goes through tritonclient's gRPC client. Triton replaces a model's whole
+on kept-alive connections (`http_inference`: one per calling thread for `infer`, a pool per event
+loop for `infer_async`): cheaper per call than tritonclient's clients. Without one it goes through
+tritonclient's gRPC client. Triton replaces a model's whole
 configuration when `load_model` is given an override, so `configure` reads the full current config,
 changes the three fields InferLine tunes, and sends all of it back.
 """
@@ -116,7 +117,12 @@ class TritonAdapter:
         """`infer` for a caller on an event loop: over HTTP on the loop itself, else (gRPC only) in a thread."""
         if self._http is None:
             return await asyncio.to_thread(self.infer, model, inputs)
-        http, outputs = self._http, self._output_names(model)
+        known = self._io.get(model)
+        if known is None:  # the first call reads the model's config: a blocking RPC, kept off the loop
+            outputs = await asyncio.to_thread(self._output_names, model)
+        else:
+            outputs = [spec.name for spec in known[1]]
+        http = self._http
         try:
             return await http.infer_async(model, inputs, outputs)
         except Exception as exc:

@@ -2,8 +2,8 @@
 
 Two stages: "double" doubles INPUT (float32, 4 per item) into "double.OUTPUT"; "echo" returns
 TOKENS (int64, any length) as "echo.TOKENS". Answers after `delay_s` from a timer thread, like the
-real router's replica threads. Switches make it refuse (`overloaded`), fail (`failing`), never
-answer (`hanging`) or report not ready (`is_ready`).
+real router's thread replicas (another thread than the frontend's). Switches make it refuse
+(`overloaded`), fail (`failing`), never answer (`hanging`) or report not ready (`is_ready`).
 """
 
 from __future__ import annotations

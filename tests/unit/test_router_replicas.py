@@ -18,6 +18,7 @@ import pytest
 from numpy.typing import NDArray
 from prometheus_client import generate_latest
 
+from inferline.adapters.base import ModelInfo, TensorSpec
 from inferline.calibration import replica_cpu_s
 from inferline.errors import InferlineError, ServerUnreachable
 from inferline.router.core import PipelineRouter, QueryFailed, QueryResult, Replica
@@ -275,3 +276,97 @@ def test_frontends_on_the_routers_loop_stop_without_stopping_it() -> None:
     assert {o["name"] for o in answer["outputs"]} == {"a.FEAT", "b.OUT"}
     assert "inferline-http-frontend" not in threads  # it served on the router's loop thread
     assert r.loop_thread is None
+
+
+def test_a_batch_that_ends_after_stop_fails_its_next_stage_instead_of_waiting_forever() -> None:
+    """Stopped on its loop, the router does not wait for a thread replica's call: when that call
+    ends, the query's next stage has no queue left to wait in, and the query fails."""
+    r = router({"a": [Counting(0.3)], "b": [AsyncCounting()]})
+
+    async def run() -> Future[QueryResult]:
+        r.start(asyncio.get_running_loop())
+        future = r.submit(QUERY)
+        await asyncio.sleep(0.05)  # stage a's call is under way
+        r.stop()
+        with pytest.raises(InferlineError, match="stopping"):
+            r.submit(QUERY)
+        return future
+
+    future = asyncio.run(run())
+    exc = future.exception(timeout=5)
+    assert isinstance(exc, QueryFailed) and "the router stopped" in str(exc)
+
+
+def test_the_router_refuses_to_stop_from_its_own_loop() -> None:
+    r = router({"a": [AsyncCounting()], "b": [AsyncCounting()]}).start()
+    try:
+
+        async def stop() -> None:
+            r.stop()
+
+        assert r.loop_thread is not None
+        with pytest.raises(InferlineError, match="own event loop"):
+            r.loop_thread.call(stop())
+        assert r.submit(QUERY).result(timeout=10).visited == ("a", "b")  # still serving
+    finally:
+        r.stop()
+
+
+class Variable(AsyncCounting):
+    """A model whose INPUT has a variable length: queries of different lengths cannot share a batch."""
+
+    def model_info(self, model: str) -> ModelInfo:
+        info = super().model_info(model)
+        if model != "a":
+            return info
+        return ModelInfo(model, True, info.config, (TensorSpec("INPUT", "float32", (-1,)),), info.outputs)
+
+
+def test_queries_that_cannot_form_one_batch_fail_and_the_replica_serves_on() -> None:
+    r = router({"a": [Variable(0.05)], "b": [AsyncCounting()]}, max_batch=2).start()
+    try:
+        first = r.submit({"INPUT": np.zeros((1, 4), np.float32)})  # alone in its batch
+        time.sleep(0.01)
+        odd = [r.submit({"INPUT": np.zeros((1, n), np.float32)}) for n in (3, 5)]  # one batch, two lengths
+        answered, failed = ends([first, *odd])
+        later = r.submit({"INPUT": np.zeros((1, 4), np.float32)}).result(timeout=10)
+    finally:
+        r.stop()
+    assert answered == 1 and len(failed) == 2
+    assert all("cannot form one batch" in m for m in failed)
+    assert later.visited == ("a", "b")
+
+
+def test_a_wake_up_given_to_a_replica_as_it_retires_goes_to_another() -> None:
+    """The newest idle replica is woken for a query and retired in the same instant: the query is
+    still served, by the other one."""
+    a1, a2 = AsyncCounting(), AsyncCounting()
+    r = router({"a": [a1, a2], "b": [AsyncCounting()]})
+
+    async def run() -> QueryResult:
+        r.start(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)  # both idle
+        try:
+            future = r.submit(QUERY)  # wakes the newest idle replica ...
+            removed = r.remove_replica("a")  # ... which retires before it runs
+            assert removed is not None and removed.adapter is a2
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
+        finally:
+            r.stop()
+
+    assert asyncio.run(run()).visited == ("a", "b")
+    assert a1.sizes == [1] and a2.sizes == []
+
+
+def test_replicas_cancelled_with_their_loop_are_no_longer_ready() -> None:
+    r = router({"a": [AsyncCounting()], "b": [AsyncCounting()]})
+
+    async def run() -> None:
+        r.start(asyncio.get_running_loop())
+        await asyncio.wrap_future(r.submit(QUERY))
+        assert r.ready()
+
+    asyncio.run(run())  # ends without stopping the router: its loop cancels the replicas
+    assert not r.ready()
+    assert [s.ready_replicas for s in r.snapshot()] == [0, 0]
+    r.stop()

@@ -284,7 +284,7 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     assert beside["estimate"] == "static plan, replicas sharing 1 core with the load generator (6.00 ms CPU per query)"
     # 6 ms of CPU per query at the step's 200 q/s is more than the core: the models get less of it.
     assert beside["estimated_p99_ms"] > quiet["estimated_p99_ms"]
-    # The router's replica threads are in calibrated service times already: only the router's CPU
+    # The router's replicas' own CPU is in calibrated service times already: only the router's CPU
     # outside them counts.
     assert router_only["estimated_p99_ms"] == quiet["estimated_p99_ms"]
     assert router_only["estimate"] == "static plan, replicas sharing 1 core"
