@@ -262,8 +262,9 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
     process, as deployed), over gRPC and over HTTP. Direct: the same queries go straight to the
     same Triton server, batched the same way: the client runs the router's dispatch core
     (per-stage FIFO queues, greedy batching up to the planned max batch, one worker per replica)
-    in its own process, with no endpoint in between. So both paths send batches formed by the same
-    rule and the difference of medians is the endpoint hop: protocol, process boundary, hand-offs.
+    in its own process, its replicas on the load generator's own loop, with no endpoint in between.
+    So both paths send batches formed by the same rule and the difference of medians is the
+    endpoint hop: protocol, process boundary, hand-offs.
     The three paths take turns for OVERHEAD_ROUNDS short rounds, so a drift of the machine's speed
     (large on this VM: two direct rounds a minute apart differed by 4.6 ms) hits them alike; each
     path's figure is the median of its rounds' medians, and the overhead is also taken round by
@@ -382,7 +383,8 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 
 def _answered_on_this_loop(future: Future[Any]) -> asyncio.Future[None]:
     """A query's answer for a core whose replicas run on the running loop: they settle it on this
-    thread, so no thread-safe wake-up (asyncio.wrap_future's) is needed."""
+    thread, so no thread-safe wake-up (asyncio.wrap_future's) is needed. Not the frontends'
+    `answer_later`: its per-query deadline timer and deferred drain would be costs of the baseline."""
     loop, thread = asyncio.get_running_loop(), threading.get_ident()
     waiter = loop.create_future()
 

@@ -299,12 +299,10 @@ class _Worker:
             if tensors is None:
                 continue
             started = self._begin(batch, back_to_back)
-            call: _OwnCpu | None = None
-            own_cpu = 0.0
+            call = _OwnCpu(infer, self.replica.model, tensors)
+            own_cpu = time.thread_time() - cpu
             outcome: Tensors | Exception
             try:
-                call = _OwnCpu(infer(self.replica.model, tensors))
-                own_cpu = time.thread_time() - cpu
                 outcome = await call
             except asyncio.CancelledError:  # the loop is going away: the batch's queries still end once
                 self._failed(batch, started, QueryFailed("the router stopped"))
@@ -316,7 +314,7 @@ class _Worker:
                 self._failed(batch, started, outcome)
             else:
                 self._served(batch, started, outcome)
-            own_cpu += (call.cpu_s if call is not None else 0.0) + time.thread_time() - cpu
+            own_cpu += call.cpu_s + time.thread_time() - cpu
             self.router._metrics.observe_replica_cpu(stage.name, own_cpu)
             back_to_back = True
 
@@ -395,15 +393,20 @@ class _Worker:
 
 
 class _OwnCpu:
-    """Awaits an adapter's call and sums the CPU of its own steps only: on an event loop, the
-    thread's CPU between two of its resumptions is other coroutines' work."""
+    """Makes and awaits an adapter's call, summing the CPU of its own steps only: on an event loop,
+    the thread's CPU between two of its resumptions is other coroutines' work. The call is made in
+    the first step, so an adapter raising there fails only its batch, like any failed call."""
 
-    def __init__(self, call: Awaitable[Tensors]) -> None:
-        self.call = call
+    def __init__(self, infer: AsyncInfer, model: str, tensors: Tensors) -> None:
+        self.infer, self.model, self.tensors = infer, model, tensors
         self.cpu_s = 0.0
 
     def __await__(self) -> Generator[Any, Any, Tensors]:
-        steps = self.call.__await__()
+        cpu = time.thread_time()
+        try:
+            steps = self.infer(self.model, self.tensors).__await__()
+        finally:
+            self.cpu_s += time.thread_time() - cpu
         step: Callable[[Any], Any] = steps.send
         value: Any = None
         while True:

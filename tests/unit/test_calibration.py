@@ -40,6 +40,13 @@ SPEC = parse_spec(
 )
 
 
+def outputs(model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+    """Model "a"'s or "b"'s outputs (zeros) for a batch of `inputs`."""
+    n = next(iter(inputs.values())).shape[0]
+    name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
+    return {name: np.zeros((n, width), np.float32)}
+
+
 class SleepingServer:
     """A stand-in model server whose every call takes `delay_s` (the GIL released, as a real call)."""
 
@@ -55,9 +62,7 @@ class SleepingServer:
 
     def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
         time.sleep(self.delay_s)
-        n = next(iter(inputs.values())).shape[0]
-        name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
-        return {name: np.zeros((n, width), np.float32)}
+        return outputs(model, inputs)
 
 
 def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 
@@ -15,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from inferline.calibration import replica_cpu_s
 from inferline.errors import ServerError
 from inferline.router.core import PipelineRouter, Replica
-from tests.unit.test_calibration import CALL_S, SPEC, SleepingServer
-from tests.unit.test_router_replicas import Tensors, outputs
+from tests.unit.test_calibration import CALL_S, SPEC, SleepingServer, Tensors
+from tests.unit.test_router_replicas import AsyncCounting
 
 FAMILY = "inferline_router_concurrent_calls"
 
@@ -26,20 +25,12 @@ class FailingServer(SleepingServer):
         raise ServerError("the model failed")
 
 
-class AsyncSleepingServer(SleepingServer):
-    """For a replica that runs as a coroutine on the router's loop."""
-
-    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
-        await asyncio.sleep(self.delay_s)
-        return outputs(model, inputs)
-
-
 class AsyncFailingServer(SleepingServer):
     async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
         raise ServerError("the model failed")
 
 
-KINDS = {"thread": (SleepingServer, FailingServer), "coroutine": (AsyncSleepingServer, AsyncFailingServer)}
+KINDS = {"thread": (SleepingServer, FailingServer), "coroutine": (AsyncCounting, AsyncFailingServer)}
 
 
 def _histogram(router: PipelineRouter) -> dict[str, dict[str, float]]:

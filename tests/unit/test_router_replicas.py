@@ -23,16 +23,9 @@ from inferline.calibration import replica_cpu_s
 from inferline.errors import InferlineError, ServerUnreachable
 from inferline.router.core import PipelineRouter, QueryFailed, QueryResult, Replica
 from inferline.router.http_frontend import serve_http
-from tests.unit.test_calibration import SPEC, SleepingServer
+from tests.unit.test_calibration import SPEC, SleepingServer, Tensors, outputs
 
-Tensors = dict[str, NDArray[np.generic]]
 QUERY = {"INPUT": np.zeros((1, 4), np.float32)}
-
-
-def outputs(model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
-    n = next(iter(inputs.values())).shape[0]
-    name, width = ("FEAT", 4) if model == "a" else ("OUT", 2)
-    return {name: np.zeros((n, width), np.float32)}
 
 
 class Counting(SleepingServer):
