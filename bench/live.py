@@ -384,7 +384,7 @@ def router_overhead_at(rate: int) -> dict[str, Any]:
 def _answered_on_this_loop(future: Future[Any]) -> asyncio.Future[None]:
     """A query's answer for a core whose replicas run on the running loop: they settle it on this
     thread, so no thread-safe wake-up (asyncio.wrap_future's) is needed. Not the frontends'
-    `answer_later`: its per-query deadline timer and deferred drain would be costs of the baseline."""
+    `answer_with`: its per-query deadline timer would be a cost of the baseline."""
     loop, thread = asyncio.get_running_loop(), threading.get_ident()
     waiter = loop.create_future()
 

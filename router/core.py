@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -210,7 +211,8 @@ class _Worker:
             except Exception as exc:
                 self._failed(batch, started, exc)
             else:
-                self._served(batch, started, outputs)
+                self._ended(batch, started)
+                self._pass_on(batch, outputs)
             finally:
                 self.router._metrics.observe_replica_cpu(stage.name, time.thread_time() - cpu)
 
@@ -277,46 +279,59 @@ class _Worker:
     async def _serve_on_loop(self, infer: AsyncInfer) -> None:
         stage = self.stage
         back_to_back = False
-        while True:
-            if not self.healthy:
-                await self._wait(PROBE_INTERVAL_S)
-                if self.stopping:
-                    return
-                self.healthy = await asyncio.to_thread(self._probe)
-                continue
-            with stage.cond:
-                if self.stopping:
-                    return
-                batch = self._take() if stage.items else None
+        finished: Callable[[], None] | None = None
+        """The last batch's outputs, passed on (routed onward, answered) right after the next batch is
+        sent, or at once when none waits: the model server starts on the next batch first, and the
+        answers still leave within the same turn of the loop."""
+        try:
+            while True:
+                if not self.healthy:
+                    await self._wait(PROBE_INTERVAL_S)
+                    if self.stopping:
+                        return
+                    self.healthy = await asyncio.to_thread(self._probe)
+                    continue
+                with stage.cond:
+                    if self.stopping:
+                        return
+                    batch = self._take() if stage.items else None
+                    if batch is None:
+                        stage.idle[self] = None
                 if batch is None:
-                    stage.idle[self] = None
-            if batch is None:
-                await self._wait()
-                back_to_back = False
-                continue
-            cpu = time.thread_time()
-            tensors = self._tensors(batch)
-            if tensors is None:
-                continue
-            started = self._begin(batch, back_to_back)
-            call = _OwnCpu(infer, self.replica.model, tensors)
-            own_cpu = time.thread_time() - cpu
-            outcome: Tensors | Exception
-            try:
-                outcome = await call
-            except asyncio.CancelledError:  # the loop is going away: the batch's queries still end once
-                self._failed(batch, started, QueryFailed("the router stopped"))
-                raise
-            except Exception as exc:
-                outcome = exc
-            cpu = time.thread_time()
-            if isinstance(outcome, Exception):
-                self._failed(batch, started, outcome)
-            else:
-                self._served(batch, started, outcome)
-            own_cpu += call.cpu_s + time.thread_time() - cpu
-            self.router._metrics.observe_replica_cpu(stage.name, own_cpu)
-            back_to_back = True
+                    if finished is not None:
+                        passing, finished = finished, None
+                        passing()
+                    await self._wait()
+                    back_to_back = False
+                    continue
+                cpu = time.thread_time()
+                tensors = self._tensors(batch)
+                if tensors is None:
+                    continue
+                started = self._begin(batch, back_to_back)
+                call = _OwnCpu(infer, self.replica.model, tensors, then=finished)
+                finished = None
+                own_cpu = time.thread_time() - cpu
+                outcome: Tensors | Exception
+                try:
+                    outcome = await call
+                except asyncio.CancelledError:  # the loop is going away: the batch's queries still end once
+                    self._failed(batch, started, QueryFailed("the router stopped"))
+                    raise
+                except Exception as exc:
+                    outcome = exc
+                cpu = time.thread_time()
+                if isinstance(outcome, Exception):
+                    self._failed(batch, started, outcome)
+                else:
+                    self._ended(batch, started)
+                    finished = functools.partial(self._pass_on, batch, outcome)
+                own_cpu += call.cpu_s + time.thread_time() - cpu
+                self.router._metrics.observe_replica_cpu(stage.name, own_cpu)
+                back_to_back = True
+        finally:
+            if finished is not None:  # stopped or cancelled right after a call: its queries still go on
+                finished()
 
     def _probe(self) -> bool:
         try:
@@ -372,12 +387,17 @@ class _Worker:
             log.error("replica %s failed", self.replica.label, exc_info=exc)
             self.router._fail(batch, f"stage {stage.name!r}: internal error {type(exc).__name__}")
 
-    def _served(self, batch: list[_Item], started: float, outputs: Tensors) -> None:
+    def _ended(self, batch: list[_Item], started: float) -> None:
+        """A call answered: the replica is free, and the batch's service time is recorded."""
         stage = self.stage
         self.last_call_end = time.perf_counter()
         self._settle(batch, started)
         stage.batch_sizes[len(batch)] += 1
         self.router._metrics.observe_batch(stage.name, len(batch), self.last_call_end - started)
+
+    def _pass_on(self, batch: list[_Item], outputs: Tensors) -> None:
+        """Each query's share of the outputs goes on: to the stages after this one, or as its answer."""
+        stage = self.stage
         for i, item in enumerate(batch):
             try:
                 self.router._stage_done(item.query, stage.index, {k: v[i : i + 1] for k, v in outputs.items()})
@@ -395,16 +415,21 @@ class _Worker:
 class _OwnCpu:
     """Makes and awaits an adapter's call, summing the CPU of its own steps only: on an event loop,
     the thread's CPU between two of its resumptions is other coroutines' work. The call is made in
-    the first step, so an adapter raising there fails only its batch, like any failed call."""
+    the first step, so an adapter raising there fails only its batch, like any failed call; `then`
+    runs right after that step (the request sent), whatever its outcome, and counts as own CPU."""
 
-    def __init__(self, infer: AsyncInfer, model: str, tensors: Tensors) -> None:
+    def __init__(self, infer: AsyncInfer, model: str, tensors: Tensors, then: Callable[[], None] | None = None) -> None:
         self.infer, self.model, self.tensors = infer, model, tensors
+        self.then = then
         self.cpu_s = 0.0
 
     def __await__(self) -> Generator[Any, Any, Tensors]:
         cpu = time.thread_time()
         try:
             steps = self.infer(self.model, self.tensors).__await__()
+        except BaseException:
+            self._sent()
+            raise
         finally:
             self.cpu_s += time.thread_time() - cpu
         step: Callable[[Any], Any] = steps.send
@@ -417,6 +442,7 @@ class _OwnCpu:
                 return cast(Tensors, done.value)
             finally:
                 self.cpu_s += time.thread_time() - cpu
+                self._sent()
             try:
                 value, step = (yield yielded), steps.send
             except GeneratorExit:
@@ -426,6 +452,15 @@ class _OwnCpu:
                 raise
             except BaseException as exc:  # thrown in (a cancellation): the call handles it
                 value, step = exc, steps.throw
+
+    def _sent(self) -> None:
+        then, self.then = self.then, None
+        if then is not None:
+            cpu = time.thread_time()
+            try:
+                then()
+            finally:
+                self.cpu_s += time.thread_time() - cpu
 
 
 class PipelineRouter:

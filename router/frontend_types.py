@@ -300,39 +300,66 @@ def submit(pipeline: Pipeline, inputs: Mapping[str, Array]) -> Future[QueryResul
         raise RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}") from None
 
 
+def answer_with(
+    future: Future[QueryResult],
+    timeout_s: float,
+    answer: Callable[[QueryResult], R],
+    refuse: Callable[[RequestError], R],
+    deliver: Callable[[R], None],
+) -> None:
+    """Call `deliver` once, on the running loop, with `answer(result)` once the router answers, or
+    `refuse(error)` with the error's kind (TIMEOUT after `timeout_s`; FAILED for a failed query).
+
+    Where the router's replicas run on this loop, `deliver` runs inside the router's answer, so a
+    frontend that writes its reply there writes it before the loop turns to anything else: with a
+    hand-off through the loop's ready queue at each step (answer, then reply), 0.6 ms passed at the
+    median between the router's answer and the HTTP reply's write, at 500 q/s on 2 cores.
+    The router's futures are not cancellable (the query keeps its place), so a timeout only stops
+    waiting; the wake-up tolerates an event loop that closed meanwhile (the frontend stopped)."""
+    loop = asyncio.get_running_loop()
+    delivered = False
+
+    def settle() -> None:
+        nonlocal delivered
+        if delivered:
+            return
+        delivered = True
+        expiry.cancel()
+        try:
+            outcome = answer(query_result(future))
+        except RequestError as exc:
+            outcome = refuse(exc)
+        except Exception as exc:  # e.g. an output the protocol cannot encode: still one answer, never a hang
+            log.exception("answering a query failed")
+            outcome = refuse(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        deliver(outcome)
+
+    def expire() -> None:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            deliver(refuse(RequestError(ErrorKind.TIMEOUT, f"no answer within {timeout_s:.3g} s")))
+
+    expiry = loop.call_later(timeout_s, expire)
+    wakeups = _wakeups_of(loop)
+    future.add_done_callback(lambda _: wakeups.wake(settle))
+
+
 def answer_later(
     future: Future[QueryResult],
     timeout_s: float,
     answer: Callable[[QueryResult], R],
     refuse: Callable[[RequestError], R],
 ) -> asyncio.Future[R]:
-    """A future of the running loop holding `answer(result)` once the router answers, or `refuse(error)`
-    with the error's kind (TIMEOUT after `timeout_s`; FAILED for a failed query). It needs no task: a
-    frontend that replies from a callback pays the loop only for the wake-up. The router's futures are
-    not cancellable (the query keeps its place), so a timeout only stops waiting; the wake-up
-    tolerates an event loop that closed meanwhile (the frontend stopped)."""
-    loop = asyncio.get_running_loop()
-    reply: asyncio.Future[R] = loop.create_future()
+    """`answer_with` for a frontend that awaits: a future of the running loop holding the outcome. It
+    needs no task of its own; the awaiting coroutine resumes one loop turn after the answer."""
+    reply: asyncio.Future[R] = asyncio.get_running_loop().create_future()
 
-    def settle() -> None:
-        if reply.done():
-            return
-        expiry.cancel()
-        try:
-            reply.set_result(answer(query_result(future)))
-        except RequestError as exc:
-            reply.set_result(refuse(exc))
-        except Exception as exc:  # e.g. an output the protocol cannot encode: still one answer, never a hang
-            log.exception("answering a query failed")
-            reply.set_result(refuse(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")))
-
-    def expire() -> None:
+    def deliver(outcome: R) -> None:
         if not reply.done():
-            reply.set_result(refuse(RequestError(ErrorKind.TIMEOUT, f"no answer within {timeout_s:.3g} s")))
+            reply.set_result(outcome)
 
-    expiry = loop.call_later(timeout_s, expire)
-    wakeups = _wakeups_of(loop)
-    future.add_done_callback(lambda _: wakeups.wake(settle))
+    answer_with(future, timeout_s, answer, refuse, deliver)
     return reply
 
 
@@ -349,13 +376,13 @@ def query_result(future: Future[QueryResult]) -> QueryResult:
 
 
 class _Wakeups:
-    """Runs callbacks on an event loop from other threads, one loop wake-up per burst.
+    """Runs callbacks on an event loop: at once on the loop's own thread, else one wake-up per burst.
 
-    A replica answers a whole batch at once; waking the loop once per query costs a self-pipe write
-    and a loop iteration each (measured: 0.13 ms per query, the largest share of the hand-off back
-    to the frontend). Here only the first callback of a burst schedules the drain; the others join it.
-    A router whose replicas run on the frontend's own loop answers from that loop's thread: there the
-    drain is scheduled without the self-pipe write.
+    A replica answers a whole batch at once; waking the loop once per query from a replica thread
+    costs a self-pipe write and a loop iteration each (measured: 0.13 ms per query, the largest share
+    of the hand-off back to the frontend). Here only the first callback of a burst schedules the
+    drain; the others join it. A router whose replicas run on the frontend's own loop answers on that
+    loop's thread: there the callback runs at once, as part of the answer.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -365,13 +392,13 @@ class _Wakeups:
         self._pending: list[Callable[[], None]] = []
 
     def wake(self, callback: Callable[[], None]) -> None:
+        if threading.get_ident() == self._thread:
+            self._run(callback)
+            return
         with self._lock:
             self._pending.append(callback)
             first = len(self._pending) == 1
         if not first:
-            return
-        if threading.get_ident() == self._thread:
-            self.loop.call_soon(self._drain)
             return
         with contextlib.suppress(RuntimeError):  # loop closed (frontend stopped): nobody waits any more
             self.loop.call_soon_threadsafe(self._drain)
@@ -380,10 +407,14 @@ class _Wakeups:
         with self._lock:
             woken, self._pending = self._pending, []
         for callback in woken:
-            try:
-                callback()
-            except Exception:  # one failing must not drop the others of the burst
-                log.exception("a frontend wake-up failed")
+            self._run(callback)
+
+    @staticmethod
+    def _run(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:  # one failing must not drop the others of the burst, nor fail the router's answer
+            log.exception("a frontend wake-up failed")
 
 
 _WAKEUPS: dict[asyncio.AbstractEventLoop, _Wakeups] = {}

@@ -20,13 +20,14 @@ tell from overload), no answer in time 504, router not started 503.
 
 The server (`http_server`) runs on an event loop thread: the router's own where it is given (its
 replicas then answer on the thread the request came in on), else one of its own. A query's reply is
-a future the router's answer fills, so waiting never blocks the loop and the number of queries in
-flight is bounded by the router's queues.
+written when the router answers (on that thread, in the answer itself), so waiting never blocks the
+loop and the number of queries in flight is bounded by the router's queues.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -46,7 +47,7 @@ from inferline.router.frontend_types import (
     ErrorKind,
     Pipeline,
     RequestError,
-    answer_later,
+    answer_with,
     check_inputs,
     check_model,
     check_outputs,
@@ -62,7 +63,7 @@ from inferline.router.frontend_types import (
     to_values,
     wait_budget,
 )
-from inferline.router.http_server import HttpServer, Reply, Request
+from inferline.router.http_server import HttpServer, Later, Reply, Request
 
 if TYPE_CHECKING:
     from inferline.router.core import QueryResult
@@ -233,14 +234,14 @@ class Routes:
     def __init__(self, pipeline: Pipeline, max_wait_s: float) -> None:
         self.pipeline = pipeline
         self.max_wait_s = max_wait_s
-        self._fixed: dict[str, Callable[[], Reply | Awaitable[Reply]]] = {
+        self._fixed: dict[str, Callable[[], Reply | Later | Awaitable[Reply]]] = {
             "/v2/health/live": self.live,
             "/v2/health/ready": self.ready,
             "/v2": self.server_metadata,
             "/metrics": self.metrics,
         }
 
-    def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
+    def dispatch(self, request: Request) -> Reply | Later | Awaitable[Reply]:
         try:
             return self._route(request)
         except RequestError as exc:
@@ -250,7 +251,7 @@ class Routes:
         except Exception as exc:  # a bug must still answer one line, never a traceback
             return error_reply(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
-    def _route(self, request: Request) -> Reply | Awaitable[Reply]:
+    def _route(self, request: Request) -> Reply | Later | Awaitable[Reply]:
         path, method = request.path, request.method
         fixed = self._fixed.get(path)
         if fixed is not None:
@@ -305,16 +306,16 @@ class Routes:
             ),
         )
 
-    def infer(self, request: Request) -> asyncio.Future[Reply]:
-        """Submit at once, inside the connection's read; the reply is a future that the router's answer fills,
-        so a query costs the loop no task of its own."""
+    def infer(self, request: Request) -> Later:
+        """Submit at once, inside the connection's read; the router's answer writes the reply, so a
+        query costs the loop no task, future or turn of its own."""
         parsed = parse_infer_request(request.body, request.headers.get(HEADER_LENGTH.lower()))
         check_inputs(self.pipeline, parsed.inputs)
         check_outputs(self.pipeline, [o.name for o in parsed.outputs])
         timeout_s = wait_budget(parsed.timeout_s, self.max_wait_s)
-        return answer_later(
-            submit(self.pipeline, parsed.inputs), timeout_s, lambda result: self._answer(parsed, result), error_reply
-        )
+        future = submit(self.pipeline, parsed.inputs)
+        answer = functools.partial(self._answer, parsed)
+        return Later(functools.partial(answer_with, future, timeout_s, answer, error_reply))
 
     def _answer(self, parsed: InferRequest, result: QueryResult) -> Reply:
         outputs = chosen_outputs(result, [o.name for o in parsed.outputs])

@@ -4,8 +4,8 @@ Every query of a pipeline crosses this hop, and on a machine shared with the mod
 is taken from them. A web framework builds a request object, a router match, a middleware chain, a
 task and a response object per request; here a request is parsed by httptools (llhttp) inside
 `data_received`, handed to one `dispatch` function, and its reply written with one
-`transport.write`. A reply that needs waiting (a query in the pipeline) is an asyncio future, so no
-task is created per query.
+`transport.write`. A reply that needs waiting (a query in the pipeline) is a `Later`, written from
+the router's answer itself, so no task or future is created per query.
 
 HTTP/1.1 as clients use it: keep-alive (HTTP/1.0 and `Connection: close` close after the reply;
 idle connections close after a while), pipelined requests answered in order (reading pauses while
@@ -50,8 +50,16 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-Dispatch = Callable[[Request], "Reply | Awaitable[Reply]"]
-"""Answers a request at once (a Reply) or later (an awaitable of one); must not raise."""
+@dataclass(frozen=True)
+class Later:
+    """A reply that comes later with no future in between: `start(write)` arranges for `write(reply)`
+    to be called once, on the server's loop. The reply is written in that call, not a loop turn later."""
+
+    start: Callable[[Callable[[Reply], None]], None]
+
+
+Dispatch = Callable[[Request], "Reply | Later | Awaitable[Reply]"]
+"""Answers a request at once (a Reply) or later (a Later, or an awaitable of a Reply); must not raise."""
 
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
@@ -179,6 +187,8 @@ class _Connection(asyncio.Protocol):
             reply = _error(500, f"{type(exc).__name__}: {exc}")
         if isinstance(reply, Reply):
             self._fill(slot, reply)
+        elif isinstance(reply, Later):
+            reply.start(lambda answer: self._fill(slot, answer))
         else:
             asyncio.ensure_future(reply).add_done_callback(lambda done: self._fill(slot, _outcome(done)))
 

@@ -430,3 +430,32 @@ def test_an_answer_that_cannot_be_encoded_is_an_internal_error_not_a_hang() -> N
         return list(await asyncio.wait_for(asyncio.gather(*replies), 5))
 
     assert asyncio.run(go()) == ["internal: TypeError: bytes(None)", "ok"]
+
+
+def test_an_answer_on_the_loops_own_thread_is_delivered_within_it_others_on_the_loop_once() -> None:
+    from inferline.router.core import QueryResult
+
+    def result(name: str) -> QueryResult:
+        return QueryResult({}, (name,), 1.0)
+
+    async def go() -> list[Any]:
+        got: list[Any] = []
+        here: Future[QueryResult] = Future()
+        ft.answer_with(here, 5.0, lambda r: r.visited, lambda e: e.kind, got.append)
+        here.set_result(result("here"))
+        assert got == [("here",)]  # written in the answer itself: a replica on this loop answered
+
+        there: Future[QueryResult] = Future()
+        ft.answer_with(there, 5.0, lambda r: r.visited, lambda e: e.kind, got.append)
+        answering = threading.Thread(target=there.set_result, args=(result("there"),))
+        answering.start()
+        answering.join()
+        assert got == [("here",)]  # another thread answered: delivered on the loop, not on that thread
+        late: Future[QueryResult] = Future()
+        ft.answer_with(late, 0.01, lambda r: r.visited, lambda e: e.kind, got.append)
+        await asyncio.sleep(0.1)
+        late.set_result(result("late"))  # after its deadline: not delivered a second time
+        await asyncio.sleep(0.05)
+        return got
+
+    assert asyncio.run(go()) == [("here",), ("there",), ft.ErrorKind.TIMEOUT]

@@ -6,31 +6,34 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
 from inferline.router.event_loop import LoopThread
 from inferline.router.http_frontend import bind
-from inferline.router.http_server import MAX_PENDING_REPLIES, HttpServer, Reply, Request
+from inferline.router.http_server import MAX_PENDING_REPLIES, HttpServer, Later, Reply, Request
 
 LIMIT = 1000
 
 
 class App:
-    """Echoes the request; /slow answers once `release` is called; /boom raises; /fail fails later."""
+    """Echoes the request; /slow (a future) and /later (a Later) answer once `release` is called;
+    /boom raises; /fail fails later."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.slow: list[asyncio.Future[Reply]] = []
+        self.slow: list[Callable[[Reply], None]] = []
 
-    def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
+    def dispatch(self, request: Request) -> Reply | Later | Awaitable[Reply]:
         if request.path == "/boom":
             raise RuntimeError("a bug")
         if request.path == "/slow":
-            later: asyncio.Future[Reply] = self.loop.create_future()
-            self.slow.append(later)
-            return later
+            future: asyncio.Future[Reply] = self.loop.create_future()
+            self.slow.append(future.set_result)
+            return future
+        if request.path == "/later":
+            return Later(self.slow.append)
         if request.path == "/fail":
             return self._fail()
         body = f"{request.method} {request.path} {len(request.body)} ".encode() + request.body
@@ -41,8 +44,8 @@ class App:
 
     def release(self) -> None:
         def go() -> None:
-            for i, f in enumerate(self.slow):
-                f.set_result(Reply(200, b"slow %d" % i, "text/plain"))
+            for i, answer in enumerate(self.slow):
+                answer(Reply(200, b"slow %d" % i, "text/plain"))
 
         self.loop.call_soon_threadsafe(go)
 
@@ -117,10 +120,14 @@ def test_keep_alive_serves_many_requests_on_one_connection(served: tuple[int, Ap
             assert "connection" not in headers
 
 
-def test_pipelined_requests_are_answered_in_order(served: tuple[int, App, HttpServer]) -> None:
+LATER = pytest.mark.parametrize("waits", [b"/slow", b"/later"], ids=["future", "later"])
+
+
+@LATER
+def test_pipelined_requests_are_answered_in_order(served: tuple[int, App, HttpServer], waits: bytes) -> None:
     port, app, _ = served
     with Conn(port) as s:
-        s.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\nGET /fast?q=1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        s.send(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\nGET /fast?q=1 HTTP/1.1\r\nHost: h\r\n\r\n" % waits)
         s.sock.settimeout(0.3)
         with pytest.raises(TimeoutError):
             s.sock.recv(1)  # the fast reply waits behind the slow one
@@ -224,9 +231,10 @@ def test_an_upgrade_request_is_answered_then_the_connection_ends(served: tuple[i
         assert s.closed_by_peer()  # and nothing after the reply: no stray 400
 
 
-def test_reading_pauses_while_pipelined_replies_pile_up(served: tuple[int, App, HttpServer]) -> None:
+@LATER
+def test_reading_pauses_while_pipelined_replies_pile_up(served: tuple[int, App, HttpServer], waits: bytes) -> None:
     port, app, _ = served
-    request = b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n"
+    request = b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % waits
     with Conn(port) as s:
         s.send(request * MAX_PENDING_REPLIES)  # one read: all are taken, then reading pauses
         time.sleep(0.3)
@@ -240,14 +248,18 @@ def test_reading_pauses_while_pipelined_replies_pile_up(served: tuple[int, App, 
         assert len(app.slow) == MAX_PENDING_REPLIES + 8  # reading resumed
 
 
-def test_close_answers_waiting_requests_503_and_drops_connections(served: tuple[int, App, HttpServer]) -> None:
+@LATER
+def test_close_answers_waiting_requests_503_and_drops_connections(
+    served: tuple[int, App, HttpServer], waits: bytes
+) -> None:
     port, app, server = served
     with Conn(port) as s:
-        s.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        s.send(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % waits)
         time.sleep(0.1)
         asyncio.run_coroutine_threadsafe(server.close(), app.loop).result(5)
         status, headers, body = s.reply()
         assert status == 503 and b"stopping" in body and headers["connection"] == "close"
+        app.release()  # an answer coming after all is dropped, not written to a closed connection
         assert s.closed_by_peer()
     with pytest.raises(OSError):
         Conn(port)

@@ -363,3 +363,34 @@ def test_replicas_cancelled_with_their_loop_are_no_longer_ready() -> None:
     assert not r.ready()
     assert [s.ready_replicas for s in r.snapshot()] == [0, 0]
     r.stop()
+
+
+class Recording(AsyncCounting):
+    """Notes when each call is sent (its first step), for the order of sends and answers."""
+
+    def __init__(self, events: list[str], delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.events = events
+
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        self.events.append("sent")
+        return await super().infer_async(model, inputs)
+
+
+def test_a_coroutine_replica_sends_its_next_batch_before_passing_the_last_one_on() -> None:
+    """Its server starts on the next batch first; the last batch's answers leave in the same loop turn."""
+    events: list[str] = []
+    r = router({"a": [AsyncCounting(0.0)], "b": [Recording(events, 0.05)]}, max_batch=1)
+
+    async def serve() -> None:
+        r.start(asyncio.get_running_loop())
+        try:
+            futures = [r.submit(QUERY) for _ in range(3)]
+            for f in futures:  # a replica on this loop answers on its thread: the callback runs at once
+                f.add_done_callback(lambda _: events.append("answered"))
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        finally:
+            r.stop()
+
+    asyncio.run(serve())
+    assert events == ["sent", "sent", "answered", "sent", "answered", "answered"]
