@@ -170,6 +170,10 @@ class _Worker:
         self._loop_thread_id: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._finished: Callable[[], None] | None = None
+        """A coroutine's last batch, passed on (routed onward, answered) right after its next batch is
+        sent, or at once when none waits: the model server starts on the next batch first, and the
+        answers still leave in the same turn of the loop."""
 
     # -- as a thread -----------------------------------------------------------------------
     def start_thread(self) -> None:
@@ -279,10 +283,6 @@ class _Worker:
     async def _serve_on_loop(self, infer: AsyncInfer) -> None:
         stage = self.stage
         back_to_back = False
-        finished: Callable[[], None] | None = None
-        """The last batch's outputs, passed on (routed onward, answered) right after the next batch is
-        sent, or at once when none waits: the model server starts on the next batch first, and the
-        answers still leave within the same turn of the loop."""
         try:
             while True:
                 if not self.healthy:
@@ -298,40 +298,45 @@ class _Worker:
                     if batch is None:
                         stage.idle[self] = None
                 if batch is None:
-                    if finished is not None:
-                        passing, finished = finished, None
-                        passing()
+                    self._pass_finished()
                     await self._wait()
                     back_to_back = False
                     continue
-                cpu = time.thread_time()
-                tensors = self._tensors(batch)
-                if tensors is None:
-                    continue
-                started = self._begin(batch, back_to_back)
-                call = _OwnCpu(infer, self.replica.model, tensors, then=finished)
-                finished = None
-                own_cpu = time.thread_time() - cpu
-                outcome: Tensors | Exception
-                try:
-                    outcome = await call
-                except asyncio.CancelledError:  # the loop is going away: the batch's queries still end once
-                    self._failed(batch, started, QueryFailed("the router stopped"))
-                    raise
-                except Exception as exc:
-                    outcome = exc
-                cpu = time.thread_time()
-                if isinstance(outcome, Exception):
-                    self._failed(batch, started, outcome)
-                else:
-                    self._ended(batch, started)
-                    finished = functools.partial(self._pass_on, batch, outcome)
-                own_cpu += call.cpu_s + time.thread_time() - cpu
-                self.router._metrics.observe_replica_cpu(stage.name, own_cpu)
+                await self._serve(infer, batch, back_to_back)
                 back_to_back = True
         finally:
-            if finished is not None:  # stopped or cancelled right after a call: its queries still go on
-                finished()
+            self._pass_finished()  # stopped or cancelled right after a call: its queries still go on
+
+    async def _serve(self, infer: AsyncInfer, batch: list[_Item], back_to_back: bool) -> None:
+        """One call: the batch is sent, then the last one passed on; this one waits to be passed on in turn."""
+        cpu = time.thread_time()
+        tensors = self._tensors(batch)
+        if tensors is None:
+            return
+        started = self._begin(batch, back_to_back)
+        call = _OwnCpu(infer, self.replica.model, tensors, then=self._pass_finished)
+        own_cpu = time.thread_time() - cpu
+        outcome: Tensors | Exception
+        try:
+            outcome = await call
+        except asyncio.CancelledError:  # the loop is going away: the batch's queries still end once
+            self._failed(batch, started, QueryFailed("the router stopped"))
+            raise
+        except Exception as exc:
+            outcome = exc
+        cpu = time.thread_time()
+        if isinstance(outcome, Exception):
+            self._failed(batch, started, outcome)
+        else:
+            self._ended(batch, started)
+            self._finished = functools.partial(self._pass_on, batch, outcome)
+        own_cpu += call.cpu_s + time.thread_time() - cpu
+        self.router._metrics.observe_replica_cpu(self.stage.name, own_cpu)
+
+    def _pass_finished(self) -> None:
+        finished, self._finished = self._finished, None
+        if finished is not None:
+            finished()
 
     def _probe(self) -> bool:
         try:
