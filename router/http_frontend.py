@@ -234,7 +234,7 @@ class Routes:
     def __init__(self, pipeline: Pipeline, max_wait_s: float) -> None:
         self.pipeline = pipeline
         self.max_wait_s = max_wait_s
-        self._fixed: dict[str, Callable[[], Reply | Later | Awaitable[Reply]]] = {
+        self._fixed: dict[str, Callable[[], Reply | Awaitable[Reply]]] = {
             "/v2/health/live": self.live,
             "/v2/health/ready": self.ready,
             "/v2": self.server_metadata,
