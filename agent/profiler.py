@@ -7,22 +7,36 @@ which is what the design's profile format and the estimator mean by service time
 own compute time for the same batches (from its statistics) is recorded next to it, and, where
 the caller can read the server's CPU clock (a local server), the CPU time the server spent per
 batch: how much of a call needs a core, which decides how replicas sharing cores slow each other.
+
+Back-to-back calls find the server's threads awake. Live, a replica often sits idle between calls,
+and a call after a gap takes longer while they wake up (on a 2-core VM, 0.5-1.2 ms more for calls
+of 1-11 ms). So after the batch sizes the profiler also times calls at the smallest batch size
+after idle gaps of a few lengths, interleaved with back-to-back calls so that a drift of the
+machine's speed hits both alike, and fits the profile's `after_idle` term: a call after a gap of
+g ms takes extra * (1 - exp(-g / tau)) longer. Where the extra is within the noise, it records none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from inferline.adapters.base import Adapter, ModelStats, ServingConfig, example_inputs
 from inferline.errors import InferlineError, ModelNotFoundError, ProfileError, ServerError, did_you_mean
-from inferline.profiles import BatchPoint, LatencyStats, ModelProfile, write_profile
+from inferline.profiles import AfterIdle, BatchPoint, LatencyStats, ModelProfile, write_profile
+
+IDLE_GAPS_S = (0.001, 0.003, 0.010, 0.050)
+"""The idle gaps before the timed calls of an after-idle round: short ones for the time constant,
+the longest past where the extra latency still grows."""
+TAU_GRID_MS = np.geomspace(0.05, 200.0, 400)
 
 FLAT_THROUGHPUT_GAIN = 0.05
 """A batch size must raise throughput by this fraction over the last kept one, or `drop_flat` drops it."""
@@ -36,6 +50,8 @@ class ProfileSettings:
     budget_s: float = 10.0
     """Time budget per batch size; at least one sample is always taken."""
     drop_flat: bool = False
+    idle_rounds: int = 20
+    """Rounds of calls after idle gaps (module doc); 0: do not measure the after-idle latency."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,61 @@ def measure_batch(
     return BatchPoint(batch_size=batch_size, latency_ms=stats)
 
 
+def measure_after_idle(
+    adapter: Adapter,
+    model: str,
+    inputs: object,
+    rounds: int,
+    sleep: Callable[[float], None] = time.sleep,
+) -> AfterIdle | None:
+    """The after-idle term of one model (module doc); None where the extra latency is within the noise.
+
+    Each round: two untimed calls (the first after an idle gap is slow, the second still a little:
+    0.3 ms of 1 ms on the preprocess model), a timed call right after them, then a timed call after
+    each gap of IDLE_GAPS_S. The gaps used are the measured ones (a sleep overshoots).
+    """
+    warm: list[float] = []
+    gaps: list[list[float]] = [[] for _ in IDLE_GAPS_S]
+    after: list[list[float]] = [[] for _ in IDLE_GAPS_S]
+    for _ in range(rounds):
+        for _ in range(2):
+            adapter.infer(model, inputs)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        adapter.infer(model, inputs)  # type: ignore[arg-type]
+        ended = time.perf_counter()
+        warm.append(ended - started)
+        for k, gap in enumerate(IDLE_GAPS_S):
+            sleep(gap)
+            started = time.perf_counter()
+            adapter.infer(model, inputs)  # type: ignore[arg-type]
+            gaps[k].append(started - ended)
+            ended = time.perf_counter()
+            after[k].append(ended - started)
+    return fit_after_idle(
+        np.asarray(warm) * 1000.0, [np.asarray(g) * 1000.0 for g in gaps], [np.asarray(a) * 1000.0 for a in after]
+    )
+
+
+def fit_after_idle(
+    warm_ms: NDArray[np.float64], gaps_ms: Sequence[NDArray[np.float64]], after_ms: Sequence[NDArray[np.float64]]
+) -> AfterIdle | None:
+    """extra * (1 - exp(-gap / tau)) fitted to the mean latency over the warm mean at each gap class,
+    the longest gap's class deciding the extra; None where that extra is under three standard errors
+    of the difference (noise) or there are too few rounds to tell."""
+    if warm_ms.size < 2:
+        return None
+    longest = after_ms[-1]
+    extra = float(longest.mean() - warm_ms.mean())
+    noise = math.sqrt(float(warm_ms.var(ddof=1)) / warm_ms.size + float(longest.var(ddof=1)) / longest.size)
+    if not extra > 3.0 * noise:
+        return None
+    gap = np.array([g.mean() for g in gaps_ms])
+    rise = np.array([a.mean() for a in after_ms]) - warm_ms.mean()
+    errors = [float(np.sum((rise - extra * (1.0 - np.exp(-gap / tau))) ** 2)) for tau in TAU_GRID_MS]
+    tau = float(TAU_GRID_MS[int(np.argmin(errors))])
+    return AfterIdle(extra_ms=round(extra, 4), time_constant_ms=round(tau, 4), rounds=int(warm_ms.size))
+
+
 def _server_compute_ms(before: ModelStats, after: ModelStats, batch_size: int) -> float | None:
     runs = after.executions_at(batch_size) - before.executions_at(batch_size)
     if runs <= 0:
@@ -150,6 +221,7 @@ def profile_model(
             if progress is not None:
                 progress(ProfileProgress(model, batch, i, len(sizes)))
             points.append(measure_batch(adapter, model, batch, settings, lambda n: example_inputs(info, n), server_cpu))
+        after_idle = measure_after_idle(adapter, model, example_inputs(info, sizes[0]), settings.idle_rounds)
         if progress is not None:
             progress(ProfileProgress(model, sizes[-1], len(sizes), len(sizes)))
     except (ServerError, KeyboardInterrupt) as exc:
@@ -164,12 +236,16 @@ def profile_model(
         if original is not None:
             with contextlib.suppress(InferlineError):
                 adapter.configure(model, original)
-    return _profile(model, hardware, points, settings.drop_flat)
+    return _profile(model, hardware, points, settings.drop_flat, after_idle)
 
 
-def _profile(model: str, hardware: str, points: list[BatchPoint], drop_flat: bool) -> ModelProfile:
+def _profile(
+    model: str, hardware: str, points: list[BatchPoint], drop_flat: bool, after_idle: AfterIdle | None = None
+) -> ModelProfile:
     kept = drop_flat_points(points) if drop_flat else tuple(points)
-    return ModelProfile(model=model, profiles={hardware: kept})
+    return ModelProfile(
+        model=model, profiles={hardware: kept}, after_idle={hardware: after_idle} if after_idle is not None else {}
+    )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from inferline.adapters.base import ModelInfo, ServingConfig
 from inferline.agent.profiler import ProfileProgress, ProfileSettings, validate_batch_sizes
 from inferline.errors import InferlineError, ProfileError
-from inferline.profiles import ModelProfile, parse_profile
+from inferline.profiles import ModelProfile, parse_profile, profile_document
 from inferline.protos import agent_pb2 as pb
 
 ERROR_KEY = "inferline-error"
@@ -93,6 +93,7 @@ def settings_to_pb(model: str, settings: ProfileSettings) -> pb.ProfileRequest:
         samples=settings.samples,
         budget_s=settings.budget_s,
         drop_flat=settings.drop_flat,
+        idle_rounds=settings.idle_rounds,
     )
 
 
@@ -107,12 +108,18 @@ def settings_from_pb(request: pb.ProfileRequest) -> ProfileSettings:
         samples=request.samples if request.HasField("samples") else defaults.samples,
         budget_s=request.budget_s if request.HasField("budget_s") else defaults.budget_s,
         drop_flat=request.drop_flat,
+        idle_rounds=request.idle_rounds if request.HasField("idle_rounds") else defaults.idle_rounds,
     )
-    if settings.warmup < 0 or settings.samples < 1 or not (math.isfinite(settings.budget_s) and settings.budget_s > 0):
+    if (
+        settings.warmup < 0
+        or settings.samples < 1
+        or settings.idle_rounds < 0
+        or not (math.isfinite(settings.budget_s) and settings.budget_s > 0)
+    ):
         raise InvalidRequest(
             f"invalid profile settings: warmup={settings.warmup}, samples={settings.samples}, "
-            f"budget_s={settings.budget_s}",
-            "warmup must be >= 0, samples >= 1 and budget_s > 0",
+            f"budget_s={settings.budget_s}, idle_rounds={settings.idle_rounds}",
+            "warmup must be >= 0, samples >= 1, budget_s > 0 and idle_rounds >= 0",
         )
     return settings
 
@@ -140,7 +147,7 @@ def progress_from_pb(message: pb.ProfileProgress) -> ProfileProgress:
 
 def result_to_pb(profile: ModelProfile | None, error: str | None = None) -> pb.ProfileUpdate:
     """The final update: a complete profile, or (with `error`) what was measured before it stopped."""
-    text = json.dumps(profile.model_dump(mode="json")) if profile is not None else ""
+    text = json.dumps(profile_document(profile)) if profile is not None else ""
     return pb.ProfileUpdate(result=pb.ProfileResult(profile_json=text, partial=error is not None, error=error or ""))
 
 

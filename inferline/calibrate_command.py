@@ -62,14 +62,22 @@ def calibration_table(done: tuple[Calibration, ...]) -> Table:
     table = Table(
         title="Calibration from the router's measurements",
         caption="ratio: live over profiled call time; router ms: the router's time per batch between calls; "
-        "shared cores: how much calls beside it slowed a call (taken out of the profile)",
+        "shared cores: how much calls beside it slowed a call; after idle: what idle gaps added per call "
+        "(both taken out of the profile, which the prediction adds itself)",
     )
-    for column in ("model", "hardware", "stages", "calls", "ratio", "router ms", "shared cores"):
+    for column in ("model", "hardware", "stages", "calls", "ratio", "router ms", "shared cores", "after idle ms"):
         left = column in ("model", "hardware", "stages")
         table.add_column(column, justify="left" if left else "right", no_wrap=column == "model")
     for c in done:
         ratio = f"{c.ratio:.3f}" if c.ratio is not None else "kept: few calls"
         table.add_row(
-            c.model, c.hardware, ",".join(c.stages), str(c.calls), ratio, f"{c.dispatch_ms:.3f}", f"x{c.contention:.3f}"
+            c.model,
+            c.hardware,
+            ",".join(c.stages),
+            str(c.calls),
+            ratio,
+            f"{c.dispatch_ms:.3f}",
+            f"x{c.contention:.3f}",
+            f"{c.woken_ms:.3f}",
         )
     return table

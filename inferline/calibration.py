@@ -25,10 +25,17 @@ where u is the model's share of a call spent on a core (its profile's server CPU
 not measured) and D the cores the calls under way demanded: k calls at the pipeline's mean share.
 The profile's CPU time is scaled by r / c with the call part, so its share of a call stays as
 profiled, apart from d (router time, in which the server computes nothing).
+
+Where the profile has an `after_idle` term (extra e, time constant tau), the live calls also hold
+what idle gaps added, which the prediction adds itself from the gaps it simulates. So that part is
+taken out of the live call time before r is formed, from the router's histogram of the gaps before
+each call (inferline_router_idle_gap_seconds, a bucket's gaps at its bounds' geometric mean, the
+last bucket's as long): live total - e * sum over calls of (1 - exp(-gap / tau)); the term is kept.
 """
 
 from __future__ import annotations
 
+import math
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -59,6 +66,9 @@ class LiveStage:
     concurrency: Mapping[float, int] = field(default_factory=dict)
     """Calls under way in the pipeline when a call of this stage started -> how many calls (a
     histogram: the bucket's upper bound where a bucket spans more than one count)."""
+    idle_gaps: Mapping[float, int] = field(default_factory=dict)
+    """Seconds from a replica's previous call's end to a call's start -> how many calls (a histogram:
+    a bucket at its bounds' geometric mean, its lower bound 0 at half the upper, the last at inf)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class Calibration:
     dispatch_ms: float
     contention: float = 1.0
     """Mean slowdown of the live calls by calls beside them on shared cores (1: none, or not asked)."""
+    woken_ms: float = 0.0
+    """Mean latency per call that idle gaps added (the profile's after_idle term), taken out of r."""
 
 
 def read_metrics(source: str) -> str:
@@ -103,6 +115,7 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         earlier = {}
     sums: dict[tuple[str, str, int], float] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
+    gap_buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
     try:
         for (name, labels), total in later.items():
@@ -112,6 +125,8 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
             stage = label.get("stage")
             if stage is not None and name == "inferline_router_concurrent_calls_bucket":
                 buckets.setdefault(stage, []).append((float(label["le"]), value))
+            if stage is not None and name == "inferline_router_idle_gap_seconds_bucket":
+                gap_buckets.setdefault(stage, []).append((float(label["le"]), value))
             if stage is None or kind not in ("sum", "count"):
                 continue
             if name.startswith("inferline_router_call_seconds_"):
@@ -134,7 +149,7 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         dispatches = int(sums.get(("dispatch_count", stage, 0), 0.0))
         dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
         histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
-        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram)
+        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram, _gap_histogram(gap_buckets.get(stage, [])))
     return out
 
 
@@ -185,6 +200,25 @@ def replica_cpu_s(metrics_text: str) -> float | None:
         return None
     # Before the first call the family has no samples yet: no CPU spent.
     return sum(s.value for f in families for s in f.samples if s.name == "inferline_router_replica_cpu_seconds_total")
+
+
+def _gap_histogram(cumulative: list[tuple[float, float]]) -> dict[float, int]:
+    """Calls per gap from Prometheus' cumulative buckets, each bucket's at its bounds' geometric mean
+    (the first's at half its upper bound, the +Inf bucket's at inf)."""
+    out: dict[float, int] = {}
+    below, lower = 0.0, 0.0
+    for bound, count in sorted(cumulative):
+        n = int(count - below)
+        if n > 0:
+            at = math.inf if bound == math.inf else (math.sqrt(lower * bound) if lower > 0 else bound / 2)
+            out[at] = out.get(at, 0) + n
+        below, lower = count, bound
+    return out
+
+
+def woken_ms(gaps: Mapping[float, int], extra_ms: float, tau_ms: float) -> float:
+    """What idle gaps added to these calls in all, in ms, by the after-idle term (extra, tau)."""
+    return sum(count * extra_ms * -math.expm1(-1000.0 * gap / tau_ms) for gap, count in gaps.items())
 
 
 def _histogram(cumulative: list[tuple[float, float]], total: float) -> dict[float, int]:
@@ -247,7 +281,11 @@ def calibrate_profiles(
             continue
         live_total = sum(ms * c for _, ms, c in observed)
         profiled_total = sum(float(np.interp(n, sizes, means)) * c for n, _, c in observed)
-        ratio = live_total / profiled_total
+        extra_s, tau_s = profile.after_idle_s(hardware)
+        woken = sum(woken_ms(live[s].idle_gaps, 1000.0 * extra_s, 1000.0 * tau_s) for s in stages if s in live)
+        # Never more than most of the live time: a live run faster than its profile says little of it.
+        woken = min(woken, 0.9 * live_total)
+        ratio = (live_total - woken) / profiled_total
         contention = 1.0
         if cores is not None:
             under_way: dict[float, int] = {}
@@ -255,8 +293,8 @@ def calibrate_profiles(
                 for k, c in (live[s].concurrency if s in live else {}).items():
                     under_way[k] = under_way.get(k, 0) + c
             contention = mean_slowdown(under_way, shares[(model, hardware)], mean_share, cores)
-        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention)
-        done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention))
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls)
+        done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls))
     return out, tuple(done)
 
 
@@ -288,7 +326,13 @@ def _cpu_share(profile: ModelProfile, hardware: str, stages: list[str], live: Ma
 
 
 def _scaled(
-    profile: ModelProfile, hardware: str, ratio: float, dispatch_ms: float, calls: int, contention: float
+    profile: ModelProfile,
+    hardware: str,
+    ratio: float,
+    dispatch_ms: float,
+    calls: int,
+    contention: float,
+    woken_per_call_ms: float,
 ) -> ModelProfile:
     factor = ratio / contention
 
@@ -306,4 +350,6 @@ def _scaled(
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
     if contention != 1.0:
         record[hardware]["contention"] = round(contention, 4)
+    if woken_per_call_ms > 0.0:
+        record[hardware]["after_idle_ms_per_call"] = round(woken_per_call_ms, 4)
     return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}, "calibration": record})

@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--warmup", type=int, default=3, help="warm-up batches per batch size")
     pr.add_argument("--budget-s", type=float, default=10.0, help="time budget per batch size in seconds")
     pr.add_argument("--drop-flat", action="store_true", help="drop batch sizes that do not raise throughput")
+    pr.add_argument(
+        "--idle-rounds",
+        type=int,
+        default=None,
+        help="rounds of calls after idle gaps, for the latency a call adds after its replica sat idle "
+        "(0: skip; default 20)",
+    )
 
     li = sub.add_parser("lineage", help="replay sample queries through a pipeline and measure each edge's real rate")
     li.add_argument("spec", help="pipeline spec (YAML); routed edges use their route, the others are sampled")

@@ -35,6 +35,19 @@ class BatchPoint(BaseModel):
     latency_ms: LatencyStats
 
 
+class AfterIdle(BaseModel):
+    """How much longer a call takes when its replica sat idle before it: a call after an idle gap
+    of g ms takes extra_ms * (1 - exp(-g / time_constant_ms)) longer than the profile's mean at its
+    batch size, which is measured back to back (threads and processes of the server that went to
+    sleep wake up first; on a 2-core VM 0.5-1.2 ms per call)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+    extra_ms: float = Field(ge=0, description="Extra latency of a call after a long idle gap, in ms.")
+    time_constant_ms: float = Field(gt=0, description="How fast the extra latency builds up with the gap, in ms.")
+    rounds: int | None = Field(default=None, ge=1, description="Rounds of calls the profiler measured it from.")
+
+
 def _by_batch_size(sizes: NDArray[np.float64], values: NDArray[np.float64], max_batch_size: int) -> NDArray[np.float64]:
     """Values measured at `sizes`, for n = 0..max_batch_size (index 0: 0.0), linear between sizes and
     held beyond the smallest and largest."""
@@ -48,9 +61,15 @@ class ModelProfile(BaseModel):
 
     model: str = Field(min_length=1)
     profiles: dict[str, tuple[BatchPoint, ...]] = Field(min_length=1)
+    after_idle: dict[str, AfterIdle] = Field(
+        default_factory=dict, description="Per hardware type, the latency a call adds after its replica sat idle."
+    )
 
     @model_validator(mode="after")
     def _increasing_batches(self) -> ModelProfile:
+        for hw in self.after_idle:
+            if hw not in self.profiles:
+                raise ValueError(f"after_idle names hardware {hw!r}, which has no batch sizes in 'profiles'")
         for hw, points in self.profiles.items():
             if not points:
                 raise ValueError(f"hardware {hw!r} has no batch sizes")
@@ -102,6 +121,13 @@ class ModelProfile(BaseModel):
         shares = np.array([p.latency_ms.server_cpu_ms / p.latency_ms.mean for p in pts], dtype=np.float64)  # type: ignore[operator]
         return np.clip(_by_batch_size(sizes, shares, max_batch_size), 0.0, 1.0)
 
+    def after_idle_s(self, hardware: str) -> tuple[float, float]:
+        """(extra, time constant) of `AfterIdle` in seconds; no extra latency where not measured."""
+        found = self.after_idle.get(hardware)
+        if found is None:
+            return 0.0, 1.0
+        return found.extra_ms / 1000.0, found.time_constant_ms / 1000.0
+
     def throughput_qps(self, hardware: str, batch_size: int) -> float:
         """Queries per second of one replica that always runs full batches of batch_size."""
         return float(batch_size / (self.service_times_ms(hardware, batch_size)[batch_size] / 1000.0))
@@ -151,7 +177,16 @@ def require_profiles(models: list[str], profiles: Mapping[str, ModelProfile]) ->
 
 def merge_profiles(old: ModelProfile, new: ModelProfile) -> ModelProfile:
     """`old` with the hardware types of `new` replaced (profiling one hardware keeps the others)."""
-    return new.model_copy(update={"profiles": {**old.profiles, **new.profiles}})
+    kept = {hw: a for hw, a in old.after_idle.items() if hw not in new.profiles}
+    return new.model_copy(update={"profiles": {**old.profiles, **new.profiles}, "after_idle": kept | new.after_idle})
+
+
+def profile_document(profile: ModelProfile) -> dict[str, object]:
+    """The profile as JSON data (README, "Profile"), without an empty `after_idle`."""
+    data = profile.model_dump(mode="json", exclude_none=True)
+    if not data.get("after_idle"):
+        data.pop("after_idle", None)
+    return data
 
 
 def write_profile(profile: ModelProfile, directory: str | Path) -> Path:
@@ -165,6 +200,6 @@ def write_profile(profile: ModelProfile, directory: str | Path) -> Path:
     if path.exists():
         profile = merge_profiles(load_profile(path), profile)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2) + "\n")
+    tmp.write_text(json.dumps(profile_document(profile), indent=2) + "\n")
     tmp.replace(path)
     return path

@@ -211,6 +211,8 @@ class _Stage:
     service_s: NDArray[np.float64]
     max_batch: int
     heap: NDArray[np.float64]
+    idle_extra_s: float
+    idle_tau_s: float
     pend_t: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     pend_q: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     in_flight: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
@@ -233,7 +235,7 @@ class _StageEngine:
         n = arrivals.size
         self.arrivals, self.visits = arrivals, visits
         self.stages = [
-            _Stage(service_s=o.service_s, max_batch=c.max_batch_size, heap=np.zeros(c.replicas))
+            _Stage(o.service_s, c.max_batch_size, np.zeros(c.replicas), o.idle_extra_s, o.idle_tau_s)
             for o, c in zip(options, config, strict=True)
         ]
         self.children = [model.children(s) for s in range(model.size)]
@@ -257,7 +259,9 @@ class _StageEngine:
             arrived = int(np.count_nonzero((st.pend_t >= now) & (st.pend_t < horizon)))
             comp = np.empty(st.pend_t.size)
             sizes = np.empty(st.pend_t.size, dtype=np.int64)
-            done = advance_stage(st.pend_t, 0, st.heap, st.service_s, st.max_batch, horizon, comp, sizes)
+            done = advance_stage(
+                st.pend_t, 0, st.heap, st.service_s, st.max_batch, horizon, comp, sizes, st.idle_extra_s, st.idle_tau_s
+            )
             q = st.pend_q[:done]
             comp, sizes = comp[:done], sizes[:done]
             self.completion[s, q] = comp
@@ -325,7 +329,8 @@ class _SharedEngine:
     ) -> None:
         service = [o.service_s for o in options]
         shares = [o.cpu_share for o in options]
-        self.run = start_shared(model, service, shares, config, arrivals, visits, cores, background_s)
+        idle = [(o.idle_extra_s, o.idle_tau_s) for o in options]
+        self.run = start_shared(model, service, shares, config, arrivals, visits, cores, background_s, idle)
         self.size = model.size
 
     def advance(self, now: float, horizon: float) -> list[_Tally]:

@@ -26,6 +26,10 @@ class HardwareOption:
     """Mean batch service time in seconds for n = 0..max(batch_sizes) (index 0 is 0.0)."""
     cpu_share: NDArray[np.float64] | None = None
     """Fraction of service_s[n] spent on a core, in [0, 1] (same indexing); None where not measured."""
+    idle_extra_s: float = 0.0
+    """A call after its replica sat idle for g seconds takes idle_extra_s * (1 - exp(-g / idle_tau_s))
+    longer (`ModelProfile.after_idle`; 0: not measured)."""
+    idle_tau_s: float = 1.0
 
     def service_time_s(self, batch: int) -> float:
         return float(self.service_s[batch])
@@ -71,12 +75,15 @@ def build_cost_table(model: PipelineModel, profiles: Mapping[str, ModelProfile],
             if hw not in catalog.hardware:
                 continue  # profiled on hardware the catalog does not offer: not a choice
             sizes = profile.batch_sizes(hw)
+            extra_s, tau_s = profile.after_idle_s(hw)
             options[hw] = HardwareOption(
                 hardware=hw,
                 price_per_hour=catalog.price(hw),
                 batch_sizes=sizes,
                 service_s=profile.service_times_ms(hw, sizes[-1]) / 1000.0,
                 cpu_share=profile.cpu_shares(hw, sizes[-1]),
+                idle_extra_s=extra_s,
+                idle_tau_s=tau_s,
             )
         if not options:
             raise ProfileError(

@@ -148,5 +148,7 @@ class Estimator:
             c.replicas,
             self.slo_s,
             budget,
+            option.idle_extra_s,
+            option.idle_tau_s,
         )
         return comp if finished else None

@@ -7,9 +7,17 @@ waits for a batch to fill. Replicas are identical, so only their free times matt
 Invariant that makes one pass enough: the replica that frees first dispatches next, at
 t = max(its free time, the oldest queued arrival), so dispatch times never decrease and the
 queue is served in arrival order.
+
+After-idle latency (an extension of the design's semantics, `ModelProfile.after_idle`): a batch
+sent to a replica that sat idle for g seconds takes extra_s * (1 - exp(-g / tau_s)) longer
+(threads and processes that went to sleep wake up first). Where several replicas are idle, the
+batch goes to the one that became free last, as the router hands work to its newest idle
+replica; with extra_s = 0 this is the design's semantics exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit
@@ -17,9 +25,8 @@ from numpy.typing import NDArray
 
 
 @njit(cache=True, nogil=True)
-def _sift_down(heap: NDArray[np.float64], size: int) -> None:
-    i = 0
-    value = heap[0]
+def _sift_down(heap: NDArray[np.float64], size: int, i: int) -> None:
+    value = heap[i]
     while True:
         child = 2 * i + 1
         if child >= size:
@@ -31,6 +38,35 @@ def _sift_down(heap: NDArray[np.float64], size: int) -> None:
         heap[i] = heap[child]
         i = child
     heap[i] = value
+
+
+@njit(cache=True, nogil=True)
+def after_idle_s(idle_s: float, extra_s: float, tau_s: float) -> float:
+    """How much longer a call takes on a replica that sat idle for `idle_s` seconds."""
+    if extra_s <= 0.0 or idle_s <= 0.0:
+        return 0.0
+    return extra_s * (1.0 - math.exp(-idle_s / tau_s))
+
+
+@njit(cache=True, nogil=True)
+def _dispatch(heap: NDArray[np.float64], size: int, t: float, service: float, extra_s: float, tau_s: float) -> float:
+    """Give a batch starting at t to a replica; its finish time, which becomes that replica's free time.
+
+    Without an after-idle cost any free replica will do, so the heap's top takes it. With one, the
+    replica that became free last among those free at t (the router's newest idle one) does."""
+    if extra_s <= 0.0 or heap[0] >= t:
+        finish = t + service
+        heap[0] = finish
+        _sift_down(heap, size, 0)
+        return finish
+    latest = 0
+    for r in range(1, size):
+        if heap[latest] < heap[r] <= t:
+            latest = r
+    finish = t + (service + after_idle_s(t - heap[latest], extra_s, tau_s))  # as the shared-core kernel sums
+    heap[latest] = finish  # later than every free time <= t: only its subtree can need it lower
+    _sift_down(heap, size, latest)
+    return finish
 
 
 @njit(cache=True, nogil=True)
@@ -48,6 +84,8 @@ def advance_stage(
     horizon_s: float,
     completion: NDArray[np.float64],
     batch_sizes: NDArray[np.int64],
+    idle_extra_s: float = 0.0,
+    idle_tau_s: float = 1.0,
 ) -> int:
     """Dispatch batches from sorted arrival `times[start:]` while the dispatch time is < horizon.
 
@@ -70,12 +108,10 @@ def advance_stage(
         limit = min(n, i + max_batch)
         while j < limit and times[j] <= t:
             j += 1
-        finish = t + service_s[j - i]
+        finish = _dispatch(heap, k, t, service_s[j - i], idle_extra_s, idle_tau_s)
         for q in range(i, j):
             completion[q] = finish
             batch_sizes[q] = j - i
-        heap[0] = finish
-        _sift_down(heap, k)
         i = j
     return i
 
@@ -90,6 +126,8 @@ def run_stage(
     replicas: int,
     slo_s: float,
     miss_budget: int,
+    idle_extra_s: float = 0.0,
+    idle_tau_s: float = 1.0,
 ) -> tuple[NDArray[np.float64], bool]:
     """Simulate one stage over a whole trace, with an early stop.
 
@@ -132,7 +170,7 @@ def run_stage(
         limit = min(count, i + max_batch)
         while j < limit and times[j] <= t:
             j += 1
-        finish = t + service_s[j - i]
+        finish = _dispatch(heap, replicas, t, service_s[j - i], idle_extra_s, idle_tau_s)
         for m in range(i, j):
             q = idx[m]
             completion[q] = finish
@@ -140,7 +178,5 @@ def run_stage(
                 misses += 1
         if misses > miss_budget:
             return completion, False
-        heap[0] = finish
-        _sift_down(heap, replicas)
         i = j
     return completion, True

@@ -19,6 +19,10 @@ each query's CPU cost at the query's arrival and, while it has work left, demand
 The rule is exact processor sharing when every share is 1; with mixed shares it is an
 approximation (on one core, calls with shares 1 and 0.5 run at rates 2/3 and 0.8, using 1.07
 cores between them).
+
+After-idle latency as in the estimator's kernel (`kernel.after_idle_s`): a batch goes to the
+stage's replica that became idle last and takes the extra latency its idle gap adds, counted as
+part of its service alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from inferline.planner.estimator import Estimator
+from inferline.planner.kernel import after_idle_s
 from inferline.planner.pipeline import Config, PipelineModel
 
 
@@ -53,6 +58,7 @@ def shared_core_latencies_s(
         estimator.visits,
         cores,
         background_s,
+        [(o.idle_extra_s, o.idle_tau_s) for o in options],
     )
     advance_shared(run, np.inf)
     return run.latencies_s(), run.completions()
@@ -85,6 +91,11 @@ class SharedRun:
     tail: NDArray[np.int64]
     free: NDArray[np.int64]
     """Idle replicas per stage."""
+    idle_since: NDArray[np.float64]
+    """Per stage, when each of its `free` idle replicas became idle, the latest last (a stack)."""
+    idle_extra: NDArray[np.float64]
+    """Per stage, the after-idle extra latency and its time constant (`kernel.after_idle_s`)."""
+    idle_tau: NDArray[np.float64]
     max_batch: NDArray[np.int64]
     pend_time: NDArray[np.float64]
     """Replicas still starting: when each is ready, and its stage (`pend_stage`); `counts[2]` of them."""
@@ -150,6 +161,9 @@ class SharedRun:
             grow = max(slots, 2 * self.act_stage.size)
             for name in ("act_stage", "act_first", "act_size", "act_share", "act_finish", "act_retire"):
                 setattr(self, name, np.resize(getattr(self, name), grow))
+        if slots > self.idle_since.shape[1]:  # and for every replica to be idle at once
+            grow = max(slots, 2 * self.idle_since.shape[1])
+            self.idle_since = np.pad(self.idle_since, ((0, 0), (0, grow - self.idle_since.shape[1])))
 
     def remove_replicas(self, stage: int, count: int) -> None:
         """`count` of the stage's replicas leave: those free soonest (idle ones, then busy ones by
@@ -163,7 +177,10 @@ class SharedRun:
         ]
         candidates += [(float(self.pend_time[k]), "starting", k) for k in range(pending) if self.pend_stage[k] == stage]
         leaving = sorted(candidates, key=lambda c: c[0])[:count]
-        self.free[stage] -= sum(1 for _, kind, _ in leaving if kind == "idle")
+        idle, gone_idle = int(self.free[stage]), sum(1 for _, kind, _ in leaving if kind == "idle")
+        since = self.idle_since[stage]
+        since[: idle - gone_idle] = since[gone_idle:idle].copy()  # the longest idle leave
+        self.free[stage] = idle - gone_idle
         for _, kind, i in leaving:
             if kind == "busy":
                 self.act_retire[i] = True
@@ -183,12 +200,14 @@ def start_shared(
     visits: NDArray[np.bool_],
     cores: float,
     background_s: tuple[float, ...] = (),
+    after_idle: Sequence[tuple[float, float]] = (),
 ) -> SharedRun:
     """A run of `config` over the arrivals (any order), every replica sharing `cores` cores.
 
     `service_s[s]` / `cpu_share[s]`: the stage's service time and CPU share per batch size (None:
     compute-bound), at least up to the largest batch cap the run will use. `visits` as sampled by
-    `sample_visits`. `background_s` as in `shared_core_latencies_s`.
+    `sample_visits`. `background_s` as in `shared_core_latencies_s`. `after_idle[s]`: the
+    stage's after-idle (extra, time constant) in seconds (none given: no extra latency).
     """
     if not cores > 0:
         raise ValueError(f"cores must be positive, got {cores}")
@@ -214,6 +233,7 @@ def start_shared(
     stages, n = in_order.shape
     slots = max(1, sum(c.replicas for c in config))
     workers = len(background_s)
+    idle = list(after_idle) or [(0.0, 1.0)] * model.size
     return SharedRun(
         order=order,
         arrivals=np.ascontiguousarray(np.asarray(arrivals_s, dtype=np.float64)[order]),
@@ -231,6 +251,9 @@ def start_shared(
         head=np.zeros(stages, dtype=np.int64),
         tail=np.zeros(stages, dtype=np.int64),
         free=np.array([c.replicas for c in config], dtype=np.int64),
+        idle_since=np.zeros((stages, slots)),  # every replica idle from time 0, as the estimator's
+        idle_extra=np.array([e for e, _ in idle], dtype=np.float64),
+        idle_tau=np.array([tau for _, tau in idle], dtype=np.float64),
         max_batch=np.array([c.max_batch_size for c in config], dtype=np.int64),
         pend_time=np.zeros(4),
         pend_stage=np.zeros(4, dtype=np.int64),
@@ -262,7 +285,8 @@ def advance_shared(run: SharedRun, horizon_s: float) -> bool:
     finished = _advance(
         run.arrivals, run.order, run.visits, run.roots, run.children,
         run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.queue,
-        run.head, run.tail, run.free, run.max_batch, run.pend_time, run.pend_stage, run.act_stage,
+        run.head, run.tail, run.free, run.idle_since, run.idle_extra, run.idle_tau, run.max_batch, run.pend_time,
+        run.pend_stage, run.act_stage,
         run.act_first, run.act_size, run.act_share, run.act_finish, run.act_retire, run.bg_busy,
         run.bg_finish, run.clock, run.counts, run.busy_s, run.dispatched, run.batches, run.entered,
         float(horizon_s),
@@ -310,6 +334,9 @@ def _advance(
     head: NDArray[np.int64],
     tail: NDArray[np.int64],
     free: NDArray[np.int64],
+    idle_since: NDArray[np.float64],
+    idle_extra: NDArray[np.float64],
+    idle_tau: NDArray[np.float64],
     max_batch: NDArray[np.int64],
     pend_time: NDArray[np.float64],
     pend_stage: NDArray[np.int64],
@@ -358,11 +385,12 @@ def _advance(
                 act_first[active] = head[s]
                 act_size[active] = size
                 act_share[active] = share[s, size]
-                act_finish[active] = service[s, size]
+                free[s] -= 1  # the replica idle the shortest: the top of the stack
+                woken = after_idle_s(t - idle_since[s, free[s]], idle_extra[s], idle_tau[s])
+                act_finish[active] = service[s, size] + woken
                 act_retire[active] = False
                 active += 1
                 head[s] += size
-                free[s] -= 1
                 busy_s[s] += service[s, size]
                 dispatched[s] += size
                 batches[s] += 1
@@ -431,6 +459,7 @@ def _advance(
                             tail[c] += 1
                             entered[c] += 1
             if not act_retire[i]:
+                idle_since[s, free[s]] = t
                 free[s] += 1
             active -= 1
             act_stage[i] = act_stage[active]
@@ -442,6 +471,7 @@ def _advance(
         k = 0
         while k < pending:  # replicas done starting
             if pend_time[k] <= t:
+                idle_since[pend_stage[k], free[pend_stage[k]]] = pend_time[k]
                 free[pend_stage[k]] += 1
                 pending -= 1
                 pend_time[k] = pend_time[pending]

@@ -373,9 +373,12 @@ class _Worker:
     def _begin(self, batch: list[_Item], back_to_back: bool) -> float:
         stage = self.stage
         started = time.perf_counter()
-        if back_to_back and self.last_call_end is not None:
-            # The queue waited while the replica did the router's own work between two calls.
-            self.router._metrics.observe_dispatch(stage.name, started - self.last_call_end)
+        if self.last_call_end is not None:
+            gap = started - self.last_call_end
+            self.router._metrics.observe_idle_gap(stage.name, gap)
+            if back_to_back:
+                # The queue waited while the replica did the router's own work between two calls.
+                self.router._metrics.observe_dispatch(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
         self.router._call_started(stage.name)
         return started
@@ -917,6 +920,14 @@ class _RouterMetrics:
             ["stage"],
             registry=registry,
         )
+        self.idle_gap = Histogram(
+            "inferline_router_idle_gap_seconds",
+            "Time from a replica's last call's end to its next call's start: a call after a longer gap "
+            "can take longer while the server's threads wake up (a profile's after_idle term)",
+            ["stage"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
         replicas = Gauge("inferline_router_replicas", "Live replicas per stage", ["stage"], registry=registry)
         for name in (s.name for s in router.spec.stages):
@@ -932,6 +943,9 @@ class _RouterMetrics:
 
     def observe_concurrency(self, stage: str, calls: int) -> None:
         self.concurrent_calls.labels(stage=stage).observe(calls)
+
+    def observe_idle_gap(self, stage: str, seconds: float) -> None:
+        self.idle_gap.labels(stage=stage).observe(seconds)
 
     def observe_dispatch(self, stage: str, seconds: float) -> None:
         self.dispatch_seconds.labels(stage=stage).observe(seconds)

@@ -19,19 +19,34 @@ input [ {{ name: "INPUT" data_type: TYPE_FP32 dims: [ 16 ] }} ]
 output [ {{ name: "OUTPUT" data_type: TYPE_FP32 dims: [ 16 ] }} ]
 parameters [
   {{ key: "latency_a_ms" value: {{ string_value: "{a}" }} }},
-  {{ key: "latency_b_ms" value: {{ string_value: "{b}" }} }}
+  {{ key: "latency_b_ms" value: {{ string_value: "{b}" }} }},
+  {{ key: "idle_extra_ms" value: {{ string_value: "{idle_extra}" }} }},
+  {{ key: "idle_time_constant_ms" value: {{ string_value: "{idle_tau}" }} }}
 ]
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 dynamic_batching {{ max_queue_delay_microseconds: 0 }}
 """
 
 
-def add_emulated(repository: Path, name: str, a_ms: float, b_ms: float, max_batch: int = 32) -> Path:
-    """An emulated model whose true batch latency is a + b·n ms (the bundled emulated model's code)."""
+def add_emulated(
+    repository: Path,
+    name: str,
+    a_ms: float,
+    b_ms: float,
+    max_batch: int = 32,
+    idle_extra_ms: float = 0.0,
+    idle_tau_ms: float = 1.0,
+) -> Path:
+    """An emulated model whose true batch latency is a + b·n ms (the bundled emulated model's code),
+    plus idle_extra * (1 - exp(-gap / idle_tau)) ms after an idle gap."""
     folder = repository / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(EMULATED_SOURCE, folder / "1" / "model.py")
-    (folder / "config.pbtxt").write_text(EMULATED_CONFIG.format(name=name, a=a_ms, b=b_ms, max_batch=max_batch))
+    (folder / "config.pbtxt").write_text(
+        EMULATED_CONFIG.format(
+            name=name, a=a_ms, b=b_ms, max_batch=max_batch, idle_extra=idle_extra_ms, idle_tau=idle_tau_ms
+        )
+    )
     return folder
 
 

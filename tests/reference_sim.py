@@ -19,6 +19,10 @@ Semantics
      takes ``min(queue length, max_batch_size)`` queries from the head of the queue and finishes
      them ``service_s[n]`` later. Replicas never wait for a batch to fill.
 
+  With an after-idle cost ``(extra_s, tau_s)`` for the stage, the replica that takes the batch is
+  the one that became idle last, and the batch takes ``extra_s * (1 - exp(-idle / tau_s))`` longer,
+  ``idle`` being how long that replica sat idle (replicas are idle from time 0).
+
   Because every service time is > 0, handling the priority-0 and priority-1 events of an instant
   only ever creates more priority-0 events at that instant and never more priority-1 ones, so all
   the arrivals of an instant (including those caused by completions at that instant) are enqueued
@@ -71,12 +75,14 @@ def simulate(
     service_s: Sequence[Sequence[float] | NDArray[np.float64]],
     max_batch: Sequence[int],
     replicas: Sequence[int],
+    after_idle: Sequence[tuple[float, float]] | None = None,
 ) -> ReferenceResult:
     """Simulate every query of the trace through the pipeline, one event at a time.
 
     ``parents[s]`` lists stage ``s``'s parents (indices of earlier stages); ``visits[s, q]`` says
     whether query ``q`` visits stage ``s``; ``service_s[s][n]`` is stage ``s``'s service time for a
-    batch of ``n``; ``max_batch[s]`` and ``replicas[s]`` are its provisioning.
+    batch of ``n``; ``max_batch[s]`` and ``replicas[s]`` are its provisioning; ``after_idle[s]`` its
+    after-idle ``(extra_s, tau_s)`` (none: no extra latency).
     """
     arrivals = [float(a) for a in arrivals_s]
     n_queries = len(arrivals)
@@ -117,6 +123,7 @@ def simulate(
 
     queues: list[list[tuple[float, int]]] = [[] for _ in range(n_stages)]
     free = [int(r) for r in replicas]
+    idle_since: list[list[float]] = [[0.0] * int(r) for r in replicas]  # per stage, in the order they idled
     completion = np.full((n_stages, n_queries), np.nan)
     dispatch = np.full((n_stages, n_queries), np.nan)
     arrived = np.full((n_stages, n_queries), np.nan)
@@ -132,6 +139,7 @@ def simulate(
         elif priority == FREE:
             s, *batch = payload
             free[s] += 1
+            idle_since[s].append(time)
             for q in batch:
                 completion[s, q] = time
                 for c in children[s]:
@@ -146,6 +154,10 @@ def simulate(
                 n = min(len(queues[s]), max_batch[s])
                 batch = [heapq.heappop(queues[s])[1] for _ in range(n)]
                 finish = time + float(service_s[s][n])
+                since = idle_since[s].pop()  # the replica that became idle last
+                if after_idle is not None and after_idle[s][0] > 0.0:
+                    extra_s, tau_s = after_idle[s]
+                    finish += extra_s * (1.0 - math.exp(-(time - since) / tau_s))
                 assert finish > time
                 for q in batch:
                     dispatch[s, q] = time

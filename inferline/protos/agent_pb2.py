@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferline/protos/agent.proto\x12\x12inferline.agent.v1\"Z\n\rServingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x16\n\x0einstance_count\x18\x02 \x01(\x05\x12\x19\n\x11\x62\x61tching_delay_us\x18\x03 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"b\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x31\n\x06\x63onfig\x18\x03 \x01(\x0b\x32!.inferline.agent.v1.ServingConfig\"\x98\x01\n\rDescribeReply\x12\x11\n\tframework\x18\x01 \x01(\t\x12\x10\n\x08hardware\x18\x02 \x01(\t\x12\x16\n\x0eserver_address\x18\x03 \x01(\t\x12\x14\n\x0cserver_ready\x18\x04 \x01(\x08\x12\x34\n\x06models\x18\x05 \x03(\x0b\x32$.inferline.agent.v1.ModelDescription\"\xad\x01\n\x0eProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_sizes\x18\x02 \x03(\x05\x12\x13\n\x06warmup\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07samples\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x62udget_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tdrop_flat\x18\x06 \x01(\x08\x42\t\n\x07_warmupB\n\n\x08_samplesB\x0b\n\t_budget_s\"b\n\x0fProfileProgress\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x05\x12\r\n\x05total\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"E\n\rProfileResult\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x85\x01\n\rProfileUpdate\x12\x37\n\x08progress\x18\x01 \x01(\x0b\x32#.inferline.agent.v1.ProfileProgressH\x00\x12\x33\n\x06result\x18\x02 \x01(\x0b\x32!.inferline.agent.v1.ProfileResultH\x00\x42\x06\n\x04kind\"T\n\x10\x43onfigureRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x06\x63onfig\x18\x02 \x01(\x0b\x32!.inferline.agent.v1.ServingConfig\"R\n\x0e\x43onfigureReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x06\x63onfig\x18\x02 \x01(\x0b\x32!.inferline.agent.v1.ServingConfig2\x86\x02\n\x05\x41gent\x12R\n\x08\x44\x65scribe\x12#.inferline.agent.v1.DescribeRequest\x1a!.inferline.agent.v1.DescribeReply\x12R\n\x07Profile\x12\".inferline.agent.v1.ProfileRequest\x1a!.inferline.agent.v1.ProfileUpdate0\x01\x12U\n\tConfigure\x12$.inferline.agent.v1.ConfigureRequest\x1a\".inferline.agent.v1.ConfigureReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferline/protos/agent.proto\x12\x12inferline.agent.v1\"Z\n\rServingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x16\n\x0einstance_count\x18\x02 \x01(\x05\x12\x19\n\x11\x62\x61tching_delay_us\x18\x03 \x01(\x03\"\x11\n\x0f\x44\x65scribeRequest\"b\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x31\n\x06\x63onfig\x18\x03 \x01(\x0b\x32!.inferline.agent.v1.ServingConfig\"\x98\x01\n\rDescribeReply\x12\x11\n\tframework\x18\x01 \x01(\t\x12\x10\n\x08hardware\x18\x02 \x01(\t\x12\x16\n\x0eserver_address\x18\x03 \x01(\t\x12\x14\n\x0cserver_ready\x18\x04 \x01(\x08\x12\x34\n\x06models\x18\x05 \x03(\x0b\x32$.inferline.agent.v1.ModelDescription\"\xd7\x01\n\x0eProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_sizes\x18\x02 \x03(\x05\x12\x13\n\x06warmup\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x07samples\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x62udget_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\tdrop_flat\x18\x06 \x01(\x08\x12\x18\n\x0bidle_rounds\x18\x07 \x01(\x05H\x03\x88\x01\x01\x42\t\n\x07_warmupB\n\n\x08_samplesB\x0b\n\t_budget_sB\x0e\n\x0c_idle_rounds\"b\n\x0fProfileProgress\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x05\x12\r\n\x05total\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"E\n\rProfileResult\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x85\x01\n\rProfileUpdate\x12\x37\n\x08progress\x18\x01 \x01(\x0b\x32#.inferline.agent.v1.ProfileProgressH\x00\x12\x33\n\x06result\x18\x02 \x01(\x0b\x32!.inferline.agent.v1.ProfileResultH\x00\x42\x06\n\x04kind\"T\n\x10\x43onfigureRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x06\x63onfig\x18\x02 \x01(\x0b\x32!.inferline.agent.v1.ServingConfig\"R\n\x0e\x43onfigureReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x06\x63onfig\x18\x02 \x01(\x0b\x32!.inferline.agent.v1.ServingConfig2\x86\x02\n\x05\x41gent\x12R\n\x08\x44\x65scribe\x12#.inferline.agent.v1.DescribeRequest\x1a!.inferline.agent.v1.DescribeReply\x12R\n\x07Profile\x12\".inferline.agent.v1.ProfileRequest\x1a!.inferline.agent.v1.ProfileUpdate0\x01\x12U\n\tConfigure\x12$.inferline.agent.v1.ConfigureRequest\x1a\".inferline.agent.v1.ConfigureReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREPLY']._serialized_start=264
   _globals['_DESCRIBEREPLY']._serialized_end=416
   _globals['_PROFILEREQUEST']._serialized_start=419
-  _globals['_PROFILEREQUEST']._serialized_end=592
-  _globals['_PROFILEPROGRESS']._serialized_start=594
-  _globals['_PROFILEPROGRESS']._serialized_end=692
-  _globals['_PROFILERESULT']._serialized_start=694
-  _globals['_PROFILERESULT']._serialized_end=763
-  _globals['_PROFILEUPDATE']._serialized_start=766
-  _globals['_PROFILEUPDATE']._serialized_end=899
-  _globals['_CONFIGUREREQUEST']._serialized_start=901
-  _globals['_CONFIGUREREQUEST']._serialized_end=985
-  _globals['_CONFIGUREREPLY']._serialized_start=987
-  _globals['_CONFIGUREREPLY']._serialized_end=1069
-  _globals['_AGENT']._serialized_start=1072
-  _globals['_AGENT']._serialized_end=1334
+  _globals['_PROFILEREQUEST']._serialized_end=634
+  _globals['_PROFILEPROGRESS']._serialized_start=636
+  _globals['_PROFILEPROGRESS']._serialized_end=734
+  _globals['_PROFILERESULT']._serialized_start=736
+  _globals['_PROFILERESULT']._serialized_end=805
+  _globals['_PROFILEUPDATE']._serialized_start=808
+  _globals['_PROFILEUPDATE']._serialized_end=941
+  _globals['_CONFIGUREREQUEST']._serialized_start=943
+  _globals['_CONFIGUREREQUEST']._serialized_end=1027
+  _globals['_CONFIGUREREPLY']._serialized_start=1029
+  _globals['_CONFIGUREREPLY']._serialized_end=1111
+  _globals['_AGENT']._serialized_start=1114
+  _globals['_AGENT']._serialized_end=1376
 # @@protoc_insertion_point(module_scope)

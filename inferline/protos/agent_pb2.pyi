@@ -156,6 +156,7 @@ class ProfileRequest(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     BUDGET_S_FIELD_NUMBER: _builtins.int
     DROP_FLAT_FIELD_NUMBER: _builtins.int
+    IDLE_ROUNDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     warmup: _builtins.int
     """Unset fields take the profiler's defaults.
@@ -167,6 +168,8 @@ class ProfileRequest(_message.Message):
     """time budget per batch size in seconds, > 0 (>= 1 sample is always taken)"""
     drop_flat: _builtins.bool
     """drop batch sizes that do not raise throughput"""
+    idle_rounds: _builtins.int
+    """rounds of calls after idle gaps for the after-idle latency, >= 0 (0: none)"""
     @_builtins.property
     def batch_sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """increasing, each >= 1; at least one"""
@@ -180,19 +183,24 @@ class ProfileRequest(_message.Message):
         samples: _builtins.int | None = ...,
         budget_s: _builtins.float | None = ...,
         drop_flat: _builtins.bool = ...,
+        idle_rounds: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_s", b"_budget_s", "_samples", b"_samples", "_warmup", b"_warmup", "budget_s", b"budget_s", "samples", b"samples", "warmup", b"warmup"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_s", b"_budget_s", "_idle_rounds", b"_idle_rounds", "_samples", b"_samples", "_warmup", b"_warmup", "budget_s", b"budget_s", "idle_rounds", b"idle_rounds", "samples", b"samples", "warmup", b"warmup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_s", b"_budget_s", "_samples", b"_samples", "_warmup", b"_warmup", "batch_sizes", b"batch_sizes", "budget_s", b"budget_s", "drop_flat", b"drop_flat", "model", b"model", "samples", b"samples", "warmup", b"warmup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_s", b"_budget_s", "_idle_rounds", b"_idle_rounds", "_samples", b"_samples", "_warmup", b"_warmup", "batch_sizes", b"batch_sizes", "budget_s", b"budget_s", "drop_flat", b"drop_flat", "idle_rounds", b"idle_rounds", "model", b"model", "samples", b"samples", "warmup", b"warmup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget_s: _TypeAlias = _typing.Literal["budget_s"]  # noqa: Y015
     _WhichOneofArgType__budget_s: _TypeAlias = _typing.Literal["_budget_s", b"_budget_s"]  # noqa: Y015
+    _WhichOneofReturnType__idle_rounds: _TypeAlias = _typing.Literal["idle_rounds"]  # noqa: Y015
+    _WhichOneofArgType__idle_rounds: _TypeAlias = _typing.Literal["_idle_rounds", b"_idle_rounds"]  # noqa: Y015
     _WhichOneofReturnType__samples: _TypeAlias = _typing.Literal["samples"]  # noqa: Y015
     _WhichOneofArgType__samples: _TypeAlias = _typing.Literal["_samples", b"_samples"]  # noqa: Y015
     _WhichOneofReturnType__warmup: _TypeAlias = _typing.Literal["warmup"]  # noqa: Y015
     _WhichOneofArgType__warmup: _TypeAlias = _typing.Literal["_warmup", b"_warmup"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_s) -> _WhichOneofReturnType__budget_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_rounds) -> _WhichOneofReturnType__idle_rounds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__samples) -> _WhichOneofReturnType__samples | None: ...
     @_typing.overload

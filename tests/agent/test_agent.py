@@ -37,7 +37,7 @@ TOKEN = "test-token-0123456789abcdef"
 MODEL = "echo"
 HARDWARE = "cpu"
 ORIGINAL = ServingConfig(max_batch_size=8, instance_count=1, batching_delay_us=0)
-SMALL = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=5)
+SMALL = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=5, idle_rounds=0)
 
 CONFIG = """name: "echo"
 backend: "python"
@@ -161,6 +161,8 @@ def test_bad_arguments_are_refused_before_touching_the_server(stack: Stack) -> N
         stack.client.profile(MODEL, ProfileSettings(batch_sizes=(4, 2)))
     with pytest.raises(AgentError, match="samples"):
         stack.client.profile(MODEL, ProfileSettings(batch_sizes=(1,), samples=0))
+    with pytest.raises(AgentError, match="idle_rounds"):
+        stack.client.profile(MODEL, ProfileSettings(batch_sizes=(1,), idle_rounds=-1))
     assert echo_config(stack) == ORIGINAL
 
 
@@ -258,7 +260,7 @@ def test_a_server_dying_mid_profile_returns_the_partial_profile(tmp_path: Path) 
             if p.done == 1:
                 os.killpg(pid, signal.SIGKILL)
 
-        settings = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=200)
+        settings = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=200, idle_rounds=0)
         with pytest.raises(ProfileInterrupted) as caught:
             dying.client.profile(MODEL, settings, on_progress=kill_after_first)
         partial = caught.value.partial
@@ -305,7 +307,7 @@ def test_a_cancelled_profile_stops_restores_the_config_and_frees_the_agent(
         if p.done == 1:
             raise Stop
 
-    settings = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=200)
+    settings = ProfileSettings(batch_sizes=(1, 2, 4), warmup=1, samples=200, idle_rounds=0)
     with pytest.raises(Stop):
         stack.client.profile(MODEL, settings, on_progress=stop_after_first)
     deadline = time.monotonic() + 15

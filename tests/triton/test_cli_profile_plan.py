@@ -105,6 +105,7 @@ def test_profile_cli_errors_are_one_line(
         (["--server", server.grpc_address, "--models", "nope"], "not on the triton server"),
         (["--server", "127.0.0.1:9", "--models", "emulated-detector"], "unreachable"),
         (["--server", server.grpc_address, "--models", "emulated-detector", "--batch-sizes", "4,2"], "increasing"),
+        (["--server", server.grpc_address, "--models", "emulated-detector", "--idle-rounds", "-1"], "--idle-rounds"),
         (["--embedded", str(tmp_path / "missing"), "--models", "x"], "does not exist"),
         (["--adapter", "tritn", "--server", server.grpc_address, "--models", "x"], "did you mean 'triton'"),
     ]

@@ -29,8 +29,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedTriton]
     repo = tmp_path_factory.mktemp("repo")
     add_emulated(repo, "known", A_MS, B_MS)
     add_emulated(repo, "fast", 1.0, 0.2, max_batch=8)
+    add_emulated(repo, "sleepy", 3.0, 0.5, max_batch=4, idle_extra_ms=6.0, idle_tau_ms=5.0)
     add_example(repo, "preprocess")
-    with EmbeddedTriton(repo, ["known", "fast", "preprocess"]) as s:
+    with EmbeddedTriton(repo, ["known", "fast", "sleepy", "preprocess"]) as s:
         yield s
 
 
@@ -42,7 +43,7 @@ def adapter(server: EmbeddedTriton) -> Iterator[TritonAdapter]:
 
 
 def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms(adapter: TritonAdapter) -> None:
-    settings = ProfileSettings(batch_sizes=SIZES, warmup=5, samples=10)
+    settings = ProfileSettings(batch_sizes=SIZES, warmup=5, samples=10, idle_rounds=0)
     profile = profile_model(adapter, "known", "cpu", settings)
     assert profile.batch_sizes("cpu") == SIZES
     for point in profile.points("cpu"):
@@ -67,17 +68,32 @@ def test_profile_records_how_much_of_a_call_the_server_spent_on_a_core(
         # "known" sleeps through its calls; preprocess computes (numpy) through them, at batch
         # sizes long enough (several ms) that scheduling delays between the processes of a call
         # (client, server, backend stub) do not dilute the share.
-        settings = ProfileSettings(batch_sizes=sizes, warmup=3, samples=10)
+        settings = ProfileSettings(batch_sizes=sizes, warmup=3, samples=10, idle_rounds=0)
         for point in profile_model(adapter, model, "cpu", settings, server_cpu=clock).points("cpu"):
             cpu_ms = point.latency_ms.server_cpu_ms
             assert cpu_ms is not None and low <= cpu_ms / point.latency_ms.mean <= high, (model, point)
-    without = profile_model(adapter, "known", "cpu", ProfileSettings(batch_sizes=(1,), warmup=0, samples=2))
+    without = profile_model(
+        adapter, "known", "cpu", ProfileSettings(batch_sizes=(1,), warmup=0, samples=2, idle_rounds=0)
+    )
     assert without.points("cpu")[0].latency_ms.server_cpu_ms is None
+
+
+def test_profile_recovers_a_known_after_idle_latency(adapter: TritonAdapter) -> None:
+    # The model adds 6 * (1 - exp(-gap / 5)) ms, its gap counted on the server from its last call's
+    # end: the round trip (~1.5 ms) is part of every gap, so the profiler sees the curve's same time
+    # constant, a smaller extra (6 * exp(-1.5 / 5) = 4.4 ms), and the machine's own wake-up on top.
+    settings = ProfileSettings(batch_sizes=(1, 4), warmup=2, samples=5, idle_rounds=12)
+    profile = profile_model(adapter, "sleepy", "cpu", settings)
+    found = profile.after_idle.get("cpu")
+    assert found is not None
+    assert 3.0 <= found.extra_ms <= 7.5, found
+    assert 2.0 <= found.time_constant_ms <= 12.0, found
+    assert profile.batch_sizes("cpu") == (1, 4)
 
 
 def test_profiling_restores_the_serving_config(adapter: TritonAdapter) -> None:
     adapter.configure("fast", ServingConfig(max_batch_size=2, instance_count=2))
-    profile_model(adapter, "fast", "cpu", ProfileSettings(batch_sizes=(1, 8), warmup=0, samples=2))
+    profile_model(adapter, "fast", "cpu", ProfileSettings(batch_sizes=(1, 8), warmup=0, samples=2, idle_rounds=0))
     assert adapter.model_info("fast").config == ServingConfig(2, 2, 0)
 
 
@@ -125,7 +141,12 @@ def test_server_killed_mid_profile_keeps_the_partial_profile(tmp_path: Path) -> 
 
         with pytest.raises(ProfileInterrupted) as err:
             profile_to_directory(
-                adapter, ["victim"], "cpu", ProfileSettings((1, 2, 4, 8), warmup=0, samples=3), out, kill_after_two
+                adapter,
+                ["victim"],
+                "cpu",
+                ProfileSettings((1, 2, 4, 8), warmup=0, samples=3, idle_rounds=0),
+                out,
+                kill_after_two,
             )
         adapter.close()
     line = err.value.one_line()
@@ -136,7 +157,7 @@ def test_server_killed_mid_profile_keeps_the_partial_profile(tmp_path: Path) -> 
 
 
 def test_profiles_of_other_hardware_survive_a_new_profile(adapter: TritonAdapter, tmp_path: Path) -> None:
-    settings = ProfileSettings(batch_sizes=(1, 2), warmup=0, samples=2)
+    settings = ProfileSettings(batch_sizes=(1, 2), warmup=0, samples=2, idle_rounds=0)
     profile_to_directory(adapter, ["fast"], "cpu", settings, tmp_path)
     profile_to_directory(adapter, ["fast"], "cpu-b", settings, tmp_path)
     assert set(load_profile(tmp_path / "fast.json").profiles) == {"cpu", "cpu-b"}
