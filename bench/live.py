@@ -490,17 +490,33 @@ def tuner_live(console: Console) -> dict[str, Any]:
     }  # fmt: skip
 
 
+PARTS = {"fidelity": fidelity, "router_overhead": router_overhead, "tuner": tuner_live}
+
+
 def main() -> None:
+    """All parts, or those named on the command line (`python -m bench.live fidelity`); a run of some
+    parts keeps the other parts' last results in live.json."""
+    asked = sys.argv[1:] or list(PARTS)
+    unknown = [p for p in asked if p not in PARTS]
+    if unknown:
+        sys.exit(f"bench.live: unknown part(s) {unknown}; choose from {list(PARTS)}")
     console = Console()
     OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "live.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() and len(asked) < len(PARTS) else {}
     started = time.perf_counter()
-    results = {"fidelity": fidelity(console), "router_overhead": router_overhead(console), "tuner": tuner_live(console)}
+    for part in asked:
+        results[part] = PARTS[part](console)
     results["wall_s"] = time.perf_counter() - started
-    (OUT / "live.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    _print(console, results)
+
+
+def _print(console: Console, results: dict[str, Any]) -> None:
     table = Table(title="estimator fidelity (static plan, stationary trace)")
     for c in ("pipeline", "profiles", "estimated P99 ms", "measured P99 ms", "error", "cost $/h", "live / profiled"):
         table.add_column(c, justify="right")
-    for row in results["fidelity"]:
+    for row in results.get("fidelity", []):
         for kind in ("offline", "calibrated"):
             run = row[kind]
             table.add_row(
@@ -513,7 +529,7 @@ def main() -> None:
                 ", ".join(f"{stage} {_inflation(sizes):+.0%}" for stage, sizes in run["service_ms"].items()),
             )
     console.print(table)
-    for o in results["router_overhead"]:
+    for o in results.get("router_overhead", []):
         console.print(
             f"router overhead at {o['rate_qps']} q/s (median of {o['rounds']} rounds): direct "
             f"{o['direct_median_ms']:.2f} ms (its rounds {min(o['direct_round_medians_ms']):.2f}–"
@@ -532,6 +548,8 @@ def main() -> None:
                 f"the hop itself (client mean - router's own mean) {p['hop_mean_ms']:.2f} ms; router CPU "
                 f"{p['router_cpu_ms_per_query']:.2f} ms/query; machine {p['machine_busy']:.0%} busy"
             )
+    if "tuner" not in results:
+        return
     t = results["tuner"]
     for name, r in t["runs"].items():
         console.print(
