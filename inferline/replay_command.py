@@ -111,8 +111,9 @@ class CpuReading:
 
 OUTSIDE_REPLICAS = "router outside its replicas"
 BESIDE_THE_REPLICAS = ("load generator", OUTSIDE_REPLICAS)
-"""The CPU a shared-core estimate counts beside the replicas: the router's replicas' own CPU is in the
-calibrated service times already (their calls and the time between them)."""
+"""The single-threaded processes a shared-core estimate puts in each query's way, in the order a query
+passes them (planner/shared_cores.py): the router's replicas' own CPU is in the calibrated service
+times already (their calls and the time between them)."""
 
 
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
@@ -247,7 +248,7 @@ def _sharing(cores: float | None, background_s: Mapping[str, float] | None) -> s
     if cores is None:
         return ""
     return f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}" + "".join(
-        f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query)"
+        f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query, one query at a time)"
         for i, (name, s) in enumerate((background_s or {}).items())
     )
 
@@ -318,8 +319,9 @@ def results_for(
 
     `cpu_s_per_query`: the CPU seconds per query of the router and the load generator, measured
     during the run (`CpuReading`), are reported. Where the replicas share this machine's cores, the
-    estimate counts the load generator's and the router's outside its replicas beside them;
-    the replicas' own is in calibrated service times already (their call and dispatch times).
+    estimate puts the load generator and the router outside its replicas in each query's way, as
+    single-threaded processes on the same cores; the replicas' own CPU is in calibrated service
+    times already (their call and dispatch times).
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
@@ -337,7 +339,8 @@ def results_for(
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
     # The load generator shares the replicas' cores only where the deployment runs here, too.
     local = target.router_pid is not None
-    beside = {k: v for k, v in (cpu_s_per_query or {}).items() if k in BESIDE_THE_REPLICAS and local}
+    measured = cpu_s_per_query or {}
+    beside = {k: measured[k] for k in BESIDE_THE_REPLICAS if k in measured and local}  # in the order passed
     try:
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,

@@ -13,8 +13,13 @@ way demanding D = sum of their shares, each core is shared by max(1, D / cores) 
 batch advances through its service at rate 1 / (1 + share * (max(1, D / cores) - 1)). Where
 D never exceeds the cores, every rate is 1 and the result equals the estimator's.
 
-A process beside the replicas on the same cores (a load generator) is a single thread that gets
-each query's CPU cost at the query's arrival and, while it has work left, demands one core.
+A process beside the replicas on the same cores (the load generator, the router's own work) is a
+single thread that every query passes through before it reaches the pipeline's first stages: it
+does each query's CPU cost in arrival order, one query at a time, demanding one core while it
+works, so a burst waits for it as for a stage with one replica. Several such processes are passed
+in the order given (the load generator sends, then the router parses and dispatches). Part of that
+work happens on the way back (the reply), which this puts in front; the queue it forms is the same
+kind.
 
 The rule is exact processor sharing when every share is 1; with mixed shares it is an
 approximation (on one core, calls with shares 1 and 0.5 run at rates 2/3 and 0.8, using 1.07
@@ -44,8 +49,8 @@ def shared_core_latencies_s(
 ) -> tuple[NDArray[np.float64], list[NDArray[np.float64]]]:
     """Like `Estimator.latencies_s`, with every replica of the pipeline sharing `cores` cores.
 
-    `background_s`: per process beside the replicas on the same cores (e.g. a load generator), the
-    CPU seconds each query costs it.
+    `background_s`: per process beside the replicas on the same cores that each query passes through
+    first (e.g. the load generator, the router's own work), the CPU seconds each query costs it.
     """
     model, table = estimator.model, estimator.table
     options = [table[s].option(c.hardware) for s, c in enumerate(config)]
@@ -110,6 +115,11 @@ class SharedRun:
     act_retire: NDArray[np.bool_]
     bg_busy: NDArray[np.bool_]
     bg_finish: NDArray[np.float64]
+    """Per process beside the replicas: whether it works on a query, and when that query's work ends."""
+    bg_queue: NDArray[np.int64]
+    """Per process, the queries it has to work on (a FIFO between `bg_head` and `bg_tail`)."""
+    bg_head: NDArray[np.int64]
+    bg_tail: NDArray[np.int64]
     clock: NDArray[np.float64]
     """The time of the last event and the calls per core then (the crowd)."""
     counts: NDArray[np.int64]
@@ -144,7 +154,12 @@ class SharedRun:
         return int(self.act_size[:active][mine].sum())
 
     def drained(self) -> bool:
-        return bool(self.counts[1] == self.arrivals.size and self.counts[0] == 0 and np.all(self.tail == self.head))
+        return bool(
+            self.counts[1] == self.arrivals.size
+            and self.counts[0] == 0
+            and np.all(self.tail == self.head)
+            and not self.bg_busy.any()
+        )
 
     def add_replicas(self, stage: int, count: int, ready_s: float) -> None:
         """`count` replicas for `stage`, serving from `ready_s`."""
@@ -265,6 +280,9 @@ def start_shared(
         act_retire=np.zeros(slots, dtype=np.bool_),
         bg_busy=np.zeros(workers, dtype=np.bool_),
         bg_finish=np.zeros(workers),
+        bg_queue=np.empty((workers, n), dtype=np.int64),
+        bg_head=np.zeros(workers, dtype=np.int64),
+        bg_tail=np.zeros(workers, dtype=np.int64),
         clock=np.array([0.0, 1.0]),
         counts=np.zeros(3, dtype=np.int64),
         busy_s=np.zeros(stages),
@@ -288,7 +306,8 @@ def advance_shared(run: SharedRun, horizon_s: float) -> bool:
         run.head, run.tail, run.free, run.idle_since, run.idle_extra, run.idle_tau, run.max_batch, run.pend_time,
         run.pend_stage, run.act_stage,
         run.act_first, run.act_size, run.act_share, run.act_finish, run.act_retire, run.bg_busy,
-        run.bg_finish, run.clock, run.counts, run.busy_s, run.dispatched, run.batches, run.entered,
+        run.bg_finish, run.bg_queue, run.bg_head, run.bg_tail, run.clock, run.counts, run.busy_s, run.dispatched,
+        run.batches, run.entered,
         float(horizon_s),
     )  # fmt: skip
     return bool(finished)
@@ -315,6 +334,42 @@ def crowd_of(demand: float, cores: float) -> float:
     if demand <= cores * (1.0 + 1e-12):
         return 1.0
     return demand / cores
+
+
+@njit(cache=True, nogil=True)
+def _pass_through(
+    q: int,
+    first: int,
+    t: float,
+    crowd: float,
+    background_s: NDArray[np.float64],
+    bg_queue: NDArray[np.int64],
+    bg_head: NDArray[np.int64],
+    bg_tail: NDArray[np.int64],
+    bg_busy: NDArray[np.bool_],
+    bg_finish: NDArray[np.float64],
+    roots: NDArray[np.bool_],
+    visits: NDArray[np.bool_],
+    queue: NDArray[np.int64],
+    tail: NDArray[np.int64],
+    entered: NDArray[np.int64],
+) -> None:
+    """Query q, at time t, goes on to the processes beside the replicas from `first` (one that
+    costs nothing is passed at once), and once past them all into the first stages' queues."""
+    for j in range(first, background_s.shape[0]):
+        if background_s[j] <= 0.0:
+            continue
+        bg_queue[j, bg_tail[j]] = q
+        bg_tail[j] += 1
+        if not bg_busy[j]:
+            bg_busy[j] = True
+            bg_finish[j] = t + background_s[j] * crowd
+        return
+    for s in range(roots.shape[0]):
+        if roots[s] and visits[s, q]:
+            queue[s, tail[s]] = q
+            tail[s] += 1
+            entered[s] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -348,6 +403,9 @@ def _advance(
     act_retire: NDArray[np.bool_],
     bg_busy: NDArray[np.bool_],
     bg_finish: NDArray[np.float64],
+    bg_queue: NDArray[np.int64],
+    bg_head: NDArray[np.int64],
+    bg_tail: NDArray[np.int64],
     clock: NDArray[np.float64],
     counts: NDArray[np.int64],
     busy_s: NDArray[np.float64],
@@ -359,8 +417,9 @@ def _advance(
     """Run the events before `horizon` (arrivals sorted); the state is `SharedRun`'s, changed in place.
 
     `rank[q]`: query q's index before the sort, which orders queries ready at the same instant.
-    `background_s[j]`: CPU seconds that each arriving query costs background process j (a
-    single-threaded process on the same cores): it computes while it has work left, demanding one
+    `background_s[j]`: CPU seconds that each query costs process j beside the replicas (a
+    single-threaded process on the same cores, which the query passes through before the first
+    stages, in the order of j): it works on one query at a time, in arrival order, demanding one
     core, and shares the cores like a batch.
 
     Each stage's queue is an array of query ids in the order they became ready; a batch is a
@@ -416,6 +475,9 @@ def _advance(
             queued = False
             for s in range(stages):
                 if tail[s] > head[s]:
+                    queued = True
+            for j in range(workers):
+                if bg_busy[j]:
                     queued = True
             if not queued:
                 finished = True
@@ -478,28 +540,22 @@ def _advance(
                 pend_stage[k] = pend_stage[pending]
             else:
                 k += 1
-        for j in range(workers):
+        for j in range(workers):  # in order: a query done by one process may start in the next at once
             if bg_busy[j] and bg_finish[j] <= t:
-                bg_busy[j] = False
+                q = bg_queue[j, bg_head[j]]
+                bg_head[j] += 1
+                bg_busy[j] = bg_tail[j] > bg_head[j]
+                if bg_busy[j]:
+                    bg_finish[j] = t + background_s[j] * crowd
+                _pass_through(q, j + 1, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_busy, bg_finish,
+                              roots, visits, queue, tail, entered)  # fmt: skip
         for s in range(stages):
             if tail[s] - mark[s] > 1:  # ready at the same instant: in query order, as the estimator
                 ready = queue[s, mark[s] : tail[s]].copy()
                 queue[s, mark[s] : tail[s]] = ready[np.argsort(rank[ready], kind="mergesort")]
         while arrived < n and arrivals[arrived] <= t:
-            q = arrived
-            for s in range(stages):
-                if roots[s] and visits[s, q]:
-                    queue[s, tail[s]] = q
-                    tail[s] += 1
-                    entered[s] += 1
-            for j in range(workers):
-                if background_s[j] <= 0.0:
-                    continue
-                if bg_busy[j]:
-                    bg_finish[j] += background_s[j] * crowd
-                else:
-                    bg_busy[j] = True
-                    bg_finish[j] = t + background_s[j] * crowd
+            _pass_through(arrived, 0, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_busy, bg_finish,
+                          roots, visits, queue, tail, entered)  # fmt: skip
             arrived += 1
     clock[0], clock[1] = t, crowd
     counts[0], counts[1], counts[2] = active, arrived, pending

@@ -148,24 +148,35 @@ def test_cores_must_be_positive() -> None:
 
 
 @pytest.mark.parametrize(("background_s", "expected_s"), [((), 1.0), ((0.0,), 1.0), ((1.0,), 2.0), ((0.5,), 1.5)])
-def test_a_background_process_takes_its_turn_on_the_cores(background_s: tuple[float, ...], expected_s: float) -> None:
-    # One core, a 1 s compute-bound call, and a background process (a load generator) with
-    # background_s of work for the query: both at half speed while both compute, then the call alone at full speed.
+def test_a_query_passes_the_process_beside_the_replicas_first(
+    background_s: tuple[float, ...], expected_s: float
+) -> None:
+    # One core, a 1 s compute-bound call, and a process beside it (a load generator) with
+    # background_s of work for the query, done before the query reaches the stage.
     est = one_stage(1000.0, 1.0, replicas=1, arrivals=[0.0])
     latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 1),), cores=1, background_s=background_s)
     np.testing.assert_allclose(latencies, [expected_s], rtol=0, atol=1e-12)
 
 
-def test_background_work_queues_up_in_its_process() -> None:
-    # Two queries at once give the background process 2 x 0.5 s of work, done by one thread (it
-    # demands one core, not one per query): with 3 cores nothing is crowded.
+def test_the_process_beside_the_replicas_works_on_one_query_at_a_time() -> None:
+    # Two queries at once, 0.5 s of the process's work each, done one after the other (one thread):
+    # the first reaches its replica at 0.5 s, the second at 1 s; with 3 cores nothing is crowded.
     est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0])
     latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=3, background_s=(0.5,))
-    np.testing.assert_allclose(latencies, [1.0, 1.0], rtol=0, atol=1e-12)
-    # On 2 cores the three compete, each at 2/3 speed: the calls and the process's 1 s of work all
-    # end at 1.5 s.
-    slower, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=2, background_s=(0.5,))
-    np.testing.assert_allclose(slower, [1.5, 1.5], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(latencies, [1.5, 2.0], rtol=0, atol=1e-12)
+    # On 1 core: the process alone until 0.5 s; then it and the first call at half speed, so its
+    # second query's work ends at 1.5 s, when the first call has 0.5 s left; the two calls then
+    # share the core: the first ends at 2.5 s, the second (0.5 s done by then) at 3 s.
+    slower, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=1, background_s=(0.5,))
+    np.testing.assert_allclose(slower, [2.5, 3.0], rtol=0, atol=1e-12)
+
+
+def test_processes_beside_the_replicas_are_passed_in_order() -> None:
+    # The load generator (0.25 s a query) then the router (0.5 s): the first query reaches its
+    # replica at 0.75 s, the second waits for the router until 1.25 s.
+    est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0])
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=4, background_s=(0.25, 0.5))
+    np.testing.assert_allclose(latencies, [1.75, 2.25], rtol=0, atol=1e-12)
 
 
 def test_background_cpu_must_not_be_negative() -> None:

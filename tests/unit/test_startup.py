@@ -197,7 +197,9 @@ def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_pa
     assert roomy["estimate"] == "closed-loop tuner inferline, start-up 0.5 s measured, replicas sharing 64 cores"
     assert roomy["estimated_p99_ms"] == fast["estimated_p99_ms"]  # never crowded: the same run
     scarce = run_estimate(plan, spec, arrivals, "inferline", [decision(0.5)], cores=0.05, background_s={"x": 0.001})
-    assert scarce["estimate"].endswith("replicas sharing 0.05 cores with the x (1.00 ms CPU per query)")
+    assert scarce["estimate"].endswith(
+        "replicas sharing 0.05 cores with the x (1.00 ms CPU per query, one query at a time)"
+    )
     assert scarce["estimated_p99_ms"] > fast["estimated_p99_ms"]
     slow = run_estimate(plan, spec, arrivals, "inferline", [decision(15.0)])
     assert slow["estimated_startup_s"] == 15.0
@@ -281,7 +283,9 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     busy = {"router": 0.004, "load generator": 0.006}
     beside = results_for(local, result, arrivals, 0.0, cpu_s_per_query=busy)
     assert beside["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
-    assert beside["estimate"] == "static plan, replicas sharing 1 core with the load generator (6.00 ms CPU per query)"
+    assert beside["estimate"] == (
+        "static plan, replicas sharing 1 core with the load generator (6.00 ms CPU per query, one query at a time)"
+    )
     # 6 ms of CPU per query at the step's 200 q/s is more than the core: the models get less of it.
     assert beside["estimated_p99_ms"] > quiet["estimated_p99_ms"]
     # The router's replicas' own CPU is in calibrated service times already: only the router's CPU
@@ -291,7 +295,9 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     outside = {"router": 0.004, "router outside its replicas": 0.006}
     frontends = results_for(local, result, arrivals, 0.0, cpu_s_per_query=outside)
     assert frontends["estimated_p99_ms"] == pytest.approx(beside["estimated_p99_ms"])
-    assert frontends["estimate"].endswith("with the router outside its replicas (6.00 ms CPU per query)")
+    assert frontends["estimate"].endswith(
+        "with the router outside its replicas (6.00 ms CPU per query, one query at a time)"
+    )
     remote_target = Target("127.0.0.1:1", spec.name, plan, spec, None, "none")
     remote = results_for(remote_target, result, arrivals, 0.0, cpu_s_per_query=busy)
     assert remote["estimate"] == "static plan" and remote["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
