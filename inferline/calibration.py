@@ -27,10 +27,16 @@ The profile's CPU time is scaled by r / c with the call part, so its share of a 
 profiled, apart from d (router time, in which the server computes nothing).
 
 Where the profile has an `after_idle` term (extra e, time constant tau), the live calls also hold
-what idle gaps added, which the prediction adds itself from the gaps it simulates. So that part is
-taken out of the live call time before r is formed, from the router's histogram of the gaps before
-each call (inferline_router_idle_gap_seconds, a bucket's gaps at its bounds' geometric mean, the
-last bucket's as long): live total - e * sum over calls of (1 - exp(-gap / tau)); the term is kept.
+what idle gaps added, which the prediction adds itself from the gaps it simulates (slowed by the
+sharing like the rest of the call). So that part is taken out of the live call time before r is
+formed, from the router's histogram of the gaps before the calls that followed an idle spell
+(inferline_router_idle_gap_seconds, a bucket's gaps at its bounds' geometric mean, the last
+bucket's as long; back-to-back calls have none, as in the estimator):
+
+    r = (live total - c * e * sum over those calls of (1 - exp(-gap / tau))) / profiled total
+
+and the term is kept. Metrics without that histogram (a router from before it) leave the live means
+as they are, and the calibrated hardware then keeps no term: it would count the wake-ups twice.
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ class LiveStage:
     concurrency: Mapping[float, int] = field(default_factory=dict)
     """Calls under way in the pipeline when a call of this stage started -> how many calls (a
     histogram: the bucket's upper bound where a bucket spans more than one count)."""
-    idle_gaps: Mapping[float, int] = field(default_factory=dict)
-    """Seconds from a replica's previous call's end to a call's start -> how many calls (a histogram:
-    a bucket at its bounds' geometric mean, its lower bound 0 at half the upper, the last at inf)."""
+    idle_gaps: Mapping[float, int] | None = None
+    """Seconds a replica sat idle before a call -> how many calls (a histogram: a bucket at its
+    bounds' geometric mean, its lower bound 0 at half the upper, the last at inf); back-to-back
+    calls are not in it. None: the metrics do not have it."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +156,8 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         dispatches = int(sums.get(("dispatch_count", stage, 0), 0.0))
         dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
         histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
-        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram, _gap_histogram(gap_buckets.get(stage, [])))
+        gaps = _gap_histogram(gap_buckets[stage]) if stage in gap_buckets else None
+        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram, gaps)
     return out
 
 
@@ -281,11 +289,6 @@ def calibrate_profiles(
             continue
         live_total = sum(ms * c for _, ms, c in observed)
         profiled_total = sum(float(np.interp(n, sizes, means)) * c for n, _, c in observed)
-        extra_s, tau_s = profile.after_idle_s(hardware)
-        woken = sum(woken_ms(live[s].idle_gaps, 1000.0 * extra_s, 1000.0 * tau_s) for s in stages if s in live)
-        # Never more than most of the live time: a live run faster than its profile says little of it.
-        woken = min(woken, 0.9 * live_total)
-        ratio = (live_total - woken) / profiled_total
         contention = 1.0
         if cores is not None:
             under_way: dict[float, int] = {}
@@ -293,7 +296,14 @@ def calibrate_profiles(
                 for k, c in (live[s].concurrency if s in live else {}).items():
                     under_way[k] = under_way.get(k, 0) + c
             contention = mean_slowdown(under_way, shares[(model, hardware)], mean_share, cores)
-        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls)
+        extra_s, tau_s = profile.after_idle_s(hardware)
+        gaps = [live[s].idle_gaps for s in stages if s in live]
+        keep_term = all(g is not None for g in gaps)
+        woken = sum(woken_ms(g, 1000.0 * extra_s, 1000.0 * tau_s) for g in gaps if g is not None) if keep_term else 0.0
+        # Never more than most of the live time: a live run faster than its profile says little of it.
+        woken = min(woken, 0.9 * live_total / contention)
+        ratio = (live_total - contention * woken) / profiled_total
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term)
         done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls))
     return out, tuple(done)
 
@@ -333,6 +343,7 @@ def _scaled(
     calls: int,
     contention: float,
     woken_per_call_ms: float,
+    keep_after_idle: bool,
 ) -> ModelProfile:
     factor = ratio / contention
 
@@ -352,4 +363,9 @@ def _scaled(
         record[hardware]["contention"] = round(contention, 4)
     if woken_per_call_ms > 0.0:
         record[hardware]["after_idle_ms_per_call"] = round(woken_per_call_ms, 4)
-    return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}, "calibration": record})
+    after_idle = dict(profile.after_idle)
+    if not keep_after_idle and after_idle.pop(hardware, None) is not None:
+        record[hardware]["after_idle"] = "folded into the means: the metrics have no idle-gap histogram"
+    return profile.model_copy(
+        update={"profiles": {**profile.profiles, hardware: points}, "after_idle": after_idle, "calibration": record}
+    )

@@ -34,24 +34,44 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def _threads_ns(pid: str) -> int:
-    total = 0
+    return sum(_thread_times(pid).values())
+
+
+def _thread_times(pid: str) -> dict[tuple[str, str], int]:
+    """(pid, tid) -> nanoseconds on a CPU, for each live thread of the process."""
+    out: dict[tuple[str, str], int] = {}
     try:
         tasks = list(os.scandir(PROC / pid / "task"))
     except OSError:
-        return 0  # the process ended meanwhile
+        return out  # the process ended meanwhile
     for task in tasks:
         try:
-            total += int((PROC / pid / "task" / task.name / "schedstat").read_text().split()[0])
+            out[(pid, task.name)] = int((PROC / pid / "task" / task.name / "schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue  # this thread ended meanwhile; the others still count
-    return total
+    return out
 
 
 def group_clock(pgid: int | None) -> Callable[[], float | None] | None:
-    """A CPU clock for the profiler: the group's CPU seconds so far; None for a server not started here."""
+    """A CPU clock for the profiler: the group's CPU seconds so far; None for a server not started here.
+
+    It never runs backwards: a thread or process that ended keeps the CPU it was last seen with.
+    (Triton unloads a reconfigured model's old stub process a second or so later, in the middle of
+    the profiler's first batch sizes; counted only while alive, its CPU vanished from the sum and a
+    batch size measured 0 ms of server CPU.)"""
     if pgid is None:
         return None
-    return lambda: group_cpu_s(pgid)
+    seen: dict[tuple[str, str], int] = {}
+
+    def clock() -> float | None:
+        if not (PROC / "self" / "schedstat").exists():
+            return None
+        for entry in os.scandir(PROC):
+            if entry.name.isdigit() and _group_of(entry.name) == pgid:
+                seen.update(_thread_times(entry.name))
+        return sum(seen.values()) / 1e9
+
+    return clock
 
 
 def _group_of(pid: str) -> int | None:

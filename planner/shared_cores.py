@@ -32,6 +32,7 @@ part of its service alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,6 @@ from numba import njit
 from numpy.typing import NDArray
 
 from inferline.planner.estimator import Estimator
-from inferline.planner.kernel import after_idle_s
 from inferline.planner.pipeline import Config, PipelineModel
 
 
@@ -445,7 +445,9 @@ def _advance(
                 act_size[active] = size
                 act_share[active] = share[s, size]
                 free[s] -= 1  # the replica idle the shortest: the top of the stack
-                woken = after_idle_s(t - idle_since[s, free[s]], idle_extra[s], idle_tau[s])
+                woken = 0.0  # kernel.after_idle_s, inlined: numba's cache tracks only this file's changes
+                if idle_extra[s] > 0.0 and t > idle_since[s, free[s]]:
+                    woken = idle_extra[s] * (1.0 - math.exp(-(t - idle_since[s, free[s]]) / idle_tau[s]))
                 act_finish[active] = service[s, size] + woken
                 act_retire[active] = False
                 active += 1

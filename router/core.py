@@ -375,10 +375,12 @@ class _Worker:
         started = time.perf_counter()
         if self.last_call_end is not None:
             gap = started - self.last_call_end
-            self.router._metrics.observe_idle_gap(stage.name, gap)
             if back_to_back:
-                # The queue waited while the replica did the router's own work between two calls.
+                # The queue waited while the replica did the router's own work between two calls
+                # (part of the service time once calibrated: the estimator sees no gap there).
                 self.router._metrics.observe_dispatch(stage.name, gap)
+            else:
+                self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
         self.router._call_started(stage.name)
         return started
@@ -922,8 +924,9 @@ class _RouterMetrics:
         )
         self.idle_gap = Histogram(
             "inferline_router_idle_gap_seconds",
-            "Time from a replica's last call's end to its next call's start: a call after a longer gap "
-            "can take longer while the server's threads wake up (a profile's after_idle term)",
+            "Time from a replica's last call's end to its next call's start where the replica sat idle in "
+            "between (not back to back): a call after a longer gap can take longer while the server's "
+            "threads wake up (a profile's after_idle term)",
             ["stage"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
             registry=registry,
@@ -931,6 +934,9 @@ class _RouterMetrics:
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
         replicas = Gauge("inferline_router_replicas", "Live replicas per stage", ["stage"], registry=registry)
         for name in (s.name for s in router.spec.stages):
+            self.idle_gap.labels(
+                stage=name
+            )  # present from the start: calibration tells "none idle" from "not measured"
             queue.labels(stage=name).set_function(_snapshot_field(router, name, "queue_length"))
             replicas.labels(stage=name).set_function(_snapshot_field(router, name, "replicas"))
 

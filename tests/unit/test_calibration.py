@@ -86,6 +86,11 @@ def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None
         assert live[stage].dispatches > 0
         assert 0 < live[stage].dispatch_ms < 5 * 1000 * CALL_S
         assert live[stage].dispatch_ms == pytest.approx(dispatch[stage])
+        # Every call after the replica's first followed either another at once (a dispatch) or an
+        # idle spell (a gap): one replica per stage.
+        gaps = live[stage].idle_gaps
+        assert gaps is not None
+        assert sum(gaps.values()) + live[stage].dispatches == sum(batches[stage].values()) - 1
 
 
 def test_live_stages_since_an_earlier_reading_counts_only_what_came_after() -> None:

@@ -44,6 +44,50 @@ def test_group_cpu_counts_every_live_process_of_the_group() -> None:
         process.wait()
 
 
+EXITING = """
+import os, sys, time
+child = os.fork()
+if child == 0:
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    print("burnt", flush=True)
+    sys.stdin.readline()  # exits when told
+    os._exit(0)
+os.waitpid(child, 0)
+print("reaped", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_group_clock_keeps_the_cpu_of_a_process_that_ended() -> None:
+    # A group whose second process burns 0.3 s and then exits (as Triton's old stub process does a
+    # second or so after a reload), reaped by the group's leader.
+    process = subprocess.Popen(
+        [sys.executable, "-c", EXITING],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline().strip() == "burnt"
+        clock = group_clock(process.pid)
+        assert clock is not None
+        before = clock()
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "reaped"
+        after = clock()
+        assert before is not None and after is not None and before >= 0.3
+        assert after >= before  # forgetting the ended process would lose its 0.3 s
+        assert (group_cpu_s(process.pid) or 0.0) < before - 0.2  # as counting only the living does
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def test_no_clock_for_a_server_not_started_here() -> None:
     assert group_clock(None) is None
 

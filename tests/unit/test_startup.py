@@ -324,12 +324,12 @@ def test_cpu_readings_per_query() -> None:
 
 
 def _live_at(plan: Any, spec: Any, factor: float, calls: int) -> dict[str, LiveStage]:
-    """Per stage, `calls` batch-1 calls that took `factor` times the profile's mean."""
+    """Per stage, `calls` batch-1 calls that took `factor` times the profile's mean, none after an idle spell."""
     profiles = load_profiles(plan.profiles)
     out = {}
     for stage in spec.stages:
         point = profiles[stage.model].points(plan.stage(stage.name).hardware)[0]
-        out[stage.name] = LiveStage({point.batch_size: (factor * point.latency_ms.mean, calls)}, 0.0, 0)
+        out[stage.name] = LiveStage({point.batch_size: (factor * point.latency_ms.mean, calls)}, 0.0, 0, idle_gaps={})
     return out
 
 
