@@ -52,6 +52,7 @@ import numpy as np
 
 from inferline.errors import InferlineError
 from inferline.plan import Plan
+from inferline.planner.kernel import after_idle_s
 from inferline.planner.shared_cores import crowd_of, slowdown
 from inferline.profiles import BatchPoint, LatencyStats, ModelProfile
 from inferline.spec import PipelineSpec
@@ -226,7 +227,7 @@ def _gap_histogram(cumulative: list[tuple[float, float]]) -> dict[float, int]:
 
 def woken_ms(gaps: Mapping[float, int], extra_ms: float, tau_ms: float) -> float:
     """What idle gaps added to these calls in all, in ms, by the after-idle term (extra, tau)."""
-    return sum(count * extra_ms * -math.expm1(-1000.0 * gap / tau_ms) for gap, count in gaps.items())
+    return 1000.0 * sum(count * after_idle_s(gap, extra_ms / 1000.0, tau_ms / 1000.0) for gap, count in gaps.items())
 
 
 def _histogram(cumulative: list[tuple[float, float]], total: float) -> dict[float, int]:

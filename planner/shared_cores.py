@@ -113,11 +113,11 @@ class SharedRun:
     act_share: NDArray[np.float64]
     act_finish: NDArray[np.float64]
     act_retire: NDArray[np.bool_]
-    bg_busy: NDArray[np.bool_]
     bg_finish: NDArray[np.float64]
-    """Per process beside the replicas: whether it works on a query, and when that query's work ends."""
+    """Per process beside the replicas: when the work on the query at the head of its queue ends."""
     bg_queue: NDArray[np.int64]
-    """Per process, the queries it has to work on (a FIFO between `bg_head` and `bg_tail`)."""
+    """Per process, the queries it has to work on (a FIFO between `bg_head` and `bg_tail`; busy
+    while not empty)."""
     bg_head: NDArray[np.int64]
     bg_tail: NDArray[np.int64]
     clock: NDArray[np.float64]
@@ -158,7 +158,7 @@ class SharedRun:
             self.counts[1] == self.arrivals.size
             and self.counts[0] == 0
             and np.all(self.tail == self.head)
-            and not self.bg_busy.any()
+            and np.all(self.bg_tail == self.bg_head)
         )
 
     def add_replicas(self, stage: int, count: int, ready_s: float) -> None:
@@ -278,7 +278,6 @@ def start_shared(
         act_share=np.empty(slots),
         act_finish=np.empty(slots),
         act_retire=np.zeros(slots, dtype=np.bool_),
-        bg_busy=np.zeros(workers, dtype=np.bool_),
         bg_finish=np.zeros(workers),
         bg_queue=np.empty((workers, n), dtype=np.int64),
         bg_head=np.zeros(workers, dtype=np.int64),
@@ -305,7 +304,7 @@ def advance_shared(run: SharedRun, horizon_s: float) -> bool:
         run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.queue,
         run.head, run.tail, run.free, run.idle_since, run.idle_extra, run.idle_tau, run.max_batch, run.pend_time,
         run.pend_stage, run.act_stage,
-        run.act_first, run.act_size, run.act_share, run.act_finish, run.act_retire, run.bg_busy,
+        run.act_first, run.act_size, run.act_share, run.act_finish, run.act_retire,
         run.bg_finish, run.bg_queue, run.bg_head, run.bg_tail, run.clock, run.counts, run.busy_s, run.dispatched,
         run.batches, run.entered,
         float(horizon_s),
@@ -346,7 +345,6 @@ def _pass_through(
     bg_queue: NDArray[np.int64],
     bg_head: NDArray[np.int64],
     bg_tail: NDArray[np.int64],
-    bg_busy: NDArray[np.bool_],
     bg_finish: NDArray[np.float64],
     roots: NDArray[np.bool_],
     visits: NDArray[np.bool_],
@@ -359,11 +357,10 @@ def _pass_through(
     for j in range(first, background_s.shape[0]):
         if background_s[j] <= 0.0:
             continue
+        if bg_tail[j] == bg_head[j]:  # idle until now: it starts on q at once
+            bg_finish[j] = t + background_s[j] * crowd
         bg_queue[j, bg_tail[j]] = q
         bg_tail[j] += 1
-        if not bg_busy[j]:
-            bg_busy[j] = True
-            bg_finish[j] = t + background_s[j] * crowd
         return
     for s in range(roots.shape[0]):
         if roots[s] and visits[s, q]:
@@ -401,7 +398,6 @@ def _advance(
     act_share: NDArray[np.float64],
     act_finish: NDArray[np.float64],
     act_retire: NDArray[np.bool_],
-    bg_busy: NDArray[np.bool_],
     bg_finish: NDArray[np.float64],
     bg_queue: NDArray[np.int64],
     bg_head: NDArray[np.int64],
@@ -460,7 +456,7 @@ def _advance(
         for i in range(active):
             demand += act_share[i]
         for j in range(workers):
-            if bg_busy[j]:
+            if bg_tail[j] > bg_head[j]:
                 demand += 1.0
         new_crowd = crowd_of(demand, cores)
         if new_crowd != crowd:
@@ -468,7 +464,7 @@ def _advance(
                 left = (act_finish[i] - t) / slowdown(act_share[i], crowd)  # work left, in seconds alone
                 act_finish[i] = t + left * slowdown(act_share[i], new_crowd)
             for j in range(workers):
-                if bg_busy[j]:
+                if bg_tail[j] > bg_head[j]:
                     bg_finish[j] = t + (bg_finish[j] - t) / crowd * new_crowd
             crowd = new_crowd
         for i in range(running, active):
@@ -479,7 +475,7 @@ def _advance(
                 if tail[s] > head[s]:
                     queued = True
             for j in range(workers):
-                if bg_busy[j]:
+                if bg_tail[j] > bg_head[j]:
                     queued = True
             if not queued:
                 finished = True
@@ -489,7 +485,7 @@ def _advance(
             if act_finish[i] < t_next:
                 t_next = act_finish[i]
         for j in range(workers):
-            if bg_busy[j] and bg_finish[j] < t_next:
+            if bg_tail[j] > bg_head[j] and bg_finish[j] < t_next:
                 t_next = bg_finish[j]
         for k in range(pending):
             if pend_time[k] < t_next:
@@ -543,20 +539,19 @@ def _advance(
             else:
                 k += 1
         for j in range(workers):  # in order: a query done by one process may start in the next at once
-            if bg_busy[j] and bg_finish[j] <= t:
+            if bg_tail[j] > bg_head[j] and bg_finish[j] <= t:
                 q = bg_queue[j, bg_head[j]]
                 bg_head[j] += 1
-                bg_busy[j] = bg_tail[j] > bg_head[j]
-                if bg_busy[j]:
+                if bg_tail[j] > bg_head[j]:
                     bg_finish[j] = t + background_s[j] * crowd
-                _pass_through(q, j + 1, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_busy, bg_finish,
+                _pass_through(q, j + 1, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_finish,
                               roots, visits, queue, tail, entered)  # fmt: skip
         for s in range(stages):
             if tail[s] - mark[s] > 1:  # ready at the same instant: in query order, as the estimator
                 ready = queue[s, mark[s] : tail[s]].copy()
                 queue[s, mark[s] : tail[s]] = ready[np.argsort(rank[ready], kind="mergesort")]
         while arrived < n and arrivals[arrived] <= t:
-            _pass_through(arrived, 0, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_busy, bg_finish,
+            _pass_through(arrived, 0, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_finish,
                           roots, visits, queue, tail, entered)  # fmt: skip
             arrived += 1
     clock[0], clock[1] = t, crowd

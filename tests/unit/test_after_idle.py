@@ -202,14 +202,14 @@ def test_profiling_one_hardware_again_replaces_its_after_idle_term_and_keeps_the
     assert merged.after_idle_s("k80") == (0.003, 0.004)
 
 
-def calibrated_from(live: LiveStage) -> tuple[ModelProfile, Calibration]:
+def calibrated_from(live: LiveStage, cores: float | None = None) -> tuple[ModelProfile, Calibration]:
     spec = parse_spec({"name": "p", "stages": [{"name": "s", "model": "m"}]})
     profile = parse_profile(profile_doc({"cpu": {"extra_ms": 1.0, "time_constant_ms": 2.0}}), "test")
     plan = Plan.model_validate(
         {"pipeline": "p", "slo_ms": 100, "strategy": "inferline", "cost_per_hour": 0.07, "estimated_p99_ms": 10,
          "feasible": True, "stages": {"s": {"hardware": "cpu", "max_batch_size": 4, "replicas": 1}}}
     )  # fmt: skip
-    calibrated, done = calibrate_profiles(spec, plan, {"m": profile}, {"s": live})
+    calibrated, done = calibrate_profiles(spec, plan, {"m": profile}, {"s": live}, cores=cores)
     return calibrated["m"], done[0]
 
 
@@ -236,20 +236,14 @@ def test_calibration_takes_out_what_idle_gaps_added_and_keeps_the_term() -> None
 def test_calibration_takes_the_wake_ups_out_at_the_calls_slowdown() -> None:
     # Calls slowed 2x by sharing the cores take out twice the wake-up time they measured: the
     # prediction slows the wake-up with the rest of the call.
-    spec = parse_spec({"name": "p", "stages": [{"name": "s", "model": "m"}]})
-    profile = parse_profile(profile_doc({"cpu": {"extra_ms": 1.0, "time_constant_ms": 2.0}}), "test")
-    plan = Plan.model_validate(
-        {"pipeline": "p", "slo_ms": 100, "strategy": "inferline", "cost_per_hour": 0.07, "estimated_p99_ms": 10,
-         "feasible": True, "stages": {"s": {"hardware": "cpu", "max_batch_size": 4, "replicas": 1}}}
-    )  # fmt: skip
     # Every call started with one other under way on a single core: slowdown 2 (the CPU share is 1).
     live = LiveStage(
         calls={1: (6.0, 50)}, dispatch_ms=0.0, dispatches=0, concurrency={2.0: 50}, idle_gaps={math.inf: 50}
     )
-    calibrated, done = calibrate_profiles(spec, plan, {"m": profile}, {"s": live}, cores=1.0)
-    assert done[0].contention == pytest.approx(2.0)
+    calibrated, done = calibrated_from(live, cores=1.0)
+    assert done.contention == pytest.approx(2.0)
     # 6 ms = 2 x (call + 1 ms wake-up): the call alone 2 ms, as profiled.
-    assert calibrated["m"].points("cpu")[0].latency_ms.mean == pytest.approx(2.0)
+    assert calibrated.points("cpu")[0].latency_ms.mean == pytest.approx(2.0)
 
 
 def test_the_routers_gap_histogram_reaches_calibration() -> None:
