@@ -126,6 +126,8 @@ class LocalDeployment:
         self.endpoints: Endpoints | None = None
         self.server_startup_s = 0.0
         self.server_pid: int | None = None
+        self._replicas_made = {name: 0 for name in spec.names}
+        """Per stage, replicas connected so far: each gets a label of its own, whichever one leaves."""
 
     @property
     def models(self) -> list[str]:
@@ -158,7 +160,7 @@ class LocalDeployment:
         self._stack.callback(self._agent.close)
         for model, config in self._model_configs().items():
             self._agent.configure(model, config)
-        pools = {name: [self._replica(name, i) for i in range(self.replicas[name])] for name in self.spec.names}
+        pools = {name: [self._replica(name) for _ in range(self.replicas[name])] for name in self.spec.names}
         self.router = PipelineRouter(
             self.spec, pools, self.batches, self.plan.slo_ms, self.max_queue, self.seed
         ).start()
@@ -173,8 +175,10 @@ class LocalDeployment:
         assert self._address is not None, "start() first"
         return connect(self.framework, self._address, **self._options)
 
-    def _replica(self, stage: str, index: int) -> Replica:
+    def _replica(self, stage: str) -> Replica:
         model = self.spec.stage(stage).model
+        index = self._replicas_made[stage]
+        self._replicas_made[stage] += 1
         return Replica(self._connect(), model, f"{stage}-{index}")
 
     def _model_configs(self) -> dict[str, ServingConfig]:
@@ -215,8 +219,8 @@ class LocalDeployment:
                 # Instances first, slots after: the router never sends more batches than can run.
                 self.replicas[stage] = replicas
                 self._apply(stage)
-                for i in range(current, replicas):
-                    self.router.add_replica(stage, self._replica(stage, i))
+                for _ in range(current, replicas):
+                    self.router.add_replica(stage, self._replica(stage))
             waited = replicas > current or reloaded
             return ScaleEvent(stage, replicas, time.perf_counter() - started if waited else 0.0)
 

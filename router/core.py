@@ -26,6 +26,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
@@ -152,6 +153,18 @@ class _Stage:
         return [self.idle.popitem()[0]]
 
 
+def _leaves_first(worker: _Worker) -> tuple[int, float]:
+    """Which replica a scale-down retires first, as the simulators do: one that cannot serve, then
+    the one idle longest (the coldest: a long idle gap makes its next call slower), then the busy one
+    whose batch started first (the simulators take the one that frees soonest, which for batches of
+    one size is the same)."""
+    if not worker.healthy:
+        return (0, 0.0)
+    if worker.busy_since is None:
+        return (1, worker.last_call_end if worker.last_call_end is not None else -math.inf)
+    return (2, worker.busy_since)
+
+
 class _Worker:
     """One replica: whenever it is free and its stage's queue is not empty, it takes a batch and
     sends it. It runs as a coroutine on the router's event loop where its adapter can infer there
@@ -163,6 +176,8 @@ class _Worker:
         self.stopping = False
         self.healthy = True
         self.last_call_end: float | None = None
+        self.busy_since: float | None = None
+        """When its batch under way was sent; None while it has none."""
         self.thread: threading.Thread | None = None
         self.done: Future[None] | None = None
         """Where it is a coroutine: done once it ended."""
@@ -382,6 +397,7 @@ class _Worker:
             else:
                 self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
+        self.busy_since = started
         self.router._call_started(stage.name)
         return started
 
@@ -416,6 +432,7 @@ class _Worker:
                 self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
     def _settle(self, batch: list[_Item], started: float) -> None:
+        self.busy_since = None
         self.router._call_ended()
         with self.stage.cond:
             self.stage.in_flight -= len(batch)
@@ -605,13 +622,15 @@ class PipelineRouter:
             w.wake()
 
     def remove_replica(self, stage_name: str) -> Replica | None:
-        """Retire the newest replica of a stage once its current batch is done (never the last one)."""
+        """Retire one replica of a stage once its current batch is done (never the last one): the one
+        the simulators remove (`planner/closedloop.py`, `planner/shared_cores.py`), so that a live
+        tuner's scale-down leaves the replicas they predict with."""
         stage = self._stages[self._index[stage_name]]
         with stage.cond:
             live = [w for w in stage.workers if not w.stopping]
             if len(live) <= 1:
                 return None
-            worker = live[-1]
+            worker = min(live, key=_leaves_first)
             worker.stopping = True
             stage.workers.remove(worker)
             stage.idle.pop(worker, None)

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from prometheus_client import generate_latest
 from inferline.adapters.base import ModelInfo, TensorSpec
 from inferline.calibration import replica_cpu_s
 from inferline.errors import InferlineError, ServerUnreachable
-from inferline.router.core import PipelineRouter, QueryFailed, QueryResult, Replica
+from inferline.router.core import PipelineRouter, QueryFailed, QueryResult, Replica, _leaves_first
 from inferline.router.http_frontend import serve_http
 from tests.unit.test_calibration import SPEC, SleepingServer, Tensors, outputs
 
@@ -138,7 +140,9 @@ def test_scaling_a_stage_while_it_serves(server: Callable[..., Counting]) -> Non
     try:
         assert ends([r.submit(QUERY) for _ in range(40)]) == (40, [])
         removed = r.remove_replica("a")
-        assert removed is not None and removed.adapter is second  # the newest goes
+        assert removed is not None and removed.adapter in (first, second)  # both idle: the one idle longest
+        if removed.adapter is first:
+            first, second = second, first  # `second` is the one retired
         assert r.remove_replica("a") is None  # never the last one
         served_before = len(second.sizes)
         assert ends([r.submit(QUERY) for _ in range(40)]) == (40, [])
@@ -330,25 +334,66 @@ def test_queries_that_cannot_form_one_batch_fail_and_the_replica_serves_on() -> 
     assert later.visited == ("a", "b")
 
 
-def test_a_wake_up_given_to_a_replica_as_it_retires_goes_to_another() -> None:
-    """The newest idle replica is woken for a query and retired in the same instant: the query is
-    still served, by the other one."""
-    a1, a2 = AsyncCounting(), AsyncCounting()
-    r = router({"a": [a1, a2], "b": [AsyncCounting()]})
+def test_a_replica_woken_for_a_query_as_it_retires_leaves_the_query_to_the_others() -> None:
+    """A query wakes the only idle replica, which a scale-down retires in the same instant (it is
+    not busy yet): the query is still served, by the busy one once its call is done."""
+    a1, a2 = AsyncCounting(0.2), AsyncCounting(0.2)
+    r = router({"a": [a1, a2], "b": [AsyncCounting()]}, max_batch=1)
 
-    async def run() -> QueryResult:
+    async def run() -> list[QueryResult]:
         r.start(asyncio.get_running_loop())
         await asyncio.sleep(0.05)  # both idle
         try:
-            future = r.submit(QUERY)  # wakes the newest idle replica ...
+            first = r.submit(QUERY)  # the newest idle replica (a2) takes it
+            await asyncio.sleep(0.05)
+            second = r.submit(QUERY)  # wakes a1 ...
             removed = r.remove_replica("a")  # ... which retires before it runs
-            assert removed is not None and removed.adapter is a2
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
+            assert removed is not None and removed.adapter is a1
+            return [await asyncio.wait_for(asyncio.wrap_future(f), timeout=5) for f in (first, second)]
         finally:
             r.stop()
 
-    assert asyncio.run(run()).visited == ("a", "b")
-    assert a1.sizes == [1] and a2.sizes == []
+    assert [q.visited for q in asyncio.run(run())] == [("a", "b")] * 2
+    assert a1.sizes == [] and a2.sizes == [1, 1]
+
+
+def test_a_scale_down_retires_an_idle_replica_before_a_busy_one(server: Callable[..., Counting]) -> None:
+    """As the simulators remove replicas: an idle one leaves at once, and the busy one keeps serving
+    (the router used to retire its newest replica, busy or not)."""
+    a1, a2 = server(0.3), server(0.3)
+    r = router({"a": [a1, a2], "b": [server()]}, max_batch=1).start()
+    try:
+        time.sleep(0.05)
+        query = r.submit(QUERY)
+        time.sleep(0.05)  # one replica is busy with it
+        removed = r.remove_replica("a")
+        assert removed is not None
+        busy = a2 if removed.adapter is a1 else a1
+        assert removed.adapter.sizes == [] and busy.sizes == [1]
+        assert query.result(timeout=5).visited == ("a", "b")
+        assert ends([r.submit(QUERY) for _ in range(3)]) == (3, [])
+    finally:
+        r.stop()
+    assert busy.sizes == [1, 1, 1, 1] and removed.adapter.sizes == []
+
+
+def test_which_replica_a_scale_down_retires_first() -> None:
+    """One that cannot serve, then idle ones by how long they have been idle (never called first),
+    then busy ones by when their batch was sent."""
+
+    def worker(name: str, healthy: bool = True, busy_since: float | None = None, last_end: float | None = None) -> Any:
+        return SimpleNamespace(name=name, healthy=healthy, busy_since=busy_since, last_call_end=last_end)
+
+    workers = [
+        worker("busy late", busy_since=9.0, last_end=None),
+        worker("busy early", busy_since=5.0),
+        worker("idle since 7", last_end=7.0),
+        worker("idle since 3", last_end=3.0),
+        worker("never called"),
+        worker("unhealthy", healthy=False, last_end=8.0),
+    ]
+    order = [w.name for w in sorted(workers, key=_leaves_first)]
+    assert order == ["unhealthy", "never called", "idle since 3", "idle since 7", "busy early", "busy late"]
 
 
 def test_replicas_cancelled_with_their_loop_are_no_longer_ready() -> None:
