@@ -77,6 +77,9 @@ class LiveStage:
     """Seconds a replica sat idle before a call -> how many calls (a histogram: a bucket at its
     bounds' geometric mean, its lower bound 0 at half the upper, the last at inf); back-to-back
     calls are not in it. None: the metrics do not have it."""
+    router_cpu_ms: float | None = None
+    """Mean CPU ms per call of the router's own work on the stage's calls (forming the request,
+    reading the answer: inferline_router_replica_cpu_seconds); None: the metrics do not have it."""
 
 
 @dataclass(frozen=True)
@@ -125,12 +128,15 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
     buckets: dict[str, list[tuple[float, float]]] = {}
     gap_buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
+    router_cpu_s: dict[str, float] = {}
     try:
         for (name, labels), total in later.items():
             value = total - earlier.get((name, labels), 0.0)
             kind = name.rsplit("_", 1)[-1]
             label = dict(labels)
             stage = label.get("stage")
+            if stage is not None and name == "inferline_router_replica_cpu_seconds_total":
+                router_cpu_s[stage] = value
             if stage is not None and name == "inferline_router_concurrent_calls_bucket":
                 buckets.setdefault(stage, []).append((float(label["le"]), value))
             if stage is not None and name == "inferline_router_idle_gap_seconds_bucket":
@@ -158,7 +164,9 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
         histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
         gaps = _gap_histogram(gap_buckets[stage]) if stage in gap_buckets else None
-        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram, gaps)
+        count = sum(c for _, c in calls.values())
+        cpu_ms = 1000.0 * router_cpu_s[stage] / count if stage in router_cpu_s and count else None
+        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram, gaps, cpu_ms)
     return out
 
 

@@ -29,7 +29,7 @@ from inferline.heap import freeze_long_lived
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
 from inferline.process_cpu import process_cpu_s
-from inferline.profiles import load_profiles, require_profiles
+from inferline.profiles import ModelProfile, load_profiles, require_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.prediction import predicted_latencies_ms
@@ -110,10 +110,53 @@ class CpuReading:
 
 
 OUTSIDE_REPLICAS = "router outside its replicas"
-BESIDE_THE_REPLICAS = ("load generator", OUTSIDE_REPLICAS)
+BESIDE_THE_REPLICAS = ("load generator", "router")
 """The single-threaded processes a shared-core estimate puts in each query's way, in the order a query
-passes them (planner/shared_cores.py): the router's replicas' own CPU is in the calibrated service
-times already (their calls and the time between them)."""
+passes them (planner/shared_cores.py); `in_each_querys_way` says how much of the router."""
+
+
+def in_each_querys_way(
+    measured: Mapping[str, float],
+    spec: PipelineSpec | None,
+    plan: Plan | None,
+    profiles: Mapping[str, ModelProfile] | None,
+    live: Mapping[str, LiveStage] | None,
+    queries: int,
+) -> dict[str, float]:
+    """CPU seconds per query of the load generator and the router, as a shared-core estimate puts
+    them in each query's way (`BESIDE_THE_REPLICAS`, in order), from what a replay measured.
+
+    The router runs its frontends and its replicas' own work (forming each request, reading each
+    answer) on one event loop, so a burst queues for all of it. A profile calibrated from a router's
+    call times holds that work for its model's calls already; an offline profile timed the model from
+    a client of its own and does not. So the router's part is its CPU outside its replicas plus its
+    replicas' CPU on the stages whose profiles are not calibrated: all of its CPU where none is."""
+    out = {k: measured[k] for k in ("load generator",) if k in measured}
+    if "router" not in measured:
+        return out
+    whole, outside = measured["router"], measured.get(OUTSIDE_REPLICAS)
+    names: list[str] = list(spec.names) if spec is not None and plan is not None else []
+    offline: list[str] = []
+    if spec is not None and plan is not None:
+        offline = [s.name for s in spec.stages if not _calibrated(profiles, s.model, plan.stage(s.name).hardware)]
+    if names and not offline:  # every call time holds the replicas' work
+        if outside is not None:
+            out["router"] = outside
+        return out
+    per_call = {n: live[n].router_cpu_ms for n in offline if n in live} if live is not None else {}
+    if outside is None or len(offline) == len(names) or len(per_call) < len(offline) or None in per_call.values():
+        out["router"] = whole
+        return out
+    assert live is not None
+    replicas_ms = sum((per_call[n] or 0.0) * sum(c for _, c in live[n].calls.values()) for n in offline)
+    out["router"] = min(whole, outside + replicas_ms / 1000.0 / max(queries, 1))
+    return out
+
+
+def _calibrated(profiles: Mapping[str, ModelProfile] | None, model: str, hardware: str) -> bool:
+    profile = (profiles or {}).get(model)
+    record = (profile.model_extra or {}).get("calibration") if profile is not None else None
+    return isinstance(record, dict) and hardware in record
 
 
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:
@@ -257,7 +300,8 @@ def estimate_from_run(
     target: Target,
     arrivals_s: NDArray[np.float64],
     live: Mapping[str, LiveStage],
-    background_s: Mapping[str, float],
+    cpu_s_per_query: Mapping[str, float],
+    queries: int,
     startup_s: float | None = None,
 ) -> float | None:
     """The run's estimate again, with the service times the router measured in this run in place
@@ -277,7 +321,7 @@ def estimate_from_run(
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.cores)
     if all(c.ratio is None for c in done):
         return None
-    beside = tuple(background_s.values())
+    beside = tuple(in_each_querys_way(cpu_s_per_query, spec, plan, own, live, queries).values())
     if target.tuner not in (None, "none"):
         startup = startup_s if startup_s is not None else DEFAULT_STARTUP_S
         tuner = str(target.tuner)
@@ -319,9 +363,8 @@ def results_for(
 
     `cpu_s_per_query`: the CPU seconds per query of the router and the load generator, measured
     during the run (`CpuReading`), are reported. Where the replicas share this machine's cores, the
-    estimate puts the load generator and the router outside its replicas in each query's way, as
-    single-threaded processes on the same cores; the replicas' own CPU is in calibrated service
-    times already (their call and dispatch times).
+    estimate puts the load generator and the router in each query's way, as single-threaded
+    processes on the same cores (`in_each_querys_way`).
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
@@ -339,9 +382,12 @@ def results_for(
         cost_per_hour = cost * 3600.0 / max(result.duration_s, 1e-9)
     # The load generator shares the replicas' cores only where the deployment runs here, too.
     local = target.router_pid is not None
-    measured = cpu_s_per_query or {}
-    beside = {k: measured[k] for k in BESIDE_THE_REPLICAS if k in measured and local}  # in the order passed
+    measured = (cpu_s_per_query or {}) if local else {}
+    beside: dict[str, float] = {}
     try:
+        if measured:
+            profiles = load_profiles(plan.profiles) if plan is not None and plan.profiles is not None else None
+            beside = in_each_querys_way(measured, target.spec, plan, profiles, live, result.sent)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
             beside,
@@ -360,7 +406,9 @@ def results_for(
     from_run = None
     if live:
         try:
-            from_run = estimate_from_run(target, arrivals_s, live, beside, estimate.get("estimated_startup_s"))
+            from_run = estimate_from_run(
+                target, arrivals_s, live, measured, result.sent, estimate.get("estimated_startup_s")
+            )
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None

@@ -91,6 +91,9 @@ def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None
         gaps = live[stage].idle_gaps
         assert gaps is not None
         assert sum(gaps.values()) + live[stage].dispatches == sum(batches[stage].values()) - 1
+        # The router's own CPU per call (stacking the batch, calling the adapter): some, and far
+        # less than the call, which sleeps.
+        assert live[stage].router_cpu_ms is not None and 0 < live[stage].router_cpu_ms < 1000 * CALL_S
 
 
 def test_live_stages_since_an_earlier_reading_counts_only_what_came_after() -> None:

@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from inferline.calibration import LiveStage
+from inferline.calibration import LiveStage, calibrate_profiles
 from inferline.cli import main
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
@@ -279,25 +280,24 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     result = fake_replay(arrivals)
     local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=1.0, router_pid=os.getpid())
     quiet = results_for(local, result, arrivals, 0.0)
-    router_only = results_for(local, result, arrivals, 0.0, cpu_s_per_query={"router": 0.004})
+    lg_only = results_for(local, result, arrivals, 0.0, cpu_s_per_query={"load generator": 0.006})
     busy = {"router": 0.004, "load generator": 0.006}
     beside = results_for(local, result, arrivals, 0.0, cpu_s_per_query=busy)
     assert beside["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
     assert beside["estimate"] == (
         "static plan, replicas sharing 1 core with the load generator (6.00 ms CPU per query, one query at a time)"
+        " and the router (4.00 ms CPU per query, one query at a time)"
     )
     # 6 ms of CPU per query at the step's 200 q/s is more than the core: the models get less of it.
-    assert beside["estimated_p99_ms"] > quiet["estimated_p99_ms"]
-    # The router's replicas' own CPU is in calibrated service times already: only the router's CPU
-    # outside them counts.
-    assert router_only["estimated_p99_ms"] == quiet["estimated_p99_ms"]
-    assert router_only["estimate"] == "static plan, replicas sharing 1 core"
-    outside = {"router": 0.004, "router outside its replicas": 0.006}
-    frontends = results_for(local, result, arrivals, 0.0, cpu_s_per_query=outside)
-    assert frontends["estimated_p99_ms"] == pytest.approx(beside["estimated_p99_ms"])
-    assert frontends["estimate"].endswith(
-        "with the router outside its replicas (6.00 ms CPU per query, one query at a time)"
-    )
+    assert lg_only["estimated_p99_ms"] > quiet["estimated_p99_ms"]
+    # The router's whole CPU is in each query's way (one event loop runs its frontends and its
+    # replicas' own work), after the load generator's.
+    assert beside["estimated_p99_ms"] > lg_only["estimated_p99_ms"]
+    # Offline profiles: the router's replicas' work is in no call time, so all of its CPU counts,
+    # whatever part of it was outside its replicas.
+    split = results_for(local, result, arrivals, 0.0, cpu_s_per_query=busy | {"router outside its replicas": 0.002})
+    assert split["estimated_p99_ms"] == pytest.approx(beside["estimated_p99_ms"])
+    assert split["cpu_ms_per_query"]["router outside its replicas"] == 2.0
     remote_target = Target("127.0.0.1:1", spec.name, plan, spec, None, "none")
     remote = results_for(remote_target, result, arrivals, 0.0, cpu_s_per_query=busy)
     assert remote["estimate"] == "static plan" and remote["cpu_ms_per_query"] == {"router": 4.0, "load generator": 6.0}
@@ -318,6 +318,35 @@ def test_cpu_readings_per_query() -> None:
     assert threads.per_query_s(CpuReading(10.5, 2.2, 1.3), 100) == pytest.approx(
         {"router": 0.005, "load generator": 0.002, "router outside its replicas": 0.002}
     )
+
+
+def test_the_router_in_each_querys_way_holds_what_no_call_time_holds(plan_path: Path) -> None:
+    """The router's replicas' own CPU is in a calibrated profile's call times, not in an offline one's."""
+    from inferline.replay_command import in_each_querys_way
+
+    plan, spec = load_plan(plan_path), load_spec(SPEC)
+    offline = load_profiles(plan.profiles)
+    live = {
+        name: replace(stage, router_cpu_ms=0.5)  # 0.5 ms per call, 500 calls each
+        for name, stage in _live_at(plan, spec, 1.0, 500).items()
+    }
+    every, _ = calibrate_profiles(spec, plan, offline, live)
+    classify_only, _ = calibrate_profiles(spec, plan, offline, {"classify": live["classify"]})
+    measured = {"router": 0.004, "load generator": 0.003, "router outside its replicas": 0.001}
+
+    def way(profiles: Any, live_stages: Any = live, cpu: Any = measured) -> dict[str, float]:
+        return in_each_querys_way(cpu, spec, plan, profiles, live_stages, 1000)
+
+    assert way(offline) == {"load generator": 0.003, "router": 0.004}  # in that order
+    assert list(way(offline)) == ["load generator", "router"]
+    assert way(every) == {"load generator": 0.003, "router": 0.001}
+    # `detect` kept its offline profile: its 500 calls' 0.5 ms over 1000 queries go in the way.
+    assert way(classify_only) == pytest.approx({"load generator": 0.003, "router": 0.001 + 0.00025})
+    assert way(classify_only, live_stages=None)["router"] == 0.004  # its share unknown: all of it
+    without_split = {"router": 0.004, "load generator": 0.003}
+    assert way(offline, cpu=without_split)["router"] == 0.004
+    assert "router" not in way(every, cpu=without_split)  # all of it would be counted twice
+    assert way(offline, cpu={"load generator": 0.003}) == {"load generator": 0.003}
 
 
 # --- the estimate again from the run's own service times ------------------------------------------
