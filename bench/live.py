@@ -550,10 +550,9 @@ def _print(console: Console, results: dict[str, Any]) -> None:
     for row in results.get("fidelity", []):
         for kind in ("offline", "calibrated"):
             runs = [row[kind], *row.get(f"{kind}_again", [])]
-            signed = [100 * (r["estimated_p99_ms"] - r["measured_p99_ms"]) / r["measured_p99_ms"] for r in runs]
             console.print(
                 f"{row['pipeline']} {kind}, estimate − measured over measured in {len(runs)} replays: "
-                + ", ".join(f"{e:+.1f}%" for e in signed)
+                + ", ".join(_signed_error(r) for r in runs)
             )
     for o in results.get("router_overhead", []):
         console.print(
@@ -586,6 +585,13 @@ def _print(console: Console, results: dict[str, Any]) -> None:
         f"static InferLine plan for the peak rate: ${t['peak_plan_cost_per_hour']:.4f}/h; "
         f"CG-Peak: ${t['cg_peak_cost_per_hour']:.4f}/h; results: {OUT / 'live.json'}"
     )
+
+
+def _signed_error(run: dict[str, Any]) -> str:
+    estimated, measured = run["estimated_p99_ms"], run["measured_p99_ms"]
+    if not estimated or not measured or not math.isfinite(measured):
+        return "none"  # no estimate, or more than 1% of queries failed
+    return f"{100 * (estimated - measured) / measured:+.1f}%"
 
 
 def _inflation(sizes: dict[int, dict[str, float]]) -> float:

@@ -110,9 +110,7 @@ class CpuReading:
 
 
 OUTSIDE_REPLICAS = "router outside its replicas"
-BESIDE_THE_REPLICAS = ("load generator", "router")
-"""The single-threaded processes a shared-core estimate puts in each query's way, in the order a query
-passes them (planner/shared_cores.py); `in_each_querys_way` says how much of the router."""
+ROUTER_BUT_CALIBRATED = "router less its work on calibrated stages' calls"
 
 
 def in_each_querys_way(
@@ -123,34 +121,51 @@ def in_each_querys_way(
     live: Mapping[str, LiveStage] | None,
     queries: int,
 ) -> dict[str, float]:
-    """CPU seconds per query of the load generator and the router, as a shared-core estimate puts
-    them in each query's way (`BESIDE_THE_REPLICAS`, in order), from what a replay measured.
+    """CPU seconds per query of the single-threaded processes a shared-core estimate puts in each
+    query's way, in the order a query passes them (planner/shared_cores.py): the load generator,
+    then the router, from what a replay measured; each named for the part counted.
 
-    The router runs its frontends and its replicas' own work (forming each request, reading each
-    answer) on one event loop, so a burst queues for all of it. A profile calibrated from a router's
-    call times holds that work for its model's calls already; an offline profile timed the model from
-    a client of its own and does not. So the router's part is its CPU outside its replicas plus its
-    replicas' CPU on the stages whose profiles are not calibrated: all of its CPU where none is."""
+    The router's event loop runs its frontends and also its coroutine replicas' own work (forming
+    each request, reading each answer: Triton's adapter, as `inferline up` connects it), so a burst
+    queues for all of it. A profile calibrated from a router's call times holds that work for its
+    model's calls already; an offline profile timed the model from a client of its own and does not.
+    So the router's part is its CPU outside its replicas plus its replicas' CPU on the stages whose
+    profiles are not calibrated: all of its CPU ("router") where none is, the part outside its
+    replicas where every one is. Where the replicas' share is not measured, all of it counts, unless
+    every profile is calibrated: then none does (it would be counted twice)."""
     out = {k: measured[k] for k in ("load generator",) if k in measured}
     if "router" not in measured:
         return out
     whole, outside = measured["router"], measured.get(OUTSIDE_REPLICAS)
-    names: list[str] = list(spec.names) if spec is not None and plan is not None else []
-    offline: list[str] = []
-    if spec is not None and plan is not None:
-        offline = [s.name for s in spec.stages if not _calibrated(profiles, s.model, plan.stage(s.name).hardware)]
-    if names and not offline:  # every call time holds the replicas' work
-        if outside is not None:
-            out["router"] = outside
-        return out
-    per_call = {n: live[n].router_cpu_ms for n in offline if n in live} if live is not None else {}
-    if outside is None or len(offline) == len(names) or len(per_call) < len(offline) or None in per_call.values():
+    if spec is None or plan is None:
         out["router"] = whole
         return out
-    assert live is not None
-    replicas_ms = sum((per_call[n] or 0.0) * sum(c for _, c in live[n].calls.values()) for n in offline)
-    out["router"] = min(whole, outside + replicas_ms / 1000.0 / max(queries, 1))
+    offline = [s.name for s in spec.stages if not _calibrated(profiles, s.model, plan.stage(s.name).hardware)]
+    if not offline:  # every call time holds the replicas' work
+        if outside is not None:
+            out[OUTSIDE_REPLICAS] = outside
+        return out
+    if outside is None or len(offline) == len(spec.stages) or live is None:
+        out["router"] = whole
+        return out
+    called = [live[n] for n in offline if n in live and live[n].calls]  # a stage never called cost nothing
+    if any(st.router_cpu_ms is None for st in called):
+        out["router"] = whole
+        return out
+    replicas_ms = sum((st.router_cpu_ms or 0.0) * sum(c for _, c in st.calls.values()) for st in called)
+    out[ROUTER_BUT_CALIBRATED] = min(whole, outside + replicas_ms / 1000.0 / max(queries, 1))
     return out
+
+
+def _profiles_of(plan: Plan | None) -> Mapping[str, ModelProfile] | None:
+    """The plan's profiles, or None where it names none or they cannot be read (the estimate that
+    needs them says why; one given by the caller does not)."""
+    if plan is None or plan.profiles is None:
+        return None
+    try:
+        return load_profiles(plan.profiles)
+    except InferlineError:
+        return None
 
 
 def _calibrated(profiles: Mapping[str, ModelProfile] | None, model: str, hardware: str) -> bool:
@@ -386,8 +401,7 @@ def results_for(
     beside: dict[str, float] = {}
     try:
         if measured:
-            profiles = load_profiles(plan.profiles) if plan is not None and plan.profiles is not None else None
-            beside = in_each_querys_way(measured, target.spec, plan, profiles, live, result.sent)
+            beside = in_each_querys_way(measured, target.spec, plan, _profiles_of(plan), live, result.sent)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
             beside,

@@ -155,13 +155,13 @@ class _Stage:
 
 def _leaves_first(worker: _Worker) -> tuple[int, float]:
     """Which replica a scale-down retires first, as the simulators do: one that cannot serve, then
-    the one idle longest (the coldest: a long idle gap makes its next call slower), then the busy one
-    whose batch started first (the simulators take the one that frees soonest, which for batches of
-    one size is the same)."""
+    the one idle longest (the coldest: a long idle gap makes its next call slower; its last batch
+    answered or failed), then the busy one that took its batch first (the simulators take the one
+    that frees soonest, which for batches of one size is the same). Read under the stage's lock."""
     if not worker.healthy:
         return (0, 0.0)
     if worker.busy_since is None:
-        return (1, worker.last_call_end if worker.last_call_end is not None else -math.inf)
+        return (1, worker.free_since if worker.free_since is not None else -math.inf)
     return (2, worker.busy_since)
 
 
@@ -177,7 +177,9 @@ class _Worker:
         self.healthy = True
         self.last_call_end: float | None = None
         self.busy_since: float | None = None
-        """When its batch under way was sent; None while it has none."""
+        """When it took its batch under way; None while it has none (set and cleared under the stage's lock)."""
+        self.free_since: float | None = None
+        """When its last batch ended, answered or failed; None before its first."""
         self.thread: threading.Thread | None = None
         self.done: Future[None] | None = None
         """Where it is a coroutine: done once it ended."""
@@ -372,6 +374,7 @@ class _Worker:
         stage = self.stage
         n = min(len(stage.items), stage.max_batch)
         stage.in_flight += n
+        self.busy_since = time.perf_counter()
         return [stage.items.popleft() for _ in range(n)]
 
     def _tensors(self, batch: list[_Item]) -> Tensors | None:
@@ -382,6 +385,7 @@ class _Worker:
         except ValueError as exc:
             with self.stage.cond:
                 self.stage.in_flight -= len(batch)
+                self.busy_since, self.free_since = None, time.perf_counter()
             self.router._fail(batch, f"stage {self.stage.name!r}: its queries cannot form one batch ({exc})")
             return None
 
@@ -397,7 +401,6 @@ class _Worker:
             else:
                 self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
-        self.busy_since = started
         self.router._call_started(stage.name)
         return started
 
@@ -432,11 +435,12 @@ class _Worker:
                 self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
     def _settle(self, batch: list[_Item], started: float) -> None:
-        self.busy_since = None
         self.router._call_ended()
         with self.stage.cond:
+            ended = time.perf_counter()
+            self.busy_since, self.free_since = None, ended
             self.stage.in_flight -= len(batch)
-            self.stage.busy_s += time.perf_counter() - started
+            self.stage.busy_s += ended - started
 
 
 class _OwnCpu:

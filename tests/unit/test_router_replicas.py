@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 
 from inferline.adapters.base import ModelInfo, TensorSpec
 from inferline.calibration import replica_cpu_s
-from inferline.errors import InferlineError, ServerUnreachable
+from inferline.errors import InferlineError, ServerError, ServerUnreachable
 from inferline.router.core import PipelineRouter, QueryFailed, QueryResult, Replica, _leaves_first
 from inferline.router.http_frontend import serve_http
 from tests.unit.test_calibration import SPEC, SleepingServer, Tensors, outputs
@@ -377,12 +377,47 @@ def test_a_scale_down_retires_an_idle_replica_before_a_busy_one(server: Callable
     assert busy.sizes == [1, 1, 1, 1] and removed.adapter.sizes == []
 
 
+class Refusing(AsyncCounting):
+    """Its server refuses calls while `refusing` (a ServerError: the replica stays healthy)."""
+
+    refusing = False
+
+    async def infer_async(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        if self.refusing:
+            await asyncio.sleep(self.delay_s)
+            raise ServerError("the model refused the batch")
+        return await super().infer_async(model, inputs)
+
+
+def test_a_replica_whose_last_call_failed_has_been_idle_only_since_then() -> None:
+    """A failed call ends a replica's batch like an answer does: it is not taken for one never used."""
+    a1, a2 = AsyncCounting(0.01), Refusing(0.05)
+    r = router({"a": [a1, a2], "b": [AsyncCounting()]}, max_batch=1)
+
+    async def run() -> Replica | None:
+        r.start(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        try:
+            for f in [r.submit(QUERY) for _ in range(2)]:  # the newest idle replica (a2) takes one, a1 the other
+                await asyncio.wait_for(asyncio.wrap_future(f), timeout=5)
+            a2.refusing = True  # a1 answered 40 ms before a2: a2, the newest idle, takes the next
+            with pytest.raises(QueryFailed, match="refused"):
+                await asyncio.wait_for(asyncio.wrap_future(r.submit(QUERY)), timeout=5)
+            return r.remove_replica("a")
+        finally:
+            r.stop()
+
+    removed = asyncio.run(run())
+    assert a1.sizes == [1] and a2.sizes == [1]  # the refused call is not counted
+    assert removed is not None and removed.adapter is a1
+
+
 def test_which_replica_a_scale_down_retires_first() -> None:
     """One that cannot serve, then idle ones by how long they have been idle (never called first),
     then busy ones by when their batch was sent."""
 
     def worker(name: str, healthy: bool = True, busy_since: float | None = None, last_end: float | None = None) -> Any:
-        return SimpleNamespace(name=name, healthy=healthy, busy_since=busy_since, last_call_end=last_end)
+        return SimpleNamespace(name=name, healthy=healthy, busy_since=busy_since, free_since=last_end)
 
     workers = [
         worker("busy late", busy_since=9.0, last_end=None),

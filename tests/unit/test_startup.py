@@ -337,16 +337,45 @@ def test_the_router_in_each_querys_way_holds_what_no_call_time_holds(plan_path: 
     def way(profiles: Any, live_stages: Any = live, cpu: Any = measured) -> dict[str, float]:
         return in_each_querys_way(cpu, spec, plan, profiles, live_stages, 1000)
 
-    assert way(offline) == {"load generator": 0.003, "router": 0.004}  # in that order
-    assert list(way(offline)) == ["load generator", "router"]
-    assert way(every) == {"load generator": 0.003, "router": 0.001}
+    assert way(offline) == {"load generator": 0.003, "router": 0.004}
+    assert list(way(offline)) == ["load generator", "router"]  # the order a query passes them
+    assert way(every) == {"load generator": 0.003, "router outside its replicas": 0.001}
     # `detect` kept its offline profile: its 500 calls' 0.5 ms over 1000 queries go in the way.
-    assert way(classify_only) == pytest.approx({"load generator": 0.003, "router": 0.001 + 0.00025})
-    assert way(classify_only, live_stages=None)["router"] == 0.004  # its share unknown: all of it
+    assert way(classify_only) == pytest.approx(
+        {"load generator": 0.003, "router less its work on calibrated stages' calls": 0.001 + 0.00025}
+    )
+    # ... unless it was never called: then it cost nothing.
+    never = {"classify": live["classify"]}
+    assert way(classify_only, live_stages=never) == pytest.approx(
+        {"load generator": 0.003, "router less its work on calibrated stages' calls": 0.001}
+    )
+    unmeasured = {n: replace(st, router_cpu_ms=None) for n, st in live.items()}
+    assert way(classify_only, live_stages=unmeasured)["router"] == 0.004  # its share unknown: all of it
+    assert way(classify_only, live_stages=None)["router"] == 0.004
     without_split = {"router": 0.004, "load generator": 0.003}
     assert way(offline, cpu=without_split)["router"] == 0.004
-    assert "router" not in way(every, cpu=without_split)  # all of it would be counted twice
+    assert way(every, cpu=without_split) == {"load generator": 0.003}  # all of it would be counted twice
     assert way(offline, cpu={"load generator": 0.003}) == {"load generator": 0.003}
+    assert in_each_querys_way(measured, None, None, None, None, 1000)["router"] == 0.004  # no plan: all of it
+
+
+def test_a_local_run_estimated_from_its_own_service_times_counts_the_router_outside_its_replicas(
+    plan_path: Path,
+) -> None:
+    """The run's calibrated profiles hold the router's replicas' work: only its part outside them
+    goes in each query's way."""
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    result = fake_replay(arrivals)
+    local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=2.0, router_pid=os.getpid())
+    live = {n: replace(st, router_cpu_ms=0.5) for n, st in _live_at(plan, spec, 1.0, 500).items()}
+
+    def from_run(router_s: float, outside_s: float) -> float:
+        cpu = {"router": router_s, "load generator": 0.001, "router outside its replicas": outside_s}
+        out = results_for(local, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
+        return float(out["estimated_from_run_p99_ms"])
+
+    assert from_run(0.004, 0.001) == from_run(0.009, 0.001)  # the whole router's CPU does not count ...
+    assert from_run(0.004, 0.004) > from_run(0.004, 0.001)  # ... its part outside its replicas does
 
 
 # --- the estimate again from the run's own service times ------------------------------------------
