@@ -55,6 +55,8 @@ PROBE_INTERVAL_S = 0.5
 """How often a replica whose server stopped answering checks whether it is back."""
 STOP_WAIT_S = 30.0
 """How long `stop` waits for the batches under way, all replicas together."""
+LOOP_LAG_PROBE_S = 0.05
+"""How often the router checks how late its event loop runs a timer (`inferline_router_loop_lag_seconds`)."""
 
 Tensors = dict[str, NDArray[np.generic]]
 AsyncInfer = Callable[[str, Tensors], Awaitable[Tensors]]
@@ -566,7 +568,18 @@ class PipelineRouter:
             for replica in self._pools[stage.name]:
                 self._add_worker(stage, replica)
         self._started = True
+        loop.call_soon_threadsafe(self._probe_loop_lag, None)
         return self
+
+    def _probe_loop_lag(self, due: float | None) -> None:
+        """On the loop: how late this timer ran (the loop was busy with other work: frontends,
+        replicas' requests and answers), then the next one; ends once the router stops."""
+        if self._stopping or self._loop is None:
+            return
+        now = self._loop.time()
+        if due is not None:
+            self._metrics.loop_lag.observe(max(0.0, now - due))
+        self._loop.call_later(LOOP_LAG_PROBE_S, self._probe_loop_lag, now + LOOP_LAG_PROBE_S)
 
     def stop(self) -> None:
         """Stop the replicas once their batches under way end (called on the loop its coroutine
@@ -952,6 +965,13 @@ class _RouterMetrics:
             "threads wake up (a profile's after_idle term)",
             ["stage"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "inferline_router_loop_lag_seconds",
+            "How late the router's event loop ran a timer (sampled every 50 ms): the wait of any work on "
+            "it (a request read, a replica's answer) behind other work; the router runs on one thread",
+            buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
             registry=registry,
         )
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)

@@ -431,6 +431,26 @@ def test_which_replica_a_scale_down_retires_first() -> None:
     assert order == ["unhealthy", "never called", "idle since 3", "idle since 7", "busy early", "busy late"]
 
 
+def test_the_router_measures_how_late_its_event_loop_runs() -> None:
+    """Work that holds the router's loop (here a blocking callback) delays everything else on it:
+    the loop-lag histogram shows it."""
+    r = router({"a": [AsyncCounting()], "b": [AsyncCounting()]}).start()
+    try:
+        time.sleep(0.3)  # a calm loop: its timers run about on time
+        calm = r.metrics_registry.get_sample_value("inferline_router_loop_lag_seconds_bucket", {"le": "0.05"})
+        assert r.loop_thread is not None
+        r.loop_thread.loop.call_soon_threadsafe(time.sleep, 0.15)  # holds the loop for 150 ms
+        time.sleep(0.4)
+        read = r.metrics_registry.get_sample_value
+        count = read("inferline_router_loop_lag_seconds_count")
+        within_50ms = read("inferline_router_loop_lag_seconds_bucket", {"le": "0.05"})
+    finally:
+        r.stop()
+    assert calm is not None and calm >= 3  # probed every 50 ms
+    assert count is not None and within_50ms is not None
+    assert count - within_50ms >= 1  # a timer ran 100+ ms late
+
+
 def test_replicas_cancelled_with_their_loop_are_no_longer_ready() -> None:
     r = router({"a": [AsyncCounting()], "b": [AsyncCounting()]})
 
