@@ -161,7 +161,8 @@ def _replay_again(plan: Any, trace: str, state: Path, where: Path, console: Cons
     for i in range(FIDELITY_REPEATS - 1):
         run = _fidelity_run(plan, trace, state, where / str(i))
         console.print(f"fidelity {name}, again: {_fmt_fidelity(run)}")
-        runs.append({k: run[k] for k in ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query")})
+        keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen")
+        runs.append({k: run[k] for k in keep})
     return runs
 
 
@@ -216,6 +217,7 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
         "estimated_with_own_live_p99_ms": with_own,
         "error_with_own_live": abs(with_own - meas) / meas if with_own and meas else None,
         "errors": result["errors"], "mean_batch": _mean_batch_of(live), "core_warning": core_shortfall(plan),
+        "machine_stolen": result.get("machine_stolen"),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path),
@@ -246,6 +248,11 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
             f"({100 * run['error_with_own_live']:.1f}%)"
             if run["error_with_own_live"] is not None
             else "; no estimate from the run's own service times"
+        )
+        + (
+            f"; the hypervisor took {run['machine_stolen']:.1%} of the CPU"
+            if run.get("machine_stolen") is not None
+            else ""
         )
         + (f"; warning: {run['core_warning']}" if run["core_warning"] else "")
     )
@@ -591,7 +598,9 @@ def _signed_error(run: dict[str, Any]) -> str:
     estimated, measured = run["estimated_p99_ms"], run["measured_p99_ms"]
     if not estimated or not measured or not math.isfinite(measured):
         return "none"  # no estimate, or more than 1% of queries failed
-    return f"{100 * (estimated - measured) / measured:+.1f}%"
+    stolen = run.get("machine_stolen")
+    taken = f" ({stolen:.0%} of the CPU stolen)" if stolen is not None else ""
+    return f"{100 * (estimated - measured) / measured:+.1f}%{taken}"
 
 
 def _inflation(sizes: dict[int, dict[str, float]]) -> float:

@@ -82,3 +82,21 @@ def _group_of(pid: str) -> int | None:
     # The command name may hold spaces and parentheses: fields start after the last ')'.
     fields = stat[stat.rfind(")") + 2 :].split()
     return int(fields[2]) if len(fields) > 2 else None
+
+
+def machine_steal_s() -> float | None:
+    """Seconds of CPU, summed over this machine's cores, that its hypervisor gave to others while
+    this guest wanted to run ("steal"); None where /proc/stat cannot tell (not Linux)."""
+    try:
+        return steal_from_stat((PROC / "stat").read_text(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return None
+
+
+def steal_from_stat(text: str, ticks_per_s: int) -> float | None:
+    """The steal seconds in /proc/stat's text: the 8th value of its `cpu` line, in clock ticks."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            return int(fields[8]) / ticks_per_s if len(fields) > 8 else None
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
-from inferline.process_cpu import process_cpu_s
+from inferline.process_cpu import machine_steal_s, process_cpu_s
 from inferline.profiles import ModelProfile, load_profiles, require_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
@@ -72,6 +73,9 @@ class CpuReading:
     replicas_s: float | None = None
     metrics_text: str | None = None
     """The router's Prometheus text at the reading (None: not readable)."""
+    steal_s: float | None = None
+    """CPU seconds the machine's hypervisor has given to others so far (None: not known)."""
+    wall_s: float = 0.0
 
     @classmethod
     def now(cls, router_pid: int | None, router_metrics: str | None = None) -> CpuReading:
@@ -83,7 +87,15 @@ class CpuReading:
             except (InferlineError, ValueError):
                 replicas = None  # the replay's measurements stand without it
         router = process_cpu_s(router_pid) if router_pid is not None else None
-        return cls(router, time.process_time(), replicas, text)
+        return cls(router, time.process_time(), replicas, text, machine_steal_s(), time.monotonic())
+
+    def stolen_share(self, later: CpuReading) -> float | None:
+        """The share of this machine's CPU its hypervisor gave to others between the two readings:
+        on a virtual machine, time in which nothing here ran, whatever it asked for."""
+        seconds = later.wall_s - self.wall_s
+        if self.steal_s is None or later.steal_s is None or seconds <= 0:
+            return None
+        return max(0.0, later.steal_s - self.steal_s) / (seconds * (os.cpu_count() or 1))
 
     def live_since(self, earlier: CpuReading) -> dict[str, LiveStage]:
         """What the router measured per stage between the two readings (empty where unreadable)."""
@@ -110,6 +122,8 @@ class CpuReading:
 
 
 OUTSIDE_REPLICAS = "router outside its replicas"
+STOLEN_WARN = 0.05
+"""The share of the machine's CPU taken by its hypervisor above which a replay's table says so."""
 ROUTER_BUT_CALIBRATED = "router less its work on calibrated stages' calls"
 
 
@@ -500,6 +514,8 @@ def run_replay(args: Any, console: Any) -> int:
     after = CpuReading.now(target.router_pid, target.router_metrics)
     cpu = before.per_query_s(after, result.sent)
     results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu, live=after.live_since(before))
+    stolen = before.stolen_share(after)
+    results["machine_stolen"] = round(stolen, 4) if stolen is not None else None
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
@@ -516,6 +532,12 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
         return "-" if v is None else f"{v:.1f}"
 
     caption = f"estimate: {r.get('estimate') or '-'}"
+    stolen = r.get("machine_stolen")
+    if stolen is not None and stolen >= STOLEN_WARN:
+        caption += (
+            f"\nthe hypervisor gave {stolen:.0%} of this machine's CPU to others during the run:"
+            " the latency measured is not the pipeline's alone"
+        )
     from_run = r.get("estimated_from_run_p99_ms")
     if from_run is not None:
         caption += f"\nthe same estimate from this run's own service times: P99 {from_run:.1f} ms"

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from inferline.process_cpu import group_clock, group_cpu_s
+from inferline.process_cpu import group_clock, group_cpu_s, machine_steal_s, steal_from_stat
 
 BURN = """
 import os, time
@@ -104,3 +104,12 @@ def test_process_cpu_counts_this_process_threads() -> None:
     after = process_cpu_s(os.getpid())
     assert before is not None and after is not None and 0.15 <= after - before <= 0.5
     assert process_cpu_s(2**22 + 7) is None  # above Linux's largest pid: no such process
+
+
+def test_steal_is_read_from_the_cpu_line_of_proc_stat() -> None:
+    text = "cpu  695975 0 156098 6152065 4222 0 14612 45431 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n"
+    assert steal_from_stat(text, 100) == 454.31
+    assert steal_from_stat("cpu  1 2 3 4\n", 100) is None  # a kernel too old to count it
+    assert steal_from_stat("intr 1\n", 100) is None
+    steal = machine_steal_s()  # this machine's (Linux: /proc/stat)
+    assert steal is not None and steal >= 0.0

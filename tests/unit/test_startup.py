@@ -449,3 +449,26 @@ def test_the_replay_table_names_drift_only_after_a_run_without_errors(errors: in
     caption = str(replay_table("p", results).caption)
     assert "this run's own service times: P99 95.0 ms" in caption
     assert ("`inferline calibrate` rewrites them" in caption) is hint
+
+
+@pytest.mark.parametrize(("stolen", "said"), [(None, False), (0.01, False), (0.12, True)])
+def test_the_replay_table_says_when_the_hypervisor_took_the_machines_cpu(stolen: float | None, said: bool) -> None:
+    from inferline.replay_command import replay_table
+
+    results = {
+        "sent": 100, "answered": 100, "errors": 0, "throughput_qps": 50.0, "p99_ms": 100.0,
+        "estimated_p99_ms": 100.0, "slo_miss_rate": 0.0, "cost_per_hour": 0.1, "estimate": "static plan",
+        "machine_stolen": stolen,
+    }  # fmt: skip
+    caption = str(replay_table("p", results).caption)
+    assert ("the hypervisor gave 12% of this machine's CPU to others" in caption) is said
+
+
+def test_the_share_of_the_machine_its_hypervisor_took_between_two_readings() -> None:
+    from inferline.replay_command import CpuReading
+
+    cores = os.cpu_count() or 1
+    before = CpuReading(None, 0.0, steal_s=5.0, wall_s=100.0)
+    assert before.stolen_share(CpuReading(None, 0.0, steal_s=5.0 + 0.5 * cores, wall_s=110.0)) == pytest.approx(0.05)
+    assert before.stolen_share(CpuReading(None, 0.0, steal_s=None, wall_s=110.0)) is None  # not known
+    assert before.stolen_share(CpuReading(None, 0.0, steal_s=5.0, wall_s=100.0)) is None  # no time passed
