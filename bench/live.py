@@ -228,7 +228,7 @@ def _mean_batch_of(live: dict[str, Any]) -> dict[str, float]:
     """Mean batch size per stage from a router's parsed metrics (`live_stages`)."""
     out = {}
     for stage, measured in live.items():
-        calls = sum(c for _, c in measured.calls.values())
+        calls = measured.call_count
         if calls:
             out[stage] = round(sum(n * c for n, (_, c) in measured.calls.items()) / calls, 3)
     return out

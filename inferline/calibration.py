@@ -45,8 +45,9 @@ import math
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,10 @@ class LiveStage:
     router_cpu_ms: float | None = None
     """Mean CPU ms per call of the router's own work on the stage's calls (forming the request,
     reading the answer: inferline_router_replica_cpu_seconds); None: the metrics do not have it."""
+
+    @property
+    def call_count(self) -> int:
+        return sum(c for _, c in self.calls.values())
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,11 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         dispatches = int(sums.get(("dispatch_count", stage, 0), 0.0))
         dispatch_ms = 1000.0 * sums.get(("dispatch_sum", stage, 0), 0.0) / dispatches if dispatches else 0.0
         histogram = _histogram(buckets.get(stage, []), under_way_sum.get(stage, 0.0))
+        measured = LiveStage(calls, dispatch_ms, dispatches, histogram)
         gaps = _gap_histogram(gap_buckets[stage]) if stage in gap_buckets else None
-        count = sum(c for _, c in calls.values())
+        count = measured.call_count
         cpu_ms = 1000.0 * router_cpu_s[stage] / count if stage in router_cpu_s and count else None
-        out[stage] = LiveStage(calls, dispatch_ms, dispatches, histogram, gaps, cpu_ms)
+        out[stage] = replace(measured, idle_gaps=gaps, router_cpu_ms=cpu_ms)
     return out
 
 
@@ -344,6 +350,12 @@ def _cpu_share(profile: ModelProfile, hardware: str, stages: list[str], live: Ma
     return float(sum(u * c for u, c in weighted) / count)
 
 
+def calibration_record(profile: ModelProfile) -> Mapping[str, Any]:
+    """What calibration applied to a profile, per hardware (empty: an offline profile)."""
+    record = (profile.model_extra or {}).get("calibration")
+    return record if isinstance(record, dict) else {}
+
+
 def _scaled(
     profile: ModelProfile,
     hardware: str,
@@ -366,7 +378,7 @@ def _scaled(
         BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": scaled(p.latency_ms)})
         for p in profile.points(hardware)
     )
-    record = dict((profile.model_extra or {}).get("calibration") or {})
+    record = dict(calibration_record(profile))
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
     if contention != 1.0:
         record[hardware]["contention"] = round(contention, 4)

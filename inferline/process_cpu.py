@@ -19,11 +19,16 @@ def group_cpu_s(pgid: int) -> float | None:
     """Seconds of CPU that the live processes of group `pgid` have used; None where /proc cannot tell."""
     if not (PROC / "self" / "schedstat").exists():
         return None
-    total_ns = 0
+    return sum(_group_thread_times(pgid).values()) / 1e9
+
+
+def _group_thread_times(pgid: int) -> dict[tuple[str, str], int]:
+    """(pid, tid) -> nanoseconds on a CPU, for each live thread of the group's processes."""
+    out: dict[tuple[str, str], int] = {}
     for entry in os.scandir(PROC):
         if entry.name.isdigit() and _group_of(entry.name) == pgid:
-            total_ns += _threads_ns(entry.name)
-    return total_ns / 1e9
+            out.update(_thread_times(entry.name))
+    return out
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -66,9 +71,7 @@ def group_clock(pgid: int | None) -> Callable[[], float | None] | None:
     def clock() -> float | None:
         if not (PROC / "self" / "schedstat").exists():
             return None
-        for entry in os.scandir(PROC):
-            if entry.name.isdigit() and _group_of(entry.name) == pgid:
-                seen.update(_thread_times(entry.name))
+        seen.update(_group_thread_times(pgid))
         return sum(seen.values()) / 1e9
 
     return clock

@@ -23,7 +23,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.adapters.base import TensorSpec, random_inputs
-from inferline.calibration import LiveStage, calibrate_profiles, live_stages, read_metrics, replica_cpu_s
+from inferline.calibration import (
+    LiveStage,
+    calibrate_profiles,
+    calibration_record,
+    live_stages,
+    read_metrics,
+    replica_cpu_s,
+)
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
@@ -166,7 +173,7 @@ def in_each_querys_way(
     if any(st.router_cpu_ms is None for st in called):
         out["router"] = whole
         return out
-    replicas_ms = sum((st.router_cpu_ms or 0.0) * sum(c for _, c in st.calls.values()) for st in called)
+    replicas_ms = sum((st.router_cpu_ms or 0.0) * st.call_count for st in called)
     out[ROUTER_BUT_CALIBRATED] = min(whole, outside + replicas_ms / 1000.0 / max(queries, 1))
     return out
 
@@ -184,8 +191,7 @@ def _profiles_of(plan: Plan | None) -> Mapping[str, ModelProfile] | None:
 
 def _calibrated(profiles: Mapping[str, ModelProfile] | None, model: str, hardware: str) -> bool:
     profile = (profiles or {}).get(model)
-    record = (profile.model_extra or {}).get("calibration") if profile is not None else None
-    return isinstance(record, dict) and hardware in record
+    return profile is not None and hardware in calibration_record(profile)
 
 
 def client_for(target: Target) -> AsyncKServeClient | AsyncKServeHttpClient:

@@ -386,8 +386,7 @@ class _Worker:
             return {name: np.concatenate([item.inputs[name] for item in batch]) for name in batch[0].inputs}
         except ValueError as exc:
             with self.stage.cond:
-                self.stage.in_flight -= len(batch)
-                self.busy_since, self.free_since = None, time.perf_counter()
+                self._release(batch)
             self.router._fail(batch, f"stage {self.stage.name!r}: its queries cannot form one batch ({exc})")
             return None
 
@@ -439,10 +438,13 @@ class _Worker:
     def _settle(self, batch: list[_Item], started: float) -> None:
         self.router._call_ended()
         with self.stage.cond:
-            ended = time.perf_counter()
-            self.busy_since, self.free_since = None, ended
-            self.stage.in_flight -= len(batch)
-            self.stage.busy_s += ended - started
+            self.stage.busy_s += self._release(batch) - started
+
+    def _release(self, batch: list[_Item]) -> float:
+        """Called under the stage's lock: the batch is no longer in flight and the replica is free; when."""
+        self.stage.in_flight -= len(batch)
+        self.busy_since, self.free_since = None, time.perf_counter()
+        return self.free_since
 
 
 class _OwnCpu:
