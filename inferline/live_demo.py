@@ -153,7 +153,9 @@ def deploy_and_replay(
         freeze_long_lived()  # the router runs in this process: no collector pause mid-replay
         before = generate_latest(deployment.router.metrics_registry).decode()
         started = time.time()
-        result = asyncio.run(replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console)))
+        answered: list[tuple[str, ...] | None] = [None] * arrivals.size
+        replaying = replay_against(target, arrivals, plan.slo_ms, inputs, 30.0, 0, progress_printer(console), answered)
+        result = asyncio.run(replaying)
         after = generate_latest(deployment.router.metrics_registry).decode()
         measured = live_stages(after, since=before)
         if metrics_out is not None:
@@ -165,7 +167,7 @@ def deploy_and_replay(
     decisions = [d.as_json() for d in (live.decisions if live is not None else [])]
     # The router runs in this process, beside the load generator: their CPU cannot be told apart, so
     # the estimate counts neither (calibration puts the router's into the service times).
-    results = results_for(target, result, arrivals, started, decisions, live=measured)
+    results = results_for(target, result, arrivals, started, decisions, live=measured, answered=answered)
     results["tuner"] = tuner
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}

@@ -40,7 +40,7 @@ from inferline.process_cpu import machine_steal_s, process_cpu_s
 from inferline.profiles import ModelProfile, load_profiles, require_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
-from inferline.router.prediction import predicted_latencies_ms
+from inferline.router.prediction import predicted_latencies_ms, routes_taken
 from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, replay, run_results
 from inferline.runs import simulate_plan
 from inferline.spec import PipelineSpec, load_spec
@@ -220,13 +220,18 @@ async def replay_against(
     timeout_s: float,
     seed: int,
     on_progress: Any = None,
+    answered: list[tuple[str, ...] | None] | None = None,
 ) -> ReplayResult:
+    """`answered`, where given (one entry per query), gets each answered query's output names: the
+    stages it visited (`prediction.routes_taken`)."""
     client = client_for(target)
     queries = random_queries(inputs, INPUT_POOL, seed)
     try:
 
         async def send(i: int) -> None:
-            await client.infer(target.pipeline, queries[i % len(queries)], timeout_s=timeout_s)
+            outputs = await client.infer(target.pipeline, queries[i % len(queries)], timeout_s=timeout_s)
+            if answered is not None:
+                answered[i] = tuple(outputs)
 
         return await replay(send, arrivals_s, slo_ms, timeout_s=timeout_s, on_progress=on_progress, classify=classify)
     finally:
@@ -276,8 +281,10 @@ def run_estimate(
     fallback_decisions: Sequence[Mapping[str, Any]] = (),
     cores: float | None = None,
     background_s: Mapping[str, float] | None = None,
+    routes: tuple[NDArray[np.bool_], int] | None = None,
 ) -> dict[str, Any]:
-    """The estimate keys of a replay's results, for the same plan and trace as the run.
+    """The estimate keys of a replay's results, for the same plan and trace as the run, and with the
+    conditional edges its queries took where `routes` gives them (`prediction.routes_taken`).
 
     A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
     tuner's tick and the replica start-up measured in `decisions` (median; else in
@@ -286,6 +293,8 @@ def run_estimate(
     share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query.
     """
     beside = tuple((background_s or {}).values())
+    visits = routes[0] if routes is not None else None
+    took = _routes_taken(routes)
     if tuner is None or tuner == "none":
         if static_latencies_ms is not None:
             latencies_ms = static_latencies_ms
@@ -294,14 +303,14 @@ def run_estimate(
         else:
             profiles = load_profiles(plan.profiles)
             latencies_ms = predicted_latencies_ms(
-                spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside
+                spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
             )
-        sharing = _sharing(cores, background_s) if static_latencies_ms is None else ""
+        how = _sharing(cores, background_s) + took if static_latencies_ms is None else ""
         return {
             "estimated_p99_ms": p99(latencies_ms),
             "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
             "estimated_startup_s": None,
-            "estimate": f"static plan{sharing}",
+            "estimate": f"static plan{how}",
         }
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
@@ -310,15 +319,25 @@ def run_estimate(
         measured = measured_startup_s(fallback_decisions)
     startup_s = measured if measured is not None else DEFAULT_STARTUP_S
     run = simulate_plan(
-        spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s, cores=cores, background_s=beside
-    )
+        spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s, cores=cores, background_s=beside,
+        visits=visits,
+    )  # fmt: skip
     how = "measured" if measured is not None else "default, none measured"
     return {
         "estimated_p99_ms": run.p99_s * 1000.0,
         "estimated_slo_miss_rate": _rate(run.slo_miss_rate),
         "estimated_startup_s": round(startup_s, 3),
-        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {how}{_sharing(cores, background_s)}",
+        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {how}{_sharing(cores, background_s)}{took}",
     }
+
+
+def _routes_taken(routes: tuple[NDArray[np.bool_], int] | None) -> str:
+    """What the estimate knew of the conditional edges, for its description ("": sampled, as planned)."""
+    if routes is None:
+        return ""
+    visits, known = routes
+    every = "" if known == visits.shape[1] else f" ({known} of {visits.shape[1]} queries; sampled for the rest)"
+    return f", conditional edges as the queries took them{every}"
 
 
 def _sharing(cores: float | None, background_s: Mapping[str, float] | None) -> str:
@@ -338,11 +357,12 @@ def estimate_from_run(
     cpu_s_per_query: Mapping[str, float],
     queries: int,
     startup_s: float | None = None,
+    visits: NDArray[np.bool_] | None = None,
 ) -> float | None:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
     no plan with profiles or the run measured too few calls. A tuned run is simulated closed-loop
-    with its tuner and `startup_s`, as its estimate was.
+    with its tuner and `startup_s`, as its estimate was; `visits` are the conditional edges taken.
 
     Beside the estimate from the profiles it tells a user why an estimate missed: if this one
     holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
@@ -362,11 +382,11 @@ def estimate_from_run(
         tuner = str(target.tuner)
         run = simulate_plan(
             spec, plan, arrivals_s, tuner, profiles=own, tick_s=LIVE_TICK_S, startup_s=startup, cores=target.cores,
-            background_s=beside,
+            background_s=beside, visits=visits,
         )  # fmt: skip
         return run.p99_s * 1000.0
     latencies = predicted_latencies_ms(
-        spec, own, plan_catalog(plan), plan, arrivals_s, cores=target.cores, background_s=beside
+        spec, own, plan_catalog(plan), plan, arrivals_s, cores=target.cores, background_s=beside, visits=visits
     )
     return p99(latencies)
 
@@ -393,6 +413,7 @@ def results_for(
     estimated_latencies_ms: NDArray[np.float64] | None = None,
     cpu_s_per_query: Mapping[str, float] | None = None,
     live: Mapping[str, LiveStage] | None = None,
+    answered: Sequence[tuple[str, ...] | None] | None = None,
 ) -> dict[str, Any]:
     """Run results; `decisions` default to the tuner's log in the state dir.
 
@@ -404,7 +425,8 @@ def results_for(
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
     estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
     With `live`, the router's measurements of this run, the run is also estimated from them
-    (`estimate_from_run`).
+    (`estimate_from_run`). With `answered` (`replay_against`), both estimates take the conditional
+    edges each query took.
     """
     plan = target.plan
     fallback: list[dict[str, Any]] = []
@@ -419,12 +441,13 @@ def results_for(
     local = target.router_pid is not None
     measured = (cpu_s_per_query or {}) if local else {}
     beside: dict[str, float] = {}
+    routes = routes_taken(target.spec, answered) if answered is not None and target.spec is not None else None
     try:
         if measured:
             beside = in_each_querys_way(measured, target.spec, plan, _profiles_of(plan), live, result.sent)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
-            beside,
+            beside, routes,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
@@ -441,8 +464,9 @@ def results_for(
     if live:
         try:
             from_run = estimate_from_run(
-                target, arrivals_s, live, measured, result.sent, estimate.get("estimated_startup_s")
-            )
+                target, arrivals_s, live, measured, result.sent, estimate.get("estimated_startup_s"),
+                routes[0] if routes is not None else None,
+            )  # fmt: skip
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
@@ -514,12 +538,14 @@ def run_replay(args: Any, console: Any) -> int:
     freeze_long_lived()  # a collector pause mid-replay would show up as the pipeline's latency
     started = time.time()
     before = CpuReading.now(target.router_pid, target.router_metrics)
+    answered: list[tuple[str, ...] | None] = [None] * arrivals.size
     result = asyncio.run(
-        replay_against(target, arrivals, slo_ms, inputs, args.timeout_s, args.seed, progress_printer(console))
+        replay_against(target, arrivals, slo_ms, inputs, args.timeout_s, args.seed, progress_printer(console), answered)
     )
     after = CpuReading.now(target.router_pid, target.router_metrics)
     cpu = before.per_query_s(after, result.sent)
-    results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu, live=after.live_since(before))
+    live = after.live_since(before)
+    results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu, live=live, answered=answered)
     stolen = before.stolen_share(after)
     results["machine_stolen"] = round(stolen, 4) if stolen is not None else None
     if args.out:

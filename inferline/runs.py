@@ -35,12 +35,14 @@ def simulate_plan(
     seed: int = 0,
     cores: float | None = None,
     background_s: tuple[float, ...] = (),
+    visits: NDArray[np.bool_] | None = None,
 ) -> RunResult:
     """The plan over the trace in the closed-loop simulator, with `tuner` (a policy name, `none` = static).
 
     Profiles (`profiles`, else read from `profiles_dir`) and hardware catalog default to the ones
     the plan was made with. With `cores`, every replica shares that many cores, beside processes
-    costing `background_s` CPU seconds per query.
+    costing `background_s` CPU seconds per query. `visits`: the conditional edges each query takes
+    (else sampled with `seed`).
     """
     if profiles is None:
         where = profiles_dir or plan.profiles
@@ -57,7 +59,7 @@ def simulate_plan(
         raise InferlineError("--tick-s must be positive and --startup-s not negative", "pass sensible durations")
     return simulate_run(
         model, table, config, arrivals_s, plan.slo_ms / 1000.0, policy, tick_s=tick_s, startup_s=startup_s, seed=seed,
-        cores=cores, background_s=background_s,
+        cores=cores, background_s=background_s, visits=visits,
     )  # fmt: skip
 
 

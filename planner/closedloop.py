@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from inferline.planner.costtable import CostTable, HardwareOption
 from inferline.planner.estimator import p99
 from inferline.planner.kernel import advance_stage
-from inferline.planner.pipeline import Config, PipelineModel, sample_visits
+from inferline.planner.pipeline import Config, PipelineModel, check_visits, sample_visits
 from inferline.planner.shared_cores import advance_shared, start_shared
 from inferline.planner.tuning.context import Decision, StageStatus, TunerContext
 
@@ -116,15 +116,17 @@ def simulate_run(
     seed: int = 0,
     cores: float | None = None,
     background_s: tuple[float, ...] = (),
+    visits: NDArray[np.bool_] | None = None,
 ) -> RunResult:
     """The run of `config` over the (sorted) arrivals with `policy` deciding every `tick_s`.
 
     With `cores`, every replica shares that many cores (`planner/shared_cores.py`), beside
     processes costing `background_s` CPU seconds per query; else each has its own hardware unit.
+    Conditional edges are sampled with `seed`, or given by `visits` (as `Estimator` takes them).
     """
     arrivals = np.ascontiguousarray(arrivals_s, dtype=np.float64)
     n = arrivals.size
-    visits = sample_visits(model, n, np.random.default_rng(seed))
+    visits = sample_visits(model, n, np.random.default_rng(seed)) if visits is None else check_visits(model, visits, n)
     options = [table[s].option(c.hardware) for s, c in enumerate(config)]
     engine: _Engine = (
         _SharedEngine(model, options, config, arrivals, visits, cores, background_s)

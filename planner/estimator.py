@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from inferline.planner.costtable import CostTable, cost_per_hour
 from inferline.planner.kernel import run_stage
-from inferline.planner.pipeline import Config, PipelineModel, StageConfig, sample_visits
+from inferline.planner.pipeline import Config, PipelineModel, StageConfig, check_visits, sample_visits
 
 PERCENTILE = 0.99
 
@@ -54,7 +54,8 @@ class Estimator:
     """Estimates P99 of configurations of one pipeline for one trace and SLO.
 
     Conditional edges are sampled once per query with a seeded generator, so every
-    configuration sees the same queries and comparisons between candidates are fair.
+    configuration sees the same queries and comparisons between candidates are fair. `visits`
+    gives them instead (`pipeline.check_visits`), e.g. the routes a replay's queries took.
     """
 
     def __init__(
@@ -65,12 +66,16 @@ class Estimator:
         slo_s: float,
         seed: int = 0,
         cache_entries: int = 96,
+        visits: NDArray[np.bool_] | None = None,
     ) -> None:
         self.model = model
         self.table = table
         self.arrivals_s = np.ascontiguousarray(arrivals_s, dtype=np.float64)
         self.slo_s = slo_s
-        self.visits = sample_visits(model, self.arrivals_s.size, np.random.default_rng(seed))
+        n = self.arrivals_s.size
+        self.visits = (
+            sample_visits(model, n, np.random.default_rng(seed)) if visits is None else check_visits(model, visits, n)
+        )
         self.budget = miss_budget(self.arrivals_s.size)
         self.simulations = 0
         self.stage_runs = 0

@@ -94,6 +94,18 @@ def sample_visits(model: PipelineModel, queries: int, rng: np.random.Generator) 
     return visits
 
 
+def check_visits(model: PipelineModel, visits: NDArray[np.bool_], queries: int) -> NDArray[np.bool_]:
+    """Given visits (e.g. the routes a replay's queries took) as a (stages, queries) boolean array;
+    ValueError when its shape is not that or a query visits a stage without one of its parents."""
+    visits = np.asarray(visits)
+    if visits.shape != (model.size, queries) or visits.dtype != np.bool_:
+        raise ValueError(f"visits must be a ({model.size}, {queries}) boolean array, got {visits.dtype} {visits.shape}")
+    for s in range(model.size):
+        if model.parents[s] and np.any(visits[s] & ~np.logical_or.reduce([visits[p] for p in model.parents[s]])):
+            raise ValueError(f"some query visits stage {model.names[s]!r} but none of its parents")
+    return np.ascontiguousarray(visits)
+
+
 def _visit_rates_exact(model: PipelineModel) -> NDArray[np.float64]:
     # Each stage's own coin is independent; enumerate the 2^k coins of the stages whose
     # probability is below 1 (at most 16 stages, so at most 65536 outcomes).

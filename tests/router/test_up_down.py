@@ -80,6 +80,9 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         cores = info["cores"]
         assert results["estimate"].startswith(f"static plan, replicas sharing {cores} core")
         assert "with the load generator" in results["estimate"]
+        # `classify` follows `detect` with probability 0.6: the estimate takes the routes the queries
+        # took, read from their answers (every query answered).
+        assert results["estimate"].endswith(", conditional edges as the queries took them")
         # Estimated again from the service times the router measured in this replay alone.
         assert results["estimated_from_run_p99_ms"] > 0
         # The gRPC endpoint, named explicitly: an HTTP client could not talk to it at all.
@@ -88,6 +91,7 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert replayed.returncode == 0, replayed.stderr
         results = json.loads(replayed.stdout)
         assert results["errors"] == 0 and results["answered"] == results["sent"] > 40 and results["p99_ms"] > 0
+        assert results["estimate"].endswith(", conditional edges as the queries took them")  # gRPC answers too
         assert set(results["cpu_ms_per_query"]) == {"load generator"}  # given by address: no router pid
         assert results["estimated_from_run_p99_ms"] is None  # nor its metrics
     finally:
