@@ -366,18 +366,7 @@ def _scaled(
     woken_per_call_ms: float,
     keep_after_idle: bool,
 ) -> ModelProfile:
-    factor = ratio / contention
-
-    def scaled(stats: LatencyStats) -> LatencyStats:
-        values = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99}
-        changed = {k: None if v is None else v * factor + dispatch_ms for k, v in values.items()}
-        cpu = None if stats.server_cpu_ms is None else stats.server_cpu_ms * factor
-        return LatencyStats(**{**stats.model_dump(), **changed, "server_cpu_ms": cpu})
-
-    points = tuple(
-        BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": scaled(p.latency_ms)})
-        for p in profile.points(hardware)
-    )
+    points = _stretched(profile, hardware, ratio / contention, dispatch_ms)
     record = dict(calibration_record(profile))
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
     if contention != 1.0:
@@ -389,4 +378,28 @@ def _scaled(
         record[hardware]["after_idle"] = "folded into the means: the metrics have no idle-gap histogram"
     return profile.model_copy(
         update={"profiles": {**profile.profiles, hardware: points}, "after_idle": after_idle, "calibration": record}
+    )
+
+
+def with_ms_per_call(profile: ModelProfile, hardware: str, ms: float) -> ModelProfile:
+    """The profile with every call on `hardware` `ms` longer, at every batch size (not a calibration:
+    e.g. a router's own work on each call, which a profile timed from a client of its own lacks)."""
+    return profile.model_copy(
+        update={"profiles": {**profile.profiles, hardware: _stretched(profile, hardware, 1.0, ms)}}
+    )
+
+
+def _stretched(profile: ModelProfile, hardware: str, factor: float, add_ms: float) -> tuple[BatchPoint, ...]:
+    """The profile's points on `hardware` with latencies times `factor` plus `add_ms`, and its server
+    CPU times `factor` (the added time is not the server's)."""
+
+    def stretched(stats: LatencyStats) -> LatencyStats:
+        values = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99}
+        changed = {k: None if v is None else v * factor + add_ms for k, v in values.items()}
+        cpu = None if stats.server_cpu_ms is None else stats.server_cpu_ms * factor
+        return LatencyStats(**{**stats.model_dump(), **changed, "server_cpu_ms": cpu})
+
+    return tuple(
+        BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": stretched(p.latency_ms)})
+        for p in profile.points(hardware)
     )

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from inferline.calibration import (
     live_stages,
     read_metrics,
     replica_cpu_s,
+    with_ms_per_call,
 )
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
@@ -43,7 +44,7 @@ from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.prediction import predicted_latencies_ms, routes_taken
 from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, replay, run_results
 from inferline.runs import simulate_plan
-from inferline.spec import PipelineSpec, load_spec
+from inferline.spec import PipelineSpec, StageSpec, load_spec
 from inferline.startup import DEFAULT_STARTUP_S, LIVE_TICK_S, measured_startup_s
 from inferline.validation import check_cores
 
@@ -131,7 +132,17 @@ class CpuReading:
 OUTSIDE_REPLICAS = "router outside its replicas"
 STOLEN_WARN = 0.05
 """The share of the machine's CPU taken by its hypervisor above which a replay's table says so."""
-ROUTER_BUT_CALIBRATED = "router less its work on calibrated stages' calls"
+
+
+@dataclass(frozen=True)
+class QueryWay:
+    """Where a shared-core estimate puts the CPU work of the processes beside the replicas."""
+
+    beside: Mapping[str, float]
+    """CPU seconds per query of the single-threaded processes in each query's way, in the order a
+    query passes them (planner/shared_cores.py), each named for the part counted."""
+    in_calls_ms: Mapping[str, float] = field(default_factory=dict)
+    """Per stage whose profile is offline, the router's own CPU ms per call, added to its calls."""
 
 
 def in_each_querys_way(
@@ -140,41 +151,57 @@ def in_each_querys_way(
     plan: Plan | None,
     profiles: Mapping[str, ModelProfile] | None,
     live: Mapping[str, LiveStage] | None,
-    queries: int,
-) -> dict[str, float]:
-    """CPU seconds per query of the single-threaded processes a shared-core estimate puts in each
-    query's way, in the order a query passes them (planner/shared_cores.py): the load generator,
-    then the router, from what a replay measured; each named for the part counted.
+) -> QueryWay:
+    """Where the load generator's and the router's CPU, measured during a replay, go in a shared-core
+    estimate: the load generator in each query's way; the router's part outside its replicas (its
+    frontends) after it, and its replicas' own work in their stages' calls.
 
     The router's event loop runs its frontends and also its coroutine replicas' own work (forming
-    each request, reading each answer: Triton's adapter, as `inferline up` connects it), so a burst
-    queues for all of it. A profile calibrated from a router's call times holds that work for its
-    model's calls already; an offline profile timed the model from a client of its own and does not.
-    So the router's part is its CPU outside its replicas plus its replicas' CPU on the stages whose
-    profiles are not calibrated: all of its CPU ("router") where none is, the part outside its
-    replicas where every one is. Where the replicas' share is not measured, all of it counts, unless
-    every profile is calibrated: then none does (it would be counted twice)."""
+    each request, reading each answer: Triton's adapter, as `inferline up` connects it). A replica
+    does that work between sending a batch and passing it on, so it is part of the replica's cycle.
+    A profile calibrated from the router's call times holds it already. An offline profile timed the
+    model from a client of its own and does not: each call of its stage gets the router's measured
+    CPU per call on that stage (the mean over the stages that share the profile's model and
+    hardware). Where that share is not measured, all of the router's CPU goes in each query's way
+    ("router"), unless every profile is calibrated: then none does (it would be counted twice)."""
     out = {k: measured[k] for k in ("load generator",) if k in measured}
     if "router" not in measured:
-        return out
+        return QueryWay(out)
     whole, outside = measured["router"], measured.get(OUTSIDE_REPLICAS)
     if spec is None or plan is None:
-        out["router"] = whole
-        return out
-    offline = [s.name for s in spec.stages if not _calibrated(profiles, s.model, plan.stage(s.name).hardware)]
-    if not offline:  # every call time holds the replicas' work
-        if outside is not None:
-            out[OUTSIDE_REPLICAS] = outside
-        return out
-    if outside is None or len(offline) == len(spec.stages) or live is None:
-        out["router"] = whole
-        return out
-    called = [live[n] for n in offline if n in live and live[n].calls]  # a stage never called cost nothing
-    if any(st.router_cpu_ms is None for st in called):
-        out["router"] = whole
-        return out
-    replicas_ms = sum((st.router_cpu_ms or 0.0) * st.call_count for st in called)
-    out[ROUTER_BUT_CALIBRATED] = min(whole, outside + replicas_ms / 1000.0 / max(queries, 1))
+        return QueryWay(out | {"router": whole})
+    offline = [s for s in spec.stages if not _calibrated(profiles, s.model, plan.stage(s.name).hardware)]
+    called = [s for s in offline if live is not None and s.name in live and live[s.name].calls]
+    if not offline or (
+        outside is not None and live is not None and all(live[s.name].router_cpu_ms is not None for s in called)
+    ):
+        # A stage never called cost nothing; where every profile is calibrated, its calls hold it all.
+        return QueryWay(
+            out | ({OUTSIDE_REPLICAS: outside} if outside is not None else {}), _per_call_ms(called, plan, live)
+        )
+    return QueryWay(out | {"router": whole})
+
+
+def _per_call_ms(stages: Sequence[StageSpec], plan: Plan, live: Mapping[str, LiveStage] | None) -> dict[str, float]:
+    """The router's CPU ms per call on each of `stages`, averaged over those serving one profile."""
+    groups: dict[tuple[str, str], list[LiveStage]] = {}
+    for s in stages:
+        groups.setdefault((s.model, plan.stage(s.name).hardware), []).append((live or {})[s.name])
+    mean = {
+        key: sum((st.router_cpu_ms or 0.0) * st.call_count for st in group) / sum(st.call_count for st in group)
+        for key, group in groups.items()
+    }
+    return {s.name: mean[(s.model, plan.stage(s.name).hardware)] for s in stages}
+
+
+def with_router_work(
+    profiles: Mapping[str, ModelProfile], spec: PipelineSpec, plan: Plan, in_calls_ms: Mapping[str, float]
+) -> dict[str, ModelProfile]:
+    """The profiles with the router's own work on each call of the stages in `in_calls_ms` added."""
+    out = dict(profiles)
+    for s in spec.stages:
+        if s.name in in_calls_ms:
+            out[s.model] = with_ms_per_call(profiles[s.model], plan.stage(s.name).hardware, in_calls_ms[s.name])
     return out
 
 
@@ -282,6 +309,7 @@ def run_estimate(
     cores: float | None = None,
     background_s: Mapping[str, float] | None = None,
     routes: tuple[NDArray[np.bool_], int] | None = None,
+    in_calls_ms: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run, and with the
     conditional edges its queries took where `routes` gives them (`prediction.routes_taken`).
@@ -290,44 +318,45 @@ def run_estimate(
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
     prediction (`static_latencies_ms` when the caller already has it). Either way the replicas
-    share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query.
+    share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query,
+    and each call of the stages in `in_calls_ms` takes that many ms longer (`QueryWay`).
     """
     beside = tuple((background_s or {}).values())
     visits = routes[0] if routes is not None else None
-    took = _routes_taken(routes)
+    how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
     if tuner is None or tuner == "none":
         if static_latencies_ms is not None:
             latencies_ms = static_latencies_ms
         elif plan is None or spec is None or plan.profiles is None:
             return no_estimate("no plan with its profiles and spec to estimate from")
         else:
-            profiles = load_profiles(plan.profiles)
+            profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
             latencies_ms = predicted_latencies_ms(
                 spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
             )
-        how = _sharing(cores, background_s) + took if static_latencies_ms is None else ""
         return {
             "estimated_p99_ms": p99(latencies_ms),
             "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
             "estimated_startup_s": None,
-            "estimate": f"static plan{how}",
+            "estimate": f"static plan{how if static_latencies_ms is None else ''}",
         }
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
+    profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
     measured = measured_startup_s(decisions)
     if measured is None:
         measured = measured_startup_s(fallback_decisions)
     startup_s = measured if measured is not None else DEFAULT_STARTUP_S
     run = simulate_plan(
-        spec, plan, arrivals_s, tuner, tick_s=LIVE_TICK_S, startup_s=startup_s, cores=cores, background_s=beside,
-        visits=visits,
+        spec, plan, arrivals_s, tuner, profiles=profiles, tick_s=LIVE_TICK_S, startup_s=startup_s, cores=cores,
+        background_s=beside, visits=visits,
     )  # fmt: skip
-    how = "measured" if measured is not None else "default, none measured"
+    startup = "measured" if measured is not None else "default, none measured"
     return {
         "estimated_p99_ms": run.p99_s * 1000.0,
         "estimated_slo_miss_rate": _rate(run.slo_miss_rate),
         "estimated_startup_s": round(startup_s, 3),
-        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {how}{_sharing(cores, background_s)}{took}",
+        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {startup}{how}",
     }
 
 
@@ -340,13 +369,20 @@ def _routes_taken(routes: tuple[NDArray[np.bool_], int] | None) -> str:
     return f", conditional edges as the queries took them{every}"
 
 
-def _sharing(cores: float | None, background_s: Mapping[str, float] | None) -> str:
+def _sharing(
+    cores: float | None, background_s: Mapping[str, float] | None, in_calls_ms: Mapping[str, float] | None = None
+) -> str:
     """How the estimate placed the replicas, for its description ("" : a core each, as planned)."""
     if cores is None:
         return ""
-    return f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}" + "".join(
-        f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query, one query at a time)"
-        for i, (name, s) in enumerate((background_s or {}).items())
+    calls = ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in (in_calls_ms or {}).items())
+    return (
+        f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}"
+        + "".join(
+            f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query, one query at a time)"
+            for i, (name, s) in enumerate((background_s or {}).items())
+        )
+        + (f", the router's own work on each call in the call's time ({calls})" if calls else "")
     )
 
 
@@ -355,7 +391,6 @@ def estimate_from_run(
     arrivals_s: NDArray[np.float64],
     live: Mapping[str, LiveStage],
     cpu_s_per_query: Mapping[str, float],
-    queries: int,
     startup_s: float | None = None,
     visits: NDArray[np.bool_] | None = None,
 ) -> float | None:
@@ -376,7 +411,7 @@ def estimate_from_run(
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.cores)
     if all(c.ratio is None for c in done):
         return None
-    beside = tuple(in_each_querys_way(cpu_s_per_query, spec, plan, own, live, queries).values())
+    beside = tuple(in_each_querys_way(cpu_s_per_query, spec, plan, own, live).beside.values())
     if target.tuner not in (None, "none"):
         startup = startup_s if startup_s is not None else DEFAULT_STARTUP_S
         tuner = str(target.tuner)
@@ -440,14 +475,14 @@ def results_for(
     # The load generator shares the replicas' cores only where the deployment runs here, too.
     local = target.router_pid is not None
     measured = (cpu_s_per_query or {}) if local else {}
-    beside: dict[str, float] = {}
+    way = QueryWay({})
     routes = routes_taken(target.spec, answered) if answered is not None and target.spec is not None else None
     try:
         if measured:
-            beside = in_each_querys_way(measured, target.spec, plan, _profiles_of(plan), live, result.sent)
+            way = in_each_querys_way(measured, target.spec, plan, _profiles_of(plan), live)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
-            beside, routes,
+            way.beside, routes, way.in_calls_ms,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
@@ -464,7 +499,7 @@ def results_for(
     if live:
         try:
             from_run = estimate_from_run(
-                target, arrivals_s, live, measured, result.sent, estimate.get("estimated_startup_s"),
+                target, arrivals_s, live, measured, estimate.get("estimated_startup_s"),
                 routes[0] if routes is not None else None,
             )  # fmt: skip
         except (InferlineError, ValueError):  # e.g. measurements no profile can take

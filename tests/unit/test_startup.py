@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inferline.calibration import LiveStage, calibrate_profiles
+from inferline.calibration import LiveStage, calibrate_profiles, with_ms_per_call
 from inferline.cli import main
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
+from inferline.planner.estimator import p99
 from inferline.profiles import load_profiles
-from inferline.replay_command import Target, drifted, results_for, run_estimate
+from inferline.replay_command import Target, drifted, plan_catalog, results_for, run_estimate
+from inferline.router.prediction import predicted_latencies_ms
 from inferline.router.replay import ReplayResult
 from inferline.runs import simulate_plan
 from inferline.spec import load_spec
@@ -293,8 +295,8 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     # The router's whole CPU is in each query's way (one event loop runs its frontends and its
     # replicas' own work), after the load generator's.
     assert beside["estimated_p99_ms"] > lg_only["estimated_p99_ms"]
-    # Offline profiles: the router's replicas' work is in no call time, so all of its CPU counts,
-    # whatever part of it was outside its replicas.
+    # Offline profiles and no router metrics to tell its work per call on each stage: all of its
+    # CPU counts, whatever part of it was outside its replicas.
     split = results_for(local, result, arrivals, 0.0, cpu_s_per_query=busy | {"router outside its replicas": 0.002})
     assert split["estimated_p99_ms"] == pytest.approx(beside["estimated_p99_ms"])
     assert split["cpu_ms_per_query"]["router outside its replicas"] == 2.0
@@ -320,8 +322,9 @@ def test_cpu_readings_per_query() -> None:
     )
 
 
-def test_the_router_in_each_querys_way_holds_what_no_call_time_holds(plan_path: Path) -> None:
-    """The router's replicas' own CPU is in a calibrated profile's call times, not in an offline one's."""
+def test_the_routers_work_on_each_call_goes_in_the_calls_its_frontends_in_each_querys_way(plan_path: Path) -> None:
+    """The router's replicas' own CPU is in a calibrated profile's call times; an offline profile's
+    stage gets it added to each call. What is left of the router's CPU is in each query's way."""
     from inferline.replay_command import in_each_querys_way
 
     plan, spec = load_plan(plan_path), load_spec(SPEC)
@@ -333,30 +336,62 @@ def test_the_router_in_each_querys_way_holds_what_no_call_time_holds(plan_path: 
     every, _ = calibrate_profiles(spec, plan, offline, live)
     classify_only, _ = calibrate_profiles(spec, plan, offline, {"classify": live["classify"]})
     measured = {"router": 0.004, "load generator": 0.003, "router outside its replicas": 0.001}
+    in_way = {"load generator": 0.003, "router outside its replicas": 0.001}
 
-    def way(profiles: Any, live_stages: Any = live, cpu: Any = measured) -> dict[str, float]:
-        return in_each_querys_way(cpu, spec, plan, profiles, live_stages, 1000)
+    def way(profiles: Any, live_stages: Any = live, cpu: Any = measured, pipeline: Any = spec) -> Any:
+        return in_each_querys_way(cpu, pipeline, plan, profiles, live_stages)
 
-    assert way(offline) == {"load generator": 0.003, "router": 0.004}
-    assert list(way(offline)) == ["load generator", "router"]  # the order a query passes them
-    assert way(every) == {"load generator": 0.003, "router outside its replicas": 0.001}
-    # `detect` kept its offline profile: its 500 calls' 0.5 ms over 1000 queries go in the way.
-    assert way(classify_only) == pytest.approx(
-        {"load generator": 0.003, "router less its work on calibrated stages' calls": 0.001 + 0.00025}
+    assert way(offline).beside == in_way and way(offline).in_calls_ms == {"detect": 0.5, "classify": 0.5}
+    assert list(way(offline).beside) == ["load generator", "router outside its replicas"]  # the order passed
+    assert way(every).beside == in_way and way(every).in_calls_ms == {}  # their call times hold it
+    assert way(classify_only).in_calls_ms == {"detect": 0.5}
+    # A stage never called cost nothing.
+    assert way(classify_only, live_stages={"classify": live["classify"]}).in_calls_ms == {}
+    # Stages serving one model on one hardware share its profile: the mean per call of them all.
+    twice = spec.model_copy(
+        update={"stages": [spec.stages[0], spec.stages[1].model_copy(update={"model": spec.stages[0].model})]}
     )
-    # ... unless it was never called: then it cost nothing.
-    never = {"classify": live["classify"]}
-    assert way(classify_only, live_stages=never) == pytest.approx(
-        {"load generator": 0.003, "router less its work on calibrated stages' calls": 0.001}
+    uneven = {
+        "detect": live["detect"],
+        "classify": replace(live["classify"], router_cpu_ms=1.0, calls={1: (6.0, 1500)}),
+    }
+    assert way(offline, live_stages=uneven, pipeline=twice).in_calls_ms == pytest.approx(
+        {"detect": 0.875, "classify": 0.875}  # (500 * 0.5 + 1500 * 1.0) / 2000
     )
+    # Where the share on the calls is not measured, all of the router's CPU is in the way.
     unmeasured = {n: replace(st, router_cpu_ms=None) for n, st in live.items()}
-    assert way(classify_only, live_stages=unmeasured)["router"] == 0.004  # its share unknown: all of it
-    assert way(classify_only, live_stages=None)["router"] == 0.004
+    assert way(classify_only, live_stages=unmeasured).beside["router"] == 0.004
+    assert way(offline, live_stages=None).beside == {"load generator": 0.003, "router": 0.004}
     without_split = {"router": 0.004, "load generator": 0.003}
-    assert way(offline, cpu=without_split)["router"] == 0.004
-    assert way(every, cpu=without_split) == {"load generator": 0.003}  # all of it would be counted twice
-    assert way(offline, cpu={"load generator": 0.003}) == {"load generator": 0.003}
-    assert in_each_querys_way(measured, None, None, None, None, 1000)["router"] == 0.004  # no plan: all of it
+    assert way(offline, cpu=without_split).beside["router"] == 0.004
+    assert way(every, cpu=without_split).beside == {"load generator": 0.003}  # all of it would be counted twice
+    assert way(offline, cpu={"load generator": 0.003}).beside == {"load generator": 0.003}
+    assert in_each_querys_way(measured, None, None, None, None).beside["router"] == 0.004  # no plan: all of it
+
+
+def test_an_offline_estimate_puts_the_routers_work_on_each_call_in_the_calls(plan_path: Path) -> None:
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    result = fake_replay(arrivals)
+    local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=2.0, router_pid=os.getpid())
+    cpu = {"router": 0.004, "load generator": 0.001, "router outside its replicas": 0.001}
+
+    def estimate(per_call_ms: float) -> dict[str, Any]:
+        live = {n: replace(st, router_cpu_ms=per_call_ms) for n, st in _live_at(plan, spec, 1.0, 500).items()}
+        return results_for(local, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
+
+    none, some = estimate(0.0), estimate(2.0)
+    assert some["estimate"].endswith(
+        ", the router's own work on each call in the call's time (detect 2.00 ms, classify 2.00 ms)"
+    )
+    assert "and the router outside its replicas (1.00 ms CPU per query" in some["estimate"]
+    assert some["estimated_p99_ms"] > none["estimated_p99_ms"]
+    longer = {m: with_ms_per_call(p, "cpu", 2.0) for m, p in load_profiles(plan.profiles).items()}
+    expected = predicted_latencies_ms(
+        spec, longer, plan_catalog(plan), plan, arrivals, cores=2.0, background_s=(0.001, 0.001)
+    )
+    assert some["estimated_p99_ms"] == pytest.approx(p99(expected))
+    # The calibrated estimate from the run is not changed by it: its call times hold that work.
+    assert some["estimated_from_run_p99_ms"] == pytest.approx(none["estimated_from_run_p99_ms"])
 
 
 def test_a_local_run_estimated_from_its_own_service_times_counts_the_router_outside_its_replicas(
