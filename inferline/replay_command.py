@@ -197,11 +197,13 @@ def _per_call_ms(stages: Sequence[StageSpec], plan: Plan, live: Mapping[str, Liv
 def with_router_work(
     profiles: Mapping[str, ModelProfile], spec: PipelineSpec, plan: Plan, in_calls_ms: Mapping[str, float]
 ) -> dict[str, ModelProfile]:
-    """The profiles with the router's own work on each call of the stages in `in_calls_ms` added."""
+    """The profiles with the router's own work on each call of the stages in `in_calls_ms` added (a
+    model without a profile stays without: the estimate that needs it says so)."""
     out = dict(profiles)
-    for s in spec.stages:
-        if s.name in in_calls_ms:
-            out[s.model] = with_ms_per_call(profiles[s.model], plan.stage(s.name).hardware, in_calls_ms[s.name])
+    added = {(s.model, plan.stage(s.name).hardware): in_calls_ms[s.name] for s in spec.stages if s.name in in_calls_ms}
+    for (model, hardware), ms in added.items():  # one value per profile's model and hardware (`_per_call_ms`)
+        if model in out:
+            out[model] = with_ms_per_call(out[model], hardware, ms)
     return out
 
 
@@ -304,7 +306,6 @@ def run_estimate(
     arrivals_s: NDArray[np.float64],
     tuner: str | None,
     decisions: Sequence[Mapping[str, Any]],
-    static_latencies_ms: NDArray[np.float64] | None = None,
     fallback_decisions: Sequence[Mapping[str, Any]] = (),
     cores: float | None = None,
     background_s: Mapping[str, float] | None = None,
@@ -317,7 +318,7 @@ def run_estimate(
     A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
-    prediction (`static_latencies_ms` when the caller already has it). Either way the replicas
+    prediction. Either way the replicas
     share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query,
     and each call of the stages in `in_calls_ms` takes that many ms longer (`QueryWay`).
     """
@@ -325,20 +326,17 @@ def run_estimate(
     visits = routes[0] if routes is not None else None
     how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
     if tuner is None or tuner == "none":
-        if static_latencies_ms is not None:
-            latencies_ms = static_latencies_ms
-        elif plan is None or spec is None or plan.profiles is None:
+        if plan is None or spec is None or plan.profiles is None:
             return no_estimate("no plan with its profiles and spec to estimate from")
-        else:
-            profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
-            latencies_ms = predicted_latencies_ms(
-                spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
-            )
+        profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
+        latencies_ms = predicted_latencies_ms(
+            spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
+        )
         return {
             "estimated_p99_ms": p99(latencies_ms),
             "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
             "estimated_startup_s": None,
-            "estimate": f"static plan{how if static_latencies_ms is None else ''}",
+            "estimate": f"static plan{how}",
         }
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
@@ -411,7 +409,9 @@ def estimate_from_run(
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.cores)
     if all(c.ratio is None for c in done):
         return None
-    beside = tuple(in_each_querys_way(cpu_s_per_query, spec, plan, own, live).beside.values())
+    way = in_each_querys_way(cpu_s_per_query, spec, plan, own, live)
+    own = with_router_work(own, spec, plan, way.in_calls_ms)  # stages called too little to calibrate
+    beside = tuple(way.beside.values())
     if target.tuner not in (None, "none"):
         startup = startup_s if startup_s is not None else DEFAULT_STARTUP_S
         tuner = str(target.tuner)
@@ -445,7 +445,6 @@ def results_for(
     arrivals_s: NDArray[np.float64],
     started_unix: float,
     decisions: list[dict[str, Any]] | None = None,
-    estimated_latencies_ms: NDArray[np.float64] | None = None,
     cpu_s_per_query: Mapping[str, float] | None = None,
     live: Mapping[str, LiveStage] | None = None,
     answered: Sequence[tuple[str, ...] | None] | None = None,
@@ -458,7 +457,7 @@ def results_for(
     processes on the same cores (`in_each_querys_way`).
 
     The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
-    estimator's (`estimated_latencies_ms` when the caller already has them) for a static plan.
+    estimator's for a static plan.
     With `live`, the router's measurements of this run, the run is also estimated from them
     (`estimate_from_run`). With `answered` (`replay_against`), both estimates take the conditional
     edges each query took.
@@ -481,8 +480,8 @@ def results_for(
         if measured:
             way = in_each_querys_way(measured, target.spec, plan, _profiles_of(plan), live)
         estimate = run_estimate(
-            plan, target.spec, arrivals_s, target.tuner, decisions, estimated_latencies_ms, fallback, target.cores,
-            way.beside, routes, way.in_calls_ms,
+            plan, target.spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
+            way.in_calls_ms,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())

@@ -25,7 +25,7 @@ from inferline.errors import PlanError
 from inferline.plan import Plan
 from inferline.planner.costtable import build_cost_table
 from inferline.planner.estimator import Estimator, p99
-from inferline.planner.pipeline import Config, PipelineModel, pipeline_model, sample_visits
+from inferline.planner.pipeline import Config, PipelineModel, check_visits, pipeline_model, sample_visits
 from inferline.planner.planning import plan_config
 from inferline.planner.shared_cores import shared_core_latencies_s
 from inferline.profiles import ModelProfile
@@ -58,8 +58,9 @@ def routes_taken(
     (stages, queries) visits in the estimator's stage order, and how many queries' routes were read.
 
     None where the pipeline has no conditional edge (every query visits every stage) or no query's
-    routes could be read. An answer whose stages no route could produce (a stage without its
-    parents, e.g. a stage with no outputs) counts as not answered.
+    routes could be read. An answer that lacks an entry stage (the router runs every one: e.g. the
+    answers of another pipeline) or names a stage without any of its parents counts as not
+    answered. A stage without outputs cannot be seen: where it ends a route, it reads as not visited.
     """
     if not has_conditional_edges(spec):
         return None
@@ -83,9 +84,12 @@ def routes_taken(
 
 def _stages_of(model: PipelineModel, prefixes: list[str], names: tuple[str, ...]) -> NDArray[np.bool_] | None:
     column = np.array([any(n.startswith(p) for n in names) for p in prefixes], dtype=np.bool_)
-    for s, parents in enumerate(model.parents):
-        if column[s] and parents and not any(column[p] for p in parents):
-            return None
+    if not all(column[s] for s, parents in enumerate(model.parents) if not parents):
+        return None
+    try:
+        check_visits(model, column[:, np.newaxis], 1)
+    except ValueError:
+        return None
     return column
 
 

@@ -19,8 +19,8 @@ from inferline.cli import main
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
 from inferline.planner.estimator import p99
-from inferline.profiles import load_profiles
-from inferline.replay_command import Target, drifted, plan_catalog, results_for, run_estimate
+from inferline.profiles import load_profiles, parse_profile
+from inferline.replay_command import Target, drifted, plan_catalog, results_for, run_estimate, with_router_work
 from inferline.router.prediction import predicted_latencies_ms
 from inferline.router.replay import ReplayResult
 from inferline.runs import simulate_plan
@@ -210,8 +210,6 @@ def test_a_tuned_run_is_estimated_closed_loop_with_the_measured_start_up(plan_pa
     static = run_estimate(plan, spec, arrivals, "none", [])
     assert static["estimate"] == "static plan" and static["estimated_startup_s"] is None
     assert static["estimated_p99_ms"] > fast["estimated_p99_ms"]  # the static plan cannot follow the step
-    given = np.full(arrivals.size, 123.0)  # a caller's own estimate is used as given
-    assert run_estimate(plan, spec, arrivals, None, [], static_latencies_ms=given)["estimated_p99_ms"] == 123.0
 
 
 def fake_replay(arrivals: np.ndarray[Any, Any], latency_ms: float = 50.0) -> ReplayResult:
@@ -292,8 +290,8 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
     )
     # 6 ms of CPU per query at the step's 200 q/s is more than the core: the models get less of it.
     assert lg_only["estimated_p99_ms"] > quiet["estimated_p99_ms"]
-    # The router's whole CPU is in each query's way (one event loop runs its frontends and its
-    # replicas' own work), after the load generator's.
+    # The router's whole CPU is in each query's way (without its metrics, its work per call on each
+    # stage is unknown), after the load generator's.
     assert beside["estimated_p99_ms"] > lg_only["estimated_p99_ms"]
     # Offline profiles and no router metrics to tell its work per call on each stage: all of its
     # CPU counts, whatever part of it was outside its replicas.
@@ -392,6 +390,33 @@ def test_an_offline_estimate_puts_the_routers_work_on_each_call_in_the_calls(pla
     assert some["estimated_p99_ms"] == pytest.approx(p99(expected))
     # The calibrated estimate from the run is not changed by it: its call times hold that work.
     assert some["estimated_from_run_p99_ms"] == pytest.approx(none["estimated_from_run_p99_ms"])
+    # A tuned run's closed loop takes it too.
+    tuned = replace(local, tuner="inferline")
+
+    def tuned_estimate(per_call_ms: float) -> dict[str, Any]:
+        live = {n: replace(st, router_cpu_ms=per_call_ms) for n, st in _live_at(plan, spec, 1.0, 500).items()}
+        return results_for(tuned, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
+
+    tuned_some = tuned_estimate(2.0)
+    assert tuned_some["estimate"].startswith("closed-loop tuner inferline")
+    assert tuned_some["estimate"].endswith("(detect 2.00 ms, classify 2.00 ms)")
+    assert tuned_some["estimated_p99_ms"] > tuned_estimate(0.0)["estimated_p99_ms"]
+
+
+def test_the_routers_work_goes_in_each_of_a_models_profiles_by_hardware(plan_path: Path) -> None:
+    """Two stages serving one model on two kinds of hardware: each hardware's calls get their own."""
+    plan, spec = load_plan(plan_path), load_spec(SPEC)
+    doc = {"batch_size": 1, "latency_ms": {"mean": 10.0, "server_cpu_ms": 4.0}}
+    profile = parse_profile({"model": "m", "profiles": {"a": [doc], "b": [doc]}}, "test")
+    both = spec.model_copy(update={"stages": tuple(s.model_copy(update={"model": "m"}) for s in spec.stages)})
+    on_two = plan.model_copy(
+        update={"stages": {"detect": plan.stage("detect").model_copy(update={"hardware": "a"}),
+                           "classify": plan.stage("classify").model_copy(update={"hardware": "b"})}}
+    )  # fmt: skip
+    out = with_router_work({"m": profile}, both, on_two, {"detect": 1.0, "classify": 2.0})["m"]
+    assert [out.points(h)[0].latency_ms.mean for h in ("a", "b")] == [11.0, 12.0]
+    assert [out.points(h)[0].latency_ms.server_cpu_ms for h in ("a", "b")] == [5.0, 6.0]  # it runs on the cores
+    assert with_router_work({}, both, on_two, {"detect": 1.0}) == {}  # no profile: the estimate says so
 
 
 def test_a_local_run_estimated_from_its_own_service_times_counts_the_router_outside_its_replicas(
@@ -463,6 +488,13 @@ def test_a_profile_missing_for_the_estimate_from_the_run_leaves_the_results_stan
     results = results_for(target, fake_replay(arrivals), arrivals, 0.0, live=_live_at(plan, spec, 1.0, 500))
     assert results["estimated_from_run_p99_ms"] is None
     assert results["p99_ms"] == pytest.approx(50.0) and results["estimate"].startswith("none: ")
+    # A local run with the router's work per call to add to the missing profile: the same.
+    local = replace(target, cores=2.0, router_pid=os.getpid())
+    live = {n: replace(st, router_cpu_ms=0.5) for n, st in _live_at(plan, spec, 1.0, 500).items()}
+    cpu = {"router": 0.002, "load generator": 0.001, "router outside its replicas": 0.001}
+    measured = results_for(local, fake_replay(arrivals), arrivals, 0.0, cpu_s_per_query=cpu, live=live)
+    assert measured["estimate"].startswith("none: ") and "has no profile" in measured["estimate"]
+    assert measured["p99_ms"] == pytest.approx(50.0)
 
 
 def test_drift_is_named_only_where_the_runs_own_estimate_holds_and_the_profiles_do_not() -> None:
