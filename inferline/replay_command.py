@@ -318,29 +318,26 @@ def run_estimate(
     A run with a tuner is estimated by the closed-loop simulator with the same policy, the live
     tuner's tick and the replica start-up measured in `decisions` (median; else in
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
-    prediction. Either way the replicas
-    share `cores` cores where given, beside processes that cost `background_s` CPU seconds per query,
-    and each call of the stages in `in_calls_ms` takes that many ms longer (`QueryWay`).
+    prediction. Either way the replicas share `cores` cores where given, beside processes that cost
+    `background_s` CPU seconds per query, and each call of the stages in `in_calls_ms` takes that
+    many ms longer (`QueryWay`).
     """
+    if plan is None or spec is None or plan.profiles is None:
+        return no_estimate("no plan with its profiles and spec to estimate from")
+    profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
     beside = tuple((background_s or {}).values())
     visits = routes[0] if routes is not None else None
     how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
     if tuner is None or tuner == "none":
-        if plan is None or spec is None or plan.profiles is None:
-            return no_estimate("no plan with its profiles and spec to estimate from")
-        profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
         latencies_ms = predicted_latencies_ms(
             spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
         )
         return {
             "estimated_p99_ms": p99(latencies_ms),
-            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms) if plan else None),
+            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms)),
             "estimated_startup_s": None,
             "estimate": f"static plan{how}",
         }
-    if plan is None or spec is None or plan.profiles is None:
-        return no_estimate("no plan with its profiles and spec to estimate from")
-    profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
     measured = measured_startup_s(decisions)
     if measured is None:
         measured = measured_startup_s(fallback_decisions)
@@ -456,11 +453,10 @@ def results_for(
     estimate puts the load generator and the router in each query's way, as single-threaded
     processes on the same cores (`in_each_querys_way`).
 
-    The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static
-    estimator's for a static plan.
-    With `live`, the router's measurements of this run, the run is also estimated from them
-    (`estimate_from_run`). With `answered` (`replay_against`), both estimates take the conditional
-    edges each query took.
+    The estimate (`run_estimate`) is closed-loop with the target's tuner, or the static estimator's
+    for a static plan. With `live`, the router's measurements of this run, the run is also estimated
+    from them (`estimate_from_run`). With `answered` (`replay_against`), both estimates take the
+    conditional edges each query took.
     """
     plan = target.plan
     fallback: list[dict[str, Any]] = []

@@ -109,9 +109,9 @@ def predicted_latencies_ms(
 
     `replicas` overrides the plan's replica counts per stage (e.g. what the live tuner chose).
     `seed` samples the conditional edges (`make_plan` uses 0 by default), unless `visits` gives
-    them (`routes_taken`). `cores`: every replica
-    shares that many cores (None: each has its own hardware, as planned), with the processes beside
-    them that cost `background_s` CPU seconds per query each (e.g. the load generator).
+    them (`routes_taken`). `cores`: every replica shares that many cores (None: each has its own
+    hardware, as planned), with the processes beside them that cost `background_s` CPU seconds per
+    query each (e.g. the load generator).
     """
     model = pipeline_model(spec)
     table = build_cost_table(model, profiles, catalog)
