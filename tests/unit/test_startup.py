@@ -327,10 +327,7 @@ def test_the_routers_work_on_each_call_goes_in_the_calls_its_frontends_in_each_q
 
     plan, spec = load_plan(plan_path), load_spec(SPEC)
     offline = load_profiles(plan.profiles)
-    live = {
-        name: replace(stage, router_cpu_ms=0.5)  # 0.5 ms per call, 500 calls each
-        for name, stage in _live_at(plan, spec, 1.0, 500).items()
-    }
+    live = _live_at(plan, spec, 1.0, 500, router_cpu_ms=0.5)
     every, _ = calibrate_profiles(spec, plan, offline, live)
     classify_only, _ = calibrate_profiles(spec, plan, offline, {"classify": live["classify"]})
     measured = {"router": 0.004, "load generator": 0.003, "router outside its replicas": 0.001}
@@ -357,7 +354,7 @@ def test_the_routers_work_on_each_call_goes_in_the_calls_its_frontends_in_each_q
         {"detect": 0.875, "classify": 0.875}  # (500 * 0.5 + 1500 * 1.0) / 2000
     )
     # Where the share on the calls is not measured, all of the router's CPU is in the way.
-    unmeasured = {n: replace(st, router_cpu_ms=None) for n, st in live.items()}
+    unmeasured = _live_at(plan, spec, 1.0, 500)
     assert way(classify_only, live_stages=unmeasured).beside["router"] == 0.004
     assert way(offline, live_stages=None).beside == {"load generator": 0.003, "router": 0.004}
     without_split = {"router": 0.004, "load generator": 0.003}
@@ -373,9 +370,9 @@ def test_an_offline_estimate_puts_the_routers_work_on_each_call_in_the_calls(pla
     local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=2.0, router_pid=os.getpid())
     cpu = {"router": 0.004, "load generator": 0.001, "router outside its replicas": 0.001}
 
-    def estimate(per_call_ms: float) -> dict[str, Any]:
-        live = {n: replace(st, router_cpu_ms=per_call_ms) for n, st in _live_at(plan, spec, 1.0, 500).items()}
-        return results_for(local, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
+    def estimate(per_call_ms: float, target: Target = local) -> dict[str, Any]:
+        live = _live_at(plan, spec, 1.0, 500, router_cpu_ms=per_call_ms)
+        return results_for(target, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
 
     none, some = estimate(0.0), estimate(2.0)
     assert some["estimate"].endswith(
@@ -392,15 +389,10 @@ def test_an_offline_estimate_puts_the_routers_work_on_each_call_in_the_calls(pla
     assert some["estimated_from_run_p99_ms"] == pytest.approx(none["estimated_from_run_p99_ms"])
     # A tuned run's closed loop takes it too.
     tuned = replace(local, tuner="inferline")
-
-    def tuned_estimate(per_call_ms: float) -> dict[str, Any]:
-        live = {n: replace(st, router_cpu_ms=per_call_ms) for n, st in _live_at(plan, spec, 1.0, 500).items()}
-        return results_for(tuned, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
-
-    tuned_some = tuned_estimate(2.0)
+    tuned_some = estimate(2.0, tuned)
     assert tuned_some["estimate"].startswith("closed-loop tuner inferline")
     assert tuned_some["estimate"].endswith("(detect 2.00 ms, classify 2.00 ms)")
-    assert tuned_some["estimated_p99_ms"] > tuned_estimate(0.0)["estimated_p99_ms"]
+    assert tuned_some["estimated_p99_ms"] > estimate(0.0, tuned)["estimated_p99_ms"]
 
 
 def test_the_routers_work_goes_in_each_of_a_models_profiles_by_hardware(plan_path: Path) -> None:
@@ -427,7 +419,7 @@ def test_a_local_run_estimated_from_its_own_service_times_counts_the_router_outs
     plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
     result = fake_replay(arrivals)
     local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=2.0, router_pid=os.getpid())
-    live = {n: replace(st, router_cpu_ms=0.5) for n, st in _live_at(plan, spec, 1.0, 500).items()}
+    live = _live_at(plan, spec, 1.0, 500, router_cpu_ms=0.5)
 
     def from_run(router_s: float, outside_s: float) -> float:
         cpu = {"router": router_s, "load generator": 0.001, "router outside its replicas": outside_s}
@@ -441,13 +433,17 @@ def test_a_local_run_estimated_from_its_own_service_times_counts_the_router_outs
 # --- the estimate again from the run's own service times ------------------------------------------
 
 
-def _live_at(plan: Any, spec: Any, factor: float, calls: int) -> dict[str, LiveStage]:
-    """Per stage, `calls` batch-1 calls that took `factor` times the profile's mean, none after an idle spell."""
+def _live_at(
+    plan: Any, spec: Any, factor: float, calls: int, router_cpu_ms: float | None = None
+) -> dict[str, LiveStage]:
+    """Per stage, `calls` batch-1 calls that took `factor` times the profile's mean, none after an idle
+    spell, each costing the router `router_cpu_ms` of its own work (None: not measured)."""
     profiles = load_profiles(plan.profiles)
     out = {}
     for stage in spec.stages:
         point = profiles[stage.model].points(plan.stage(stage.name).hardware)[0]
-        out[stage.name] = LiveStage({point.batch_size: (factor * point.latency_ms.mean, calls)}, 0.0, 0, idle_gaps={})
+        calls_at = {point.batch_size: (factor * point.latency_ms.mean, calls)}
+        out[stage.name] = LiveStage(calls_at, 0.0, 0, idle_gaps={}, router_cpu_ms=router_cpu_ms)
     return out
 
 
@@ -490,7 +486,7 @@ def test_a_profile_missing_for_the_estimate_from_the_run_leaves_the_results_stan
     assert results["p99_ms"] == pytest.approx(50.0) and results["estimate"].startswith("none: ")
     # A local run with the router's work per call to add to the missing profile: the same.
     local = replace(target, cores=2.0, router_pid=os.getpid())
-    live = {n: replace(st, router_cpu_ms=0.5) for n, st in _live_at(plan, spec, 1.0, 500).items()}
+    live = _live_at(plan, spec, 1.0, 500, router_cpu_ms=0.5)
     cpu = {"router": 0.002, "load generator": 0.001, "router outside its replicas": 0.001}
     measured = results_for(local, fake_replay(arrivals), arrivals, 0.0, cpu_s_per_query=cpu, live=live)
     assert measured["estimate"].startswith("none: ") and "has no profile" in measured["estimate"]
