@@ -311,6 +311,7 @@ def run_estimate(
     background_s: Mapping[str, float] | None = None,
     routes: tuple[NDArray[np.bool_], int] | None = None,
     in_calls_ms: Mapping[str, float] | None = None,
+    profiles: Mapping[str, ModelProfile] | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run, and with the
     conditional edges its queries took where `routes` gives them (`prediction.routes_taken`).
@@ -320,11 +321,12 @@ def run_estimate(
     `fallback_decisions`; else the simulator's default). A static run keeps the estimator's
     prediction. Either way the replicas share `cores` cores where given, beside processes that cost
     `background_s` CPU seconds per query, and each call of the stages in `in_calls_ms` takes that
-    many ms longer (`QueryWay`).
+    many ms longer (`QueryWay`). `profiles`: the plan's, where the caller has read them already.
     """
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
-    profiles = with_router_work(load_profiles(plan.profiles), spec, plan, in_calls_ms or {})
+    planned = profiles if profiles is not None else load_profiles(plan.profiles)
+    profiles = with_router_work(planned, spec, plan, in_calls_ms or {})
     beside = tuple((background_s or {}).values())
     visits = routes[0] if routes is not None else None
     how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
@@ -388,11 +390,13 @@ def estimate_from_run(
     cpu_s_per_query: Mapping[str, float],
     startup_s: float | None = None,
     visits: NDArray[np.bool_] | None = None,
+    profiles: Mapping[str, ModelProfile] | None = None,
 ) -> float | None:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
     no plan with profiles or the run measured too few calls. A tuned run is simulated closed-loop
-    with its tuner and `startup_s`, as its estimate was; `visits` are the conditional edges taken.
+    with its tuner and `startup_s`, as its estimate was; `visits` are the conditional edges taken,
+    `profiles` the plan's where the caller has read them already.
 
     Beside the estimate from the profiles it tells a user why an estimate missed: if this one
     holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
@@ -401,7 +405,8 @@ def estimate_from_run(
     plan, spec = target.plan, target.spec
     if plan is None or spec is None or plan.profiles is None or not live:
         return None
-    profiles = load_profiles(plan.profiles)
+    if profiles is None:
+        profiles = load_profiles(plan.profiles)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.cores)
     if all(c.ratio is None for c in done):
@@ -472,12 +477,13 @@ def results_for(
     measured = (cpu_s_per_query or {}) if local else {}
     way = QueryWay({})
     routes = routes_taken(target.spec, answered) if answered is not None and target.spec is not None else None
+    planned = _profiles_of(plan)  # read once for the estimates below (None: they read and say why)
     try:
         if measured:
-            way = in_each_querys_way(measured, target.spec, plan, _profiles_of(plan), live)
+            way = in_each_querys_way(measured, target.spec, plan, planned, live)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
-            way.in_calls_ms,
+            way.in_calls_ms, planned,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
@@ -495,7 +501,7 @@ def results_for(
         try:
             from_run = estimate_from_run(
                 target, arrivals_s, live, measured, estimate.get("estimated_startup_s"),
-                routes[0] if routes is not None else None,
+                routes[0] if routes is not None else None, planned,
             )  # fmt: skip
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it

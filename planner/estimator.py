@@ -76,7 +76,7 @@ class Estimator:
         self.visits = (
             sample_visits(model, n, np.random.default_rng(seed)) if visits is None else check_visits(model, visits, n)
         )
-        self.budget = miss_budget(self.arrivals_s.size)
+        self.budget = miss_budget(n)
         self.simulations = 0
         self.stage_runs = 0
         self._cache: OrderedDict[_StageKey, NDArray[np.float64] | None] = OrderedDict()
