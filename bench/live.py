@@ -37,7 +37,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
-from inferline.calibration import live_stages, read_metrics
+from inferline.calibration import STOLEN_WARN, live_stages, read_metrics
 from inferline.catalog import load_catalog
 from inferline.deployment import available_cores, core_shortfall
 from inferline.heap import freeze_long_lived
@@ -45,6 +45,7 @@ from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
 from inferline.process_cpu import process_cpu_s
 from inferline.profiles import load_profiles
+from inferline.replay_command import FIDELITY_TOLERANCE
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.event_loop import LoopThread
@@ -110,9 +111,10 @@ def _with_measured_routes(spec: Any) -> Any:
 def fidelity(console: Console) -> list[dict[str, Any]]:
     """Each pipeline as users run it: `inferline up` (the router in its own process) and
     `inferline replay` (the load generator in another), twice: planned from the offline profiles,
-    then, after `inferline calibrate` rewrote them from the first run's router metrics, planned
+    then, after `inferline calibrate` rewrote them from the router's metrics of the quietest of
+    those replays (the least CPU taken by the hypervisor, as the calibrate command advises), planned
     and replayed again with the calibrated profiles. Where the calibrated plan is the same plan,
-    the second replay runs at once on the same deployment, as a user would replay it after
+    the second replays run at once on the same deployment, as a user would replay after
     recalibrating; a second deployment would put a minute of the machine's drift between the
     calibration and the replay."""
     rows = []
@@ -125,11 +127,11 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
             first = plan.model_copy(update={"spec": str(spec_path)})
             state = _up(first, Path(tmp) / "deployed")
             try:
-                offline = _fidelity_run(first, trace, state, Path(tmp) / "offline")
-                console.print(f"fidelity {name}, offline profiles: {_fmt_fidelity(offline)}")
-                offline_again = _replay_again(first, trace, state, Path(tmp) / "offline-again", console, name)
+                offline = _replays(first, trace, state, Path(tmp) / "offline", console, f"{name}, offline profiles")
+                source = min(offline, key=lambda r: r["machine_stolen"] if r["machine_stolen"] is not None else 1.0)
                 calibrated_dir = Path(tmp) / "calibrated"
-                calibrate = [*cli, "calibrate", offline["plan_path"], "--metrics", offline["metrics_path"]]
+                calibrate = [*cli, "calibrate", source["plan_path"], "--metrics", source["metrics_path"]]
+                calibrate += ["--since", source["metrics_before_path"]]  # that replay's calls only
                 calibrate += ["--cores", str(available_cores())]  # the run's replicas shared this machine
                 calibrate += ["--out", str(calibrated_dir)]
                 subprocess.run(calibrate, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -139,31 +141,33 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
                 if redeployed:
                     _down(state)
                     state = _up(second, Path(tmp) / "redeployed")
-                calibrated = _fidelity_run(second, trace, state, Path(tmp) / "cal") | {"redeployed": redeployed}
                 where = "redeployed" if redeployed else "the same plan, replayed again at once on its deployment"
-                console.print(f"fidelity {name}, calibrated profiles ({where}): {_fmt_fidelity(calibrated)}")
-                calibrated_again = _replay_again(second, trace, state, Path(tmp) / "cal-again", console, name)
+                calibrated = _replays(second, trace, state, Path(tmp) / "cal", console, f"{name}, calibrated ({where})")
             finally:
                 _down(state)
         rows.append({
             "pipeline": name, "trace": trace,
             "probabilities": {s.name: s.probability for s in spec.stages if s.after},
-            "offline": _public(offline), "calibrated": _public(calibrated),
-            "offline_again": offline_again, "calibrated_again": calibrated_again,
+            "offline": _public(offline[0]), "calibrated": _public(calibrated[0]) | {"redeployed": redeployed},
+            "calibrated_from_replay": offline.index(source) + 1,
+            "offline_again": [_brief(r) for r in offline[1:]], "calibrated_again": [_brief(r) for r in calibrated[1:]],
         })  # fmt: skip
     return rows
 
 
-def _replay_again(plan: Any, trace: str, state: Path, where: Path, console: Console, name: str) -> list[dict[str, Any]]:
-    """`FIDELITY_REPEATS - 1` more replays of the same plan on the same deployment: one replay's P99
-    rests on its few worst queries, in one or two bursts, and this VM's speed drifts between runs."""
+def _replays(plan: Any, trace: str, state: Path, where: Path, console: Console, what: str) -> list[dict[str, Any]]:
+    """`FIDELITY_REPEATS` replays of the same plan on the same deployment: one replay's P99 rests on
+    its few worst queries, in one or two bursts, and this VM's speed drifts between runs."""
     runs = []
-    for i in range(FIDELITY_REPEATS - 1):
-        run = _fidelity_run(plan, trace, state, where / str(i))
-        console.print(f"fidelity {name}, again: {_fmt_fidelity(run)}")
-        keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen")
-        runs.append({k: run[k] for k in keep})
+    for i in range(FIDELITY_REPEATS):
+        runs.append(_fidelity_run(plan, trace, state, where / str(i)))
+        console.print(f"fidelity {what}, replay {i + 1}: {_fmt_fidelity(runs[-1])}")
     return runs
+
+
+def _brief(run: dict[str, Any]) -> dict[str, Any]:
+    keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen")
+    return {k: run[k] for k in keep}
 
 
 def _up(plan: Any, where: Path) -> Path:
@@ -191,6 +195,8 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
     plan_path.write_text(plan.to_json())
     metrics_url = json.loads((state / "up.json").read_text())["endpoints"]["metrics"]
     before = read_metrics(metrics_url)
+    metrics_before_path = where / "metrics-before.txt"
+    metrics_before_path.write_text(before)  # for `inferline calibrate --since`: this replay's calls only
     replayed = subprocess.run(
         [sys.executable, "-m", "inferline.cli", "replay", "--state-dir", str(state), "--plan", str(plan_path),
          "--trace", trace, "--json"],
@@ -199,7 +205,7 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
     result = json.loads(replayed.stdout)
     after = read_metrics(metrics_url)
     metrics_path = where / "metrics.txt"
-    metrics_path.write_text(after)  # for `inferline calibrate` (a first replay: all the router measured)
+    metrics_path.write_text(after)
     est, meas = result["estimated_p99_ms"], result["p99_ms"]
     # The replay's estimate again from this run's own service times: how far the estimator's
     # semantics are from the router's, apart from how far the machine's speed drifted from the profiles.
@@ -220,7 +226,7 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
         "machine_stolen": result.get("machine_stolen"),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
-        "plan_path": str(plan_path), "metrics_path": str(metrics_path),
+        "plan_path": str(plan_path), "metrics_path": str(metrics_path), "metrics_before_path": str(metrics_before_path),
     }  # fmt: skip
 
 
@@ -554,13 +560,22 @@ def _print(console: Console, results: dict[str, Any]) -> None:
                 ", ".join(f"{stage} {_inflation(sizes):+.0%}" for stage, sizes in run["service_ms"].items()),
             )
     console.print(table)
+    every: list[dict[str, Any]] = []
     for row in results.get("fidelity", []):
         for kind in ("offline", "calibrated"):
             runs = [row[kind], *row.get(f"{kind}_again", [])]
+            every += runs
+            source = f" (from offline replay {row['calibrated_from_replay']})" if kind == "calibrated" else ""
             console.print(
-                f"{row['pipeline']} {kind}, estimate − measured over measured in {len(runs)} replays: "
+                f"{row['pipeline']} {kind}{source}, estimate − measured over measured in {len(runs)} replays: "
                 + ", ".join(_signed_error(r) for r in runs)
             )
+    if every:
+        quiet = [r for r in every if r.get("machine_stolen") is not None and r["machine_stolen"] < STOLEN_WARN]
+        console.print(
+            f"within {FIDELITY_TOLERANCE:.0%}: {_within(every)} of {len(every)} replays; of the {len(quiet)} "
+            f"during which the hypervisor took under {STOLEN_WARN:.0%} of the CPU, {_within(quiet)}"
+        )
     for o in results.get("router_overhead", []):
         console.print(
             f"router overhead at {o['rate_qps']} q/s (median of {o['rounds']} rounds): direct "
@@ -601,6 +616,10 @@ def _signed_error(run: dict[str, Any]) -> str:
     stolen = run.get("machine_stolen")
     taken = f" ({stolen:.0%} of the CPU stolen)" if stolen is not None else ""
     return f"{100 * (estimated - measured) / measured:+.1f}%{taken}"
+
+
+def _within(runs: list[dict[str, Any]]) -> int:
+    return sum(1 for r in runs if r.get("error") is not None and r["error"] <= FIDELITY_TOLERANCE)
 
 
 def _inflation(sizes: dict[int, dict[str, float]]) -> float:

@@ -8,7 +8,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from inferline.calibration import Calibration, calibrate_profiles, live_stages, read_metrics
+from inferline.calibration import (
+    STOLEN_WARN,
+    Calibration,
+    calibrate_profiles,
+    live_stages,
+    read_metrics,
+    stolen_share,
+)
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
 from inferline.profiles import load_profiles, require_profiles, write_profile
@@ -40,11 +47,22 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         )
     if args.min_calls < 1:
         raise InferlineError(f"--min-calls must be at least 1, got {args.min_calls}", "pass a positive count")
+    if args.max_stolen is not None and not 0 <= args.max_stolen < 1:
+        raise InferlineError(f"--max-stolen must be a fraction from 0 to 1, got {args.max_stolen:g}", "e.g. 0.02")
     spec = load_spec(plan.spec)
     profiles = load_profiles(source_dir)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
     source, cores = metrics_source(args)
-    live = live_stages(read_metrics(source))
+    since = read_metrics(str(args.since)) if args.since else None
+    text = read_metrics(source)
+    live = live_stages(text, since=since)
+    stolen = stolen_share(text, since=since)
+    if stolen is not None and args.max_stolen is not None and stolen > args.max_stolen:
+        raise InferlineError(
+            f"the hypervisor gave {stolen:.1%} of the machine's CPU to others while these calls were measured "
+            f"(--max-stolen {args.max_stolen:g}): no profile written",
+            "replay again when the machine is quieter, and calibrate from that replay (--since)",
+        )
     calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores)
     if all(c.ratio is None for c in done):
         raise InferlineError(
@@ -54,6 +72,12 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     for profile in calibrated.values():
         write_profile(profile, args.out)
     console.print(calibration_table(done))
+    if stolen is not None and stolen >= STOLEN_WARN:
+        console.print(
+            f"[yellow]the hypervisor gave {stolen:.1%} of the machine's CPU to others while these calls were "
+            "measured: the calibrated profiles carry that slowness into every estimate from them. Unless that "
+            "is usual for this machine, replay again and calibrate from a quieter replay (--since).[/yellow]"
+        )
     console.print(f"calibrated profiles written to {args.out}; plan with `inferline plan --profiles {args.out}`")
     return 0
 

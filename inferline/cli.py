@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from inferline.calibration import MIN_CALLS
+from inferline.calibration import MIN_CALLS, STOLEN_WARN
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError, SpecError
 from inferline.plan import load_plan
@@ -167,6 +167,17 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("--metrics", help="the router's /metrics URL, or a file saved from it (default: from up.json)")
     ca.add_argument("--profiles", help="profiles to calibrate (default: the plan's)")
     ca.add_argument("--min-calls", type=int, default=MIN_CALLS, help="calls a model needs before it is calibrated")
+    ca.add_argument(
+        "--since",
+        help="the router's metrics saved before the replay to calibrate from (a file of its /metrics text): "
+        "only what it measured after them counts (default: all it measured since it started)",
+    )
+    ca.add_argument(
+        "--max-stolen",
+        type=float,
+        help="refuse, writing nothing, where the machine's hypervisor took more than this share of its CPU "
+        f"while the calls were measured (default: calibrate, and say so from {100 * STOLEN_WARN:g}%%)",
+    )
     ca.add_argument(
         "--cores",
         type=float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -87,19 +88,38 @@ def _group_of(pid: str) -> int | None:
     return int(fields[2]) if len(fields) > 2 else None
 
 
-def machine_steal_s() -> float | None:
-    """Seconds of CPU, summed over this machine's cores, that its hypervisor gave to others while
-    this guest wanted to run ("steal"); None where /proc/stat cannot tell (not Linux)."""
+@dataclass(frozen=True)
+class MachineCpu:
+    """CPU seconds of this machine since boot, summed over its cores (Linux /proc/stat)."""
+
+    steal_s: float
+    """Time its hypervisor gave to others while this guest wanted to run ("steal")."""
+    all_s: float
+    """All of its time: busy, idle and stolen alike (about the seconds since boot times the cores)."""
+
+    def stolen_since(self, earlier: MachineCpu) -> float | None:
+        """The share of the machine's CPU time its hypervisor gave to others since `earlier`: on a
+        virtual machine, time in which nothing here ran, whatever it asked for (None: no time passed)."""
+        elapsed = self.all_s - earlier.all_s
+        return max(0.0, self.steal_s - earlier.steal_s) / elapsed if elapsed > 0 else None
+
+
+def machine_cpu() -> MachineCpu | None:
+    """This machine's CPU time so far; None where /proc/stat cannot tell (not Linux, or no steal count)."""
     try:
-        return steal_from_stat((PROC / "stat").read_text(), os.sysconf("SC_CLK_TCK"))
+        return cpu_from_stat((PROC / "stat").read_text(), os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError):
         return None
 
 
-def steal_from_stat(text: str, ticks_per_s: int) -> float | None:
-    """The steal seconds in /proc/stat's text: the 8th value of its `cpu` line, in clock ticks."""
+def cpu_from_stat(text: str, ticks_per_s: int) -> MachineCpu | None:
+    """The `cpu` line of /proc/stat's text, in clock ticks: user, nice, system, idle, iowait, irq,
+    softirq, steal (then guest time, already counted in user and nice)."""
     for line in text.splitlines():
         fields = line.split()
         if fields and fields[0] == "cpu":
-            return int(fields[8]) / ticks_per_s if len(fields) > 8 else None
+            if len(fields) <= 8:
+                return None  # a kernel too old to count steal
+            ticks = [int(v) for v in fields[1:9]]
+            return MachineCpu(steal_s=ticks[7] / ticks_per_s, all_s=sum(ticks) / ticks_per_s)
     return None

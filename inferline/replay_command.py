@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from numpy.typing import NDArray
 
 from inferline.adapters.base import TensorSpec, random_inputs
 from inferline.calibration import (
+    STOLEN_WARN,
     LiveStage,
     calibrate_profiles,
     calibration_record,
@@ -37,7 +37,7 @@ from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
-from inferline.process_cpu import machine_steal_s, process_cpu_s
+from inferline.process_cpu import MachineCpu, machine_cpu, process_cpu_s
 from inferline.profiles import ModelProfile, load_profiles, require_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
@@ -81,9 +81,8 @@ class CpuReading:
     replicas_s: float | None = None
     metrics_text: str | None = None
     """The router's Prometheus text at the reading (None: not readable)."""
-    steal_s: float | None = None
-    """CPU seconds the machine's hypervisor has given to others so far (None: not known)."""
-    wall_s: float = 0.0
+    machine: MachineCpu | None = None
+    """This machine's CPU time so far, the hypervisor's steal among it (None: not known)."""
 
     @classmethod
     def now(cls, router_pid: int | None, router_metrics: str | None = None) -> CpuReading:
@@ -95,15 +94,14 @@ class CpuReading:
             except (InferlineError, ValueError):
                 replicas = None  # the replay's measurements stand without it
         router = process_cpu_s(router_pid) if router_pid is not None else None
-        return cls(router, time.process_time(), replicas, text, machine_steal_s(), time.monotonic())
+        return cls(router, time.process_time(), replicas, text, machine_cpu())
 
     def stolen_share(self, later: CpuReading) -> float | None:
-        """The share of this machine's CPU its hypervisor gave to others between the two readings:
-        on a virtual machine, time in which nothing here ran, whatever it asked for."""
-        seconds = later.wall_s - self.wall_s
-        if self.steal_s is None or later.steal_s is None or seconds <= 0:
+        """The share of this machine's CPU its hypervisor gave to others between the two readings
+        (`MachineCpu.stolen_since`; None: not known)."""
+        if self.machine is None or later.machine is None:
             return None
-        return max(0.0, later.steal_s - self.steal_s) / (seconds * (os.cpu_count() or 1))
+        return later.machine.stolen_since(self.machine)
 
     def live_since(self, earlier: CpuReading) -> dict[str, LiveStage]:
         """What the router measured per stage between the two readings (empty where unreadable)."""
@@ -130,8 +128,6 @@ class CpuReading:
 
 
 OUTSIDE_REPLICAS = "router outside its replicas"
-STOLEN_WARN = 0.05
-"""The share of the machine's CPU taken by its hypervisor above which a replay's table says so."""
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,12 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from inferline.adapters.base import Adapter, ModelInfo, TensorSpec, feed_inputs
 from inferline.errors import InferlineError, ServerError, ServerUnreachable
+from inferline.process_cpu import machine_cpu
 from inferline.router.event_loop import LoopThread
 from inferline.routes import Route, resolve_route
 from inferline.spec import PipelineSpec
@@ -976,6 +979,7 @@ class _RouterMetrics:
             buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
             registry=registry,
         )
+        registry.register(_MachineCpuSinceStart())
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
         replicas = Gauge("inferline_router_replicas", "Live replicas per stage", ["stage"], registry=registry)
         for name in (s.name for s in router.spec.stages):
@@ -1018,6 +1022,29 @@ class _RouterMetrics:
         self.latency.observe(latency_ms / 1000.0)
         if slo_ms is not None and latency_ms > slo_ms:
             self.slo_misses.inc()
+
+
+class _MachineCpuSinceStart(Collector):
+    """The machine's CPU time since the router started, and the hypervisor's steal among it, read at
+    each scrape: calibration tells from it whether the calls it rewrites profiles from ran on a
+    machine whose hypervisor took part of its CPU away (absent where /proc/stat cannot tell)."""
+
+    def __init__(self) -> None:
+        self._start, self._created = machine_cpu(), time.time()
+
+    def collect(self) -> Generator[CounterMetricFamily, None, None]:
+        now, start = machine_cpu(), self._start
+        if start is None or now is None:
+            return
+        family = CounterMetricFamily(
+            "inferline_router_machine_cpu_seconds",
+            "CPU time of the router's machine since the router started, summed over its cores: all of it, "
+            "and the part its hypervisor gave to others while this machine wanted to run (steal)",
+            labels=["mode"],
+        )
+        family.add_metric(["all"], now.all_s - start.all_s, created=self._created)
+        family.add_metric(["steal"], now.steal_s - start.steal_s, created=self._created)
+        yield family
 
 
 def _snapshot_field(router: PipelineRouter, stage: str, name: str) -> Callable[[], float]:

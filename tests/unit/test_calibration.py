@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from prometheus_client import generate_latest
 
 from inferline.adapters.base import ModelInfo, ServingConfig, TensorSpec
-from inferline.calibration import LiveStage, calibrate_profiles, live_stages, mean_slowdown
+from inferline.calibration import STOLEN_WARN, LiveStage, calibrate_profiles, live_stages, mean_slowdown, stolen_share
 from inferline.cli import main
 from inferline.plan import load_plan
 from inferline.profiles import load_profile, load_profiles, parse_profile
@@ -209,6 +209,50 @@ inferline_router_dispatch_seconds_sum{stage="detect"} 0.008
 """
 
 
+def _on_a_machine(metrics: str, all_s: float, steal_s: float) -> str:
+    """A router's metrics with its machine's CPU since its start (`all_s`, `steal_s` of it)."""
+    return metrics + (
+        "# TYPE inferline_router_machine_cpu_seconds counter\n"
+        f'inferline_router_machine_cpu_seconds_total{{mode="all"}} {all_s}\n'
+        f'inferline_router_machine_cpu_seconds_total{{mode="steal"}} {steal_s}\n'
+    )
+
+
+def test_router_exports_its_machines_cpu_time_and_the_steal_among_it() -> None:
+    import os
+
+    from inferline.calibration import MACHINE_CPU, _samples
+
+    before = time.monotonic()
+    router = PipelineRouter(SPEC, {s: [Replica(SleepingServer(), s, f"{s}-0")] for s in ("a", "b")}, {"a": 4, "b": 4})  # type: ignore[arg-type]
+    started = time.monotonic()
+    try:
+        router.start()
+        for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(50)]:
+            f.result(timeout=30)
+        time.sleep(0.3)
+        read_from, text, read_to = time.monotonic(), generate_latest(router.metrics_registry).decode(), time.monotonic()
+    finally:
+        router.stop()
+    cpu = {dict(labels)["mode"]: v for (name, labels), v in _samples(text).items() if name == MACHINE_CPU}
+    cores, tick = os.cpu_count() or 1, 0.01
+    # All of the machine's time since the router was made: its wall time on every core, to a clock tick.
+    assert (read_from - started - tick) * cores <= cpu["all"] <= (read_to - before + tick) * cores
+    assert 0.0 <= cpu["steal"] <= cpu["all"]
+    share = stolen_share(text)
+    assert share is not None and share == pytest.approx(cpu["steal"] / cpu["all"])
+
+
+def test_stolen_share_is_read_over_the_same_readings_as_the_calls() -> None:
+    later = _on_a_machine(METRICS, all_s=100.0, steal_s=5.0)
+    assert stolen_share(later) == pytest.approx(0.05)
+    assert stolen_share(later, since=_on_a_machine("", all_s=60.0, steal_s=1.0)) == pytest.approx(4.0 / 40.0)
+    assert stolen_share(later, since=_on_a_machine("", all_s=100.0, steal_s=5.0)) is None  # no time between
+    assert stolen_share(METRICS) is None  # a router that does not count it
+    # A router restarted since the earlier reading: its counts went down, and are taken whole.
+    assert stolen_share(later, since=_on_a_machine("", all_s=500.0, steal_s=1.0)) == pytest.approx(0.05)
+
+
 @pytest.fixture
 def emulated_plan(tmp_path: Path) -> Path:
     plan = tmp_path / "plan.json"
@@ -238,6 +282,35 @@ def test_calibrate_command_writes_every_profile_and_plans_with_them(
     assert load_plan(replanned).estimated_p99_ms > load_plan(emulated_plan).estimated_p99_ms
 
 
+@pytest.mark.parametrize(("steal_s", "said"), [(1.0, False), (100 * STOLEN_WARN, True), (10.0, True)])
+def test_calibrate_says_when_the_hypervisor_took_the_machines_cpu_during_the_calls(
+    emulated_plan: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], steal_s: float, said: bool
+) -> None:
+    metrics = tmp_path / "metrics.txt"
+    metrics.write_text(_on_a_machine(METRICS, all_s=100.0, steal_s=steal_s))
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", str(emulated_plan), "--metrics", str(metrics), "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert ("the hypervisor gave" in printed) is said
+    if said:
+        assert f"gave {steal_s:.1f}% of the machine's CPU to others while these calls were measured" in printed
+    assert load_profiles(out)  # written either way: a machine that is always this busy is measured as it is
+
+
+def test_calibrate_since_an_earlier_reading_uses_only_the_calls_after_it(emulated_plan: Path, tmp_path: Path) -> None:
+    earlier = tmp_path / "before.txt"
+    earlier.write_text(METRICS.replace(" 40.0", " 20.0").replace(" 0.5", " 0.1"))  # 20 calls of 5 ms
+    later = tmp_path / "after.txt"
+    later.write_text(METRICS)  # 40 calls of 12.5 ms in all: the 20 after the earlier reading took 20 ms each
+    out = tmp_path / "calibrated"
+    argv = ["calibrate", str(emulated_plan), "--metrics", str(later), "--since", str(earlier), "--out", str(out)]
+    assert main(argv) == 0
+    profiled = load_profiles(PROFILES)["emulated-detector"].points("cpu")[0].latency_ms.mean
+    # Dispatch times held still (20 in both readings): none measured in between, so no router time added.
+    assert load_profiles(out)["emulated-detector"].points("cpu")[0].latency_ms.mean == pytest.approx(20.0)
+    assert profiled != pytest.approx(20.0)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -249,6 +322,8 @@ def test_calibrate_command_writes_every_profile_and_plans_with_them(
         ("not-metrics", "not a router's Prometheus text"),
         ("profiles-lack-a-model", "model 'emulated-detector' has no profile"),
         ("cores-not-positive", "--cores must be positive, got 0"),
+        ("max-stolen-not-a-share", "--max-stolen must be a fraction from 0 to 1, got 5"),
+        ("too-much-stolen", "the hypervisor gave 10.0% of the machine's CPU to others"),
     ],
 )
 def test_calibrate_bad_input_is_one_line(
@@ -258,6 +333,8 @@ def test_calibrate_bad_input_is_one_line(
     metrics.write_text(METRICS.replace("40.0", "4.0").replace("30.0", "3.0"))
     garbage = tmp_path / "garbage.txt"
     garbage.write_text("hello world\n")
+    stolen = tmp_path / "stolen.txt"
+    stolen.write_text(_on_a_machine(METRICS, all_s=100.0, steal_s=10.0))
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "emulated-classifier.json").write_text((PROFILES / "emulated-classifier.json").read_text())
@@ -271,6 +348,8 @@ def test_calibrate_bad_input_is_one_line(
         "not-metrics": ["--metrics", str(garbage), "--out", out],
         "profiles-lack-a-model": ["--metrics", str(metrics), "--profiles", str(partial), "--out", out],
         "cores-not-positive": ["--metrics", str(metrics), "--cores", "0", "--out", out],
+        "max-stolen-not-a-share": ["--metrics", str(metrics), "--max-stolen", "5", "--out", out],
+        "too-much-stolen": ["--metrics", str(stolen), "--max-stolen", "0.05", "--out", out],
     }[case]
     assert main(["calibrate", str(emulated_plan), *argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from inferline.process_cpu import group_clock, group_cpu_s, machine_steal_s, steal_from_stat
+from inferline.process_cpu import MachineCpu, cpu_from_stat, group_clock, group_cpu_s, machine_cpu
 
 BURN = """
 import os, time
@@ -108,8 +108,17 @@ def test_process_cpu_counts_this_process_threads() -> None:
 
 def test_steal_is_read_from_the_cpu_line_of_proc_stat() -> None:
     text = "cpu  695975 0 156098 6152065 4222 0 14612 45431 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n"
-    assert steal_from_stat(text, 100) == 454.31
-    assert steal_from_stat("cpu  1 2 3 4\n", 100) is None  # a kernel too old to count it
-    assert steal_from_stat("intr 1\n", 100) is None
-    steal = machine_steal_s()  # this machine's (Linux: /proc/stat)
-    assert steal is not None and steal >= 0.0
+    read = cpu_from_stat(text, 100)
+    assert read is not None and read.steal_s == 454.31
+    assert read.all_s == (695975 + 156098 + 6152065 + 4222 + 14612 + 45431) / 100  # guest time not twice
+    assert cpu_from_stat("cpu  1 2 3 4\n", 100) is None  # a kernel too old to count it
+    assert cpu_from_stat("intr 1\n", 100) is None
+    now = machine_cpu()  # this machine's (Linux: /proc/stat)
+    assert now is not None and 0.0 <= now.steal_s < now.all_s
+
+
+def test_stolen_share_is_steal_over_all_the_cpu_time_between_two_readings() -> None:
+    earlier = MachineCpu(steal_s=10.0, all_s=100.0)
+    assert MachineCpu(steal_s=12.0, all_s=140.0).stolen_since(earlier) == 0.05
+    assert MachineCpu(steal_s=10.0, all_s=140.0).stolen_since(earlier) == 0.0
+    assert MachineCpu(steal_s=10.0, all_s=100.0).stolen_since(earlier) is None  # no time passed

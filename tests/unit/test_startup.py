@@ -528,10 +528,10 @@ def test_the_replay_table_says_when_the_hypervisor_took_the_machines_cpu(stolen:
 
 
 def test_the_share_of_the_machine_its_hypervisor_took_between_two_readings() -> None:
+    from inferline.process_cpu import MachineCpu
     from inferline.replay_command import CpuReading
 
-    cores = os.cpu_count() or 1
-    before = CpuReading(None, 0.0, steal_s=5.0, wall_s=100.0)
-    assert before.stolen_share(CpuReading(None, 0.0, steal_s=5.0 + 0.5 * cores, wall_s=110.0)) == pytest.approx(0.05)
-    assert before.stolen_share(CpuReading(None, 0.0, steal_s=None, wall_s=110.0)) is None  # not known
-    assert before.stolen_share(CpuReading(None, 0.0, steal_s=5.0, wall_s=100.0)) is None  # no time passed
+    before = CpuReading(None, 0.0, machine=MachineCpu(steal_s=5.0, all_s=100.0))
+    assert before.stolen_share(CpuReading(None, 0.0, machine=MachineCpu(7.0, 140.0))) == pytest.approx(0.05)
+    assert before.stolen_share(CpuReading(None, 0.0)) is None  # not known
+    assert before.stolen_share(CpuReading(None, 0.0, machine=MachineCpu(5.0, 100.0))) is None  # no time passed
