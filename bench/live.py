@@ -614,7 +614,7 @@ def _signed_error(run: dict[str, Any]) -> str:
     if not estimated or not measured or not math.isfinite(measured):
         return "none"  # no estimate, or more than 1% of queries failed
     stolen = run.get("machine_stolen")
-    taken = f" ({stolen:.0%} of the CPU stolen)" if stolen is not None else ""
+    taken = f" ({stolen:.1%} of the CPU stolen)" if stolen is not None else ""
     return f"{100 * (estimated - measured) / measured:+.1f}%{taken}"
 
 

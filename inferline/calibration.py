@@ -55,6 +55,7 @@ from inferline.errors import InferlineError
 from inferline.plan import Plan
 from inferline.planner.kernel import after_idle_s
 from inferline.planner.shared_cores import crowd_of, slowdown
+from inferline.process_cpu import MachineCpu
 from inferline.profiles import BatchPoint, LatencyStats, ModelProfile
 from inferline.spec import PipelineSpec
 
@@ -184,9 +185,9 @@ def stolen_share(metrics_text: str, since: str | None = None) -> float | None:
     while it was high ran slower than the machine's own speed."""
     window = _between(metrics_text, since)
     cpu = {dict(labels).get("mode"): v for (name, labels), v in window.items() if name == MACHINE_CPU}
-    if "all" not in cpu or "steal" not in cpu or cpu["all"] <= 0:
+    if "all" not in cpu or "steal" not in cpu:
         return None
-    return max(0.0, cpu["steal"]) / cpu["all"]
+    return MachineCpu(steal_s=cpu["steal"], all_s=cpu["all"]).stolen_since(MachineCpu(steal_s=0.0, all_s=0.0))
 
 
 def _between(metrics_text: str, since: str | None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.profiler import ProfileSettings, profile_to_directory
-from inferline.calibration import live_stages
+from inferline.calibration import STOLEN_WARN, live_stages, stolen_share
 from inferline.catalog import load_catalog
 from inferline.deployment import Endpoints, LocalDeployment, available_cores
 from inferline.errors import InferlineError
@@ -158,6 +158,7 @@ def deploy_and_replay(
         result = asyncio.run(replaying)
         after = generate_latest(deployment.router.metrics_registry).decode()
         measured = live_stages(after, since=before)
+        stolen = stolen_share(after, since=before)
         if metrics_out is not None:
             metrics_out.write_text(after)
     finally:
@@ -169,6 +170,7 @@ def deploy_and_replay(
     # the estimate counts neither (calibration puts the router's into the service times).
     results = results_for(target, result, arrivals, started, decisions, live=measured, answered=answered)
     results["tuner"] = tuner
+    results["machine_stolen"] = round(stolen, 4) if stolen is not None else None
     results["batch_sizes"] = deployment.router.batch_sizes() if deployment.router else {}
     results["service_ms"] = deployment.router.service_times_ms() if deployment.router else {}
     dispatch = deployment.router.dispatch_ms() if deployment.router else {}
@@ -196,7 +198,7 @@ def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
     columns = ("run", "est P99", "P99", "est miss", "miss", "errors", "$/hour", "changes")
     for column in columns:
         table.add_column(column, justify="right")
-    estimates, from_run = [], []
+    estimates, from_run, slowed = [], [], []
     for name, r in runs.items():
         label = "tuner" if name == "inferline" else "static"
         table.add_row(
@@ -213,10 +215,18 @@ def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
             estimates.append(f"{label}: {r['estimate']}")
         if r.get("estimated_from_run_p99_ms") is not None:
             from_run.append(f"{label} {r['estimated_from_run_p99_ms']:.1f} ms")
+        if r.get("machine_stolen") is not None and r["machine_stolen"] >= STOLEN_WARN:
+            slowed.append(f"{r['machine_stolen']:.1%} during the {label} run")
     lines = []
     if estimates:
         lines.append("estimates: " + "; ".join(estimates) + "; changes: the tuner's decisions")
     if from_run:
         lines.append("est P99 again from each run's own service times: " + ", ".join(from_run))
+    if slowed:
+        lines.append(
+            "the hypervisor gave this machine's CPU to others: "
+            + ", ".join(slowed)
+            + "; the latency measured then is not the pipeline's alone"
+        )
     table.caption = "\n".join(lines) if lines else None
     return table

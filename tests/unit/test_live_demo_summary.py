@@ -11,11 +11,13 @@ from inferline.live_demo import _summary
 from inferline.plan import Plan
 
 
-def run(p99_ms: float, estimated_ms: float, from_run_ms: float | None, estimate: str) -> dict[str, Any]:
+def run(
+    p99_ms: float, estimated_ms: float, from_run_ms: float | None, estimate: str, stolen: float | None = None
+) -> dict[str, Any]:
     return {
         "p99_ms": p99_ms, "estimated_p99_ms": estimated_ms, "estimated_from_run_p99_ms": from_run_ms,
         "slo_miss_rate": 0.01, "estimated_slo_miss_rate": 0.0, "errors": 0, "cost_per_hour": 0.133,
-        "decisions": [{}, {}], "estimate": estimate,
+        "decisions": [{}, {}], "estimate": estimate, "machine_stolen": stolen,
     }  # fmt: skip
 
 
@@ -43,3 +45,13 @@ def test_the_summary_shows_the_estimate_again_from_each_runs_own_service_times()
 def test_without_the_runs_own_estimates_the_summary_says_nothing_of_them() -> None:
     text = rendered({"inferline": run(81.3, 71.9, None, "closed-loop tuner inferline")})
     assert "own service times" not in text and "estimates: tuner" in text
+
+
+def test_the_summary_says_which_runs_the_hypervisor_slowed() -> None:
+    text = rendered({
+        "inferline": run(81.3, 71.9, 79.5, "closed-loop tuner inferline", stolen=0.054),
+        "none": run(4895.4, 3244.8, 4700.25, "static plan", stolen=0.004),
+    })  # fmt: skip
+    assert "the hypervisor gave this machine's CPU to others: 5.4% during the tuner run;" in text
+    assert "static run" not in text  # under the threshold
+    assert "hypervisor" not in rendered({"inferline": run(81.3, 71.9, 79.5, "tuner", stolen=None)})
