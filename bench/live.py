@@ -45,7 +45,7 @@ from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
 from inferline.process_cpu import process_cpu_s
 from inferline.profiles import load_profiles
-from inferline.replay_command import FIDELITY_TOLERANCE
+from inferline.replay_command import FIDELITY_TOLERANCE, METRICS_AFTER, METRICS_BEFORE
 from inferline.router.client import AsyncKServeClient
 from inferline.router.core import PipelineRouter, Replica
 from inferline.router.event_loop import LoopThread
@@ -193,19 +193,15 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
     where.mkdir(parents=True)
     plan_path = where / "plan.json"
     plan_path.write_text(plan.to_json())
-    metrics_url = json.loads((state / "up.json").read_text())["endpoints"]["metrics"]
-    before = read_metrics(metrics_url)
-    metrics_before_path = where / "metrics-before.txt"
-    metrics_before_path.write_text(before)  # for `inferline calibrate --since`: this replay's calls only
     replayed = subprocess.run(
         [sys.executable, "-m", "inferline.cli", "replay", "--state-dir", str(state), "--plan", str(plan_path),
-         "--trace", trace, "--json"],
+         "--trace", trace, "--json", "--metrics-out", str(where)],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     result = json.loads(replayed.stdout)
-    after = read_metrics(metrics_url)
-    metrics_path = where / "metrics.txt"
-    metrics_path.write_text(after)
+    # The router's metrics around the replay, for `inferline calibrate --since`: this replay's calls only.
+    metrics_before_path, metrics_path = where / METRICS_BEFORE, where / METRICS_AFTER
+    before, after = metrics_before_path.read_text(), metrics_path.read_text()
     est, meas = result["estimated_p99_ms"], result["p99_ms"]
     # The replay's estimate again from this run's own service times: how far the estimator's
     # semantics are from the router's, apart from how far the machine's speed drifted from the profiles.

@@ -158,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0, help="seed of the random query inputs")
     rp.add_argument("--json", action="store_true", help="print the run results as JSON")
     rp.add_argument("--out", help="also write the run results JSON here")
+    rp.add_argument(
+        "--metrics-out",
+        help="keep the router's metrics from before and after the replay in this directory, for `inferline "
+        "calibrate --metrics DIR/router-metrics-after.txt --since DIR/router-metrics-before.txt`",
+    )
     ca = sub.add_parser(
         "calibrate", help="rewrite a plan's profiles from the service times its running router measured"
     )

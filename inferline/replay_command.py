@@ -564,6 +564,7 @@ def run_replay(args: Any, console: Any) -> int:
     arrivals = load_trace(args.trace)
     if args.timeout_s <= 0:
         raise InferlineError(f"--timeout-s must be positive, got {args.timeout_s:g}", "pass seconds")
+    metrics_out = metrics_directory(args.metrics_out, target)
     inputs = asyncio.run(entry_inputs(target))
     slo_ms = args.slo_ms if args.slo_ms is not None else (target.plan.slo_ms if target.plan else None)
     console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
@@ -586,7 +587,41 @@ def run_replay(args: Any, console: Any) -> int:
         print(json.dumps(results, indent=2))
     else:
         console.print(replay_table(target.pipeline, results))
+    if metrics_out is not None:
+        console.print(save_router_metrics(metrics_out, before.metrics_text, after.metrics_text))
     return 0
+
+
+METRICS_BEFORE, METRICS_AFTER = "router-metrics-before.txt", "router-metrics-after.txt"
+
+
+def metrics_directory(directory: str | None, target: Target) -> Path | None:
+    """Where `--metrics-out` keeps the router's metrics around the replay, checked before it runs."""
+    if directory is None:
+        return None
+    if target.router_metrics is None:
+        raise InferlineError(
+            "--metrics-out needs the router's metrics, which a pipeline started by `inferline up` tells",
+            "replay it with --state-dir, or leave out --metrics-out",
+        )
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise InferlineError(f"--metrics-out {directory!r} is a file", "pass a directory")
+    return path
+
+
+def save_router_metrics(directory: Path, before: str | None, after: str | None) -> str:
+    """Write the router's metrics from before and after the replay; what was done, for the console."""
+    if before is None or after is None:
+        return "[yellow]the router's metrics could not be read around the replay: none written[/yellow]"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / METRICS_BEFORE).write_text(before)
+    (directory / METRICS_AFTER).write_text(after)
+    return (
+        f"the router's metrics before and after the replay are in {directory}: `inferline calibrate PLAN "
+        f"--metrics {directory / METRICS_AFTER} --since {directory / METRICS_BEFORE} --out DIR` calibrates "
+        "from this replay alone"
+    )
 
 
 def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inferline.calibration import live_stages, stolen_share
 from inferline.router.client import KServeClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,10 +63,24 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         np.testing.assert_allclose(out["detect.OUTPUT"], x)
         again = cli("up", str(plan), "--state-dir", str(state))
         assert again.returncode == 2 and "already up" in again.stderr and again.stderr.count("\n") == 1
-        replayed = cli("replay", "--state-dir", str(state), "--trace", "gamma:rate=40,cv=1,duration=3,seed=4", "--json")
+        kept = tmp_path / "metrics"
+        replayed = cli(
+            "replay", "--state-dir", str(state), "--trace", "gamma:rate=40,cv=1,duration=3,seed=4", "--json",
+            "--metrics-out", str(kept),
+        )  # fmt: skip
         assert replayed.returncode == 0, replayed.stderr
         results = json.loads(replayed.stdout)
         assert results["sent"] == results["answered"] + results["errors"] and results["sent"] > 60
+        # The router's metrics around this replay: between them, exactly its queries' calls of the
+        # entry stage, and the machine's CPU time; calibrate reads this replay alone from them.
+        before, after = kept / "router-metrics-before.txt", kept / "router-metrics-after.txt"
+        window = live_stages(after.read_text(), since=before.read_text())
+        assert sum(n * count for n, (_, count) in window["detect"].calls.items()) == results["answered"]
+        assert stolen_share(after.read_text(), since=before.read_text()) is not None
+        calibrated = tmp_path / "calibrated"
+        done = cli("calibrate", str(plan), "--metrics", str(after), "--since", str(before), "--out", str(calibrated))
+        assert done.returncode == 0, done.stderr
+        assert (calibrated / "emulated-detector.json").exists()
         assert results["errors"] == 0 and results["p99_ms"] > 0 and results["estimated_p99_ms"] > 0
         assert results["slo_ms"] == json.loads(plan.read_text())["slo_ms"] and results["cost_per_hour"] > 0
         # The replicas share this machine's cores with the router and the load generator: both measured.
@@ -115,16 +130,15 @@ def test_bad_plan_files_and_down_with_nothing_up_are_one_line_errors(tmp_path: P
     infeasible = tmp_path / "infeasible.json"
     plan = json.loads(plan_file(tmp_path).read_text())
     infeasible.write_text(json.dumps(plan | {"feasible": False, "reason": "SLO too tight"}))
+    by_address = ["replay", "--endpoint", "127.0.0.1:9", "--pipeline", "p", "--trace", "gamma:rate=5,duration=1"]
     for args, needle in (
         (["up", str(broken)], "not valid JSON"),
         (["up", str(infeasible)], "infeasible"),
         (["down", "--state-dir", str(tmp_path / "none")], "nothing is running"),
-        (
-            ["replay", "--endpoint", "127.0.0.1:9", "--pipeline", "p", "--trace", "gamma:rate=5,duration=1"],
-            "no KServe v2 server answers",
-        ),
+        (by_address, "no KServe v2 server answers"),
         (["replay", "--state-dir", str(tmp_path / "none"), "--trace", "gamma:rate=5,duration=1"], "nothing is running"),
         (["replay", "--trace", "gamma:rate=5,duration=1", "--cores", "0"], "--cores must be positive, got 0"),
+        ([*by_address, "--metrics-out", str(tmp_path / "kept")], "--metrics-out needs the router's metrics"),
     ):
         done = cli(*args, "--state-dir", str(tmp_path / "s")) if args[0] == "up" else cli(*args)
         assert done.returncode == 2, (args, done.stderr)

@@ -535,3 +535,25 @@ def test_the_share_of_the_machine_its_hypervisor_took_between_two_readings() -> 
     assert before.stolen_share(CpuReading(None, 0.0, machine=MachineCpu(7.0, 140.0))) == pytest.approx(0.05)
     assert before.stolen_share(CpuReading(None, 0.0)) is None  # not known
     assert before.stolen_share(CpuReading(None, 0.0, machine=MachineCpu(5.0, 100.0))) is None  # no time passed
+
+
+def test_metrics_out_is_checked_before_the_replay_and_written_after_it(tmp_path: Path) -> None:
+    from inferline.errors import InferlineError
+    from inferline.replay_command import Target, metrics_directory, save_router_metrics
+
+    up = Target("127.0.0.1:1", "p", None, None, None, router_metrics="http://127.0.0.1:1/metrics")
+    assert metrics_directory(None, up) is None
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(InferlineError, match="is a file"):
+        metrics_directory(str(a_file), up)
+    with pytest.raises(InferlineError, match="needs the router's metrics"):
+        metrics_directory(str(tmp_path / "kept"), Target("127.0.0.1:1", "p", None, None, None))
+    kept = metrics_directory(str(tmp_path / "kept" / "replay-1"), up)
+    assert kept is not None and not kept.exists()  # made only once there is something to keep
+    said = save_router_metrics(kept, "before\n", "after\n")
+    assert (kept / "router-metrics-before.txt").read_text() == "before\n"
+    assert (kept / "router-metrics-after.txt").read_text() == "after\n"
+    assert f"--since {kept / 'router-metrics-before.txt'}" in said
+    assert "none written" in save_router_metrics(tmp_path / "unread", "before\n", None)
+    assert not (tmp_path / "unread").exists()
