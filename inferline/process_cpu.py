@@ -96,6 +96,13 @@ class MachineCpu:
     """Time its hypervisor gave to others while this guest wanted to run ("steal")."""
     all_s: float
     """All of its time: busy, idle and stolen alike (about the seconds since boot times the cores)."""
+    idle_s: float = 0.0
+    """Time in which it had nothing to run (idle, or waiting for I/O)."""
+
+    @property
+    def busy_s(self) -> float:
+        """Time it ran something: every process's and the kernel's."""
+        return self.all_s - self.idle_s - self.steal_s
 
     def stolen_since(self, earlier: MachineCpu) -> float | None:
         """The share of the machine's CPU time its hypervisor gave to others since `earlier`: on a
@@ -121,5 +128,9 @@ def cpu_from_stat(text: str, ticks_per_s: int) -> MachineCpu | None:
             if len(fields) <= 8:
                 return None  # a kernel too old to count steal
             ticks = [int(v) for v in fields[1:9]]
-            return MachineCpu(steal_s=ticks[7] / ticks_per_s, all_s=sum(ticks) / ticks_per_s)
+            return MachineCpu(
+                steal_s=ticks[7] / ticks_per_s,
+                all_s=sum(ticks) / ticks_per_s,
+                idle_s=(ticks[3] + ticks[4]) / ticks_per_s,
+            )
     return None

@@ -114,10 +114,13 @@ class CpuReading:
 
     def per_query_s(self, later: CpuReading, queries: int) -> dict[str, float]:
         """CPU seconds per query since this reading: the router's, the part of it outside its
-        replicas' own work (its frontends and the rest), and the load generator's."""
+        replicas' own work (its frontends and the rest), the load generator's, and the whole
+        machine's busy time (every process and the kernel, the model servers included)."""
         if queries <= 0:
             return {}
         out = {"load generator": (later.client_s - self.client_s) / queries}
+        if self.machine is not None and later.machine is not None:
+            out[MACHINE] = (later.machine.busy_s - self.machine.busy_s) / queries
         if self.router_s is None or later.router_s is None:
             return out
         router = (later.router_s - self.router_s) / queries
@@ -128,6 +131,7 @@ class CpuReading:
 
 
 OUTSIDE_REPLICAS = "router outside its replicas"
+MACHINE = "machine"
 
 
 @dataclass(frozen=True)

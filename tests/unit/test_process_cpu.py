@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from inferline.process_cpu import MachineCpu, cpu_from_stat, group_clock, group_cpu_s, machine_cpu
 
 BURN = """
@@ -111,6 +113,7 @@ def test_steal_is_read_from_the_cpu_line_of_proc_stat() -> None:
     read = cpu_from_stat(text, 100)
     assert read is not None and read.steal_s == 454.31
     assert read.all_s == (695975 + 156098 + 6152065 + 4222 + 14612 + 45431) / 100  # guest time not twice
+    assert read.busy_s == pytest.approx((695975 + 156098 + 14612) / 100)  # not idle, waiting for I/O or stolen
     assert cpu_from_stat("cpu  1 2 3 4\n", 100) is None  # a kernel too old to count it
     assert cpu_from_stat("intr 1\n", 100) is None
     now = machine_cpu()  # this machine's (Linux: /proc/stat)

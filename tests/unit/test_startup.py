@@ -308,6 +308,7 @@ def test_the_load_generators_cpu_is_counted_where_replicas_share_cores(plan_path
 
 
 def test_cpu_readings_per_query() -> None:
+    from inferline.process_cpu import MachineCpu
     from inferline.replay_command import CpuReading
 
     before = CpuReading(router_s=10.0, client_s=2.0)
@@ -318,6 +319,10 @@ def test_cpu_readings_per_query() -> None:
     assert threads.per_query_s(CpuReading(10.5, 2.2, 1.3), 100) == pytest.approx(
         {"router": 0.005, "load generator": 0.002, "router outside its replicas": 0.002}
     )
+    # The whole machine's busy time: neither idle nor stolen by its hypervisor.
+    machine = CpuReading(None, 2.0, machine=MachineCpu(steal_s=1.0, all_s=100.0, idle_s=60.0))
+    later = CpuReading(None, 2.2, machine=MachineCpu(steal_s=1.5, all_s=110.0, idle_s=66.0))
+    assert machine.per_query_s(later, 100) == pytest.approx({"load generator": 0.002, "machine": 0.035})
 
 
 def test_the_routers_work_on_each_call_goes_in_the_calls_its_frontends_in_each_querys_way(plan_path: Path) -> None:
