@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from inferline.calibration import (
-    STOLEN_WARN,
     Calibration,
     calibrate_profiles,
+    hypervisor_took,
     live_stages,
     read_metrics,
     stolen_share,
@@ -53,13 +53,13 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     profiles = load_profiles(source_dir)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
     source, cores = metrics_source(args)
-    since = read_metrics(str(args.since)) if args.since else None
+    since = read_metrics(args.since) if args.since else None
     text = read_metrics(source)
     live = live_stages(text, since=since)
     stolen = stolen_share(text, since=since)
     if stolen is not None and args.max_stolen is not None and stolen > args.max_stolen:
         raise InferlineError(
-            f"the hypervisor gave {stolen:.1%} of the machine's CPU to others while these calls were measured "
+            f"the hypervisor gave {stolen:.1%} of this machine's CPU to others while these calls were measured "
             f"(--max-stolen {args.max_stolen:g}): no profile written",
             "replay again when the machine is quieter, and calibrate from that replay (--since)",
         )
@@ -72,11 +72,11 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     for profile in calibrated.values():
         write_profile(profile, args.out)
     console.print(calibration_table(done))
-    if stolen is not None and stolen >= STOLEN_WARN:
+    slowed = hypervisor_took(stolen, "while these calls were measured")
+    if slowed is not None:
         console.print(
-            f"[yellow]the hypervisor gave {stolen:.1%} of the machine's CPU to others while these calls were "
-            "measured: the calibrated profiles carry that slowness into every estimate from them. Unless that "
-            "is usual for this machine, replay again and calibrate from a quieter replay (--since).[/yellow]"
+            f"[yellow]{slowed}: the calibrated profiles carry that slowness into every estimate from them. Unless "
+            "that is usual for this machine, replay again and calibrate from a quieter replay (--since).[/yellow]"
         )
     console.print(f"calibrated profiles written to {args.out}; plan with `inferline plan --profiles {args.out}`")
     return 0

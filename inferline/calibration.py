@@ -190,6 +190,14 @@ def stolen_share(metrics_text: str, since: str | None = None) -> float | None:
     return MachineCpu(steal_s=cpu["steal"], all_s=cpu["all"]).stolen_since(MachineCpu(steal_s=0.0, all_s=0.0))
 
 
+def hypervisor_took(share: float | None, during: str) -> str | None:
+    """What to tell a user of measurements during which the machine's hypervisor took `share` of its
+    CPU (None under `STOLEN_WARN`, or not known): they ran slower than the machine's own speed."""
+    if share is None or share < STOLEN_WARN:
+        return None
+    return f"the hypervisor gave {share:.1%} of this machine's CPU to others {during}"
+
+
 def _between(metrics_text: str, since: str | None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of a router's Prometheus text less its value in `since` (an earlier reading of
     the same router), or whole where there is none or the router restarted in between."""

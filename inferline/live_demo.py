@@ -28,7 +28,7 @@ from rich.table import Table
 
 from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.profiler import ProfileSettings, profile_to_directory
-from inferline.calibration import STOLEN_WARN, live_stages, stolen_share
+from inferline.calibration import hypervisor_took, live_stages, stolen_share
 from inferline.catalog import load_catalog
 from inferline.deployment import Endpoints, LocalDeployment, available_cores
 from inferline.errors import InferlineError
@@ -215,18 +215,14 @@ def _summary(plan: Plan, runs: dict[str, dict[str, Any]]) -> Table:
             estimates.append(f"{label}: {r['estimate']}")
         if r.get("estimated_from_run_p99_ms") is not None:
             from_run.append(f"{label} {r['estimated_from_run_p99_ms']:.1f} ms")
-        if r.get("machine_stolen") is not None and r["machine_stolen"] >= STOLEN_WARN:
-            slowed.append(f"{r['machine_stolen']:.1%} during the {label} run")
+        said = hypervisor_took(r.get("machine_stolen"), f"during the {label} run")
+        if said is not None:
+            slowed.append(f"{said}: the latency measured then is not the pipeline's alone")
     lines = []
     if estimates:
         lines.append("estimates: " + "; ".join(estimates) + "; changes: the tuner's decisions")
     if from_run:
         lines.append("est P99 again from each run's own service times: " + ", ".join(from_run))
-    if slowed:
-        lines.append(
-            "the hypervisor gave this machine's CPU to others: "
-            + ", ".join(slowed)
-            + "; the latency measured then is not the pipeline's alone"
-        )
+    lines += slowed
     table.caption = "\n".join(lines) if lines else None
     return table

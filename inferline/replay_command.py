@@ -23,10 +23,10 @@ from numpy.typing import NDArray
 
 from inferline.adapters.base import TensorSpec, random_inputs
 from inferline.calibration import (
-    STOLEN_WARN,
     LiveStage,
     calibrate_profiles,
     calibration_record,
+    hypervisor_took,
     live_stages,
     read_metrics,
     replica_cpu_s,
@@ -635,12 +635,9 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
         return "-" if v is None else f"{v:.1f}"
 
     caption = f"estimate: {r.get('estimate') or '-'}"
-    stolen = r.get("machine_stolen")
-    if stolen is not None and stolen >= STOLEN_WARN:
-        caption += (
-            f"\nthe hypervisor gave {stolen:.0%} of this machine's CPU to others during the run:"
-            " the latency measured is not the pipeline's alone"
-        )
+    slowed = hypervisor_took(r.get("machine_stolen"), "during the run")
+    if slowed is not None:
+        caption += f"\n{slowed}: the latency measured is not the pipeline's alone"
     from_run = r.get("estimated_from_run_p99_ms")
     if from_run is not None:
         caption += f"\nthe same estimate from this run's own service times: P99 {from_run:.1f} ms"

@@ -293,7 +293,7 @@ def test_calibrate_says_when_the_hypervisor_took_the_machines_cpu_during_the_cal
     printed = " ".join(capsys.readouterr().out.split())
     assert ("the hypervisor gave" in printed) is said
     if said:
-        assert f"gave {steal_s:.1f}% of the machine's CPU to others while these calls were measured" in printed
+        assert f"gave {steal_s:.1f}% of this machine's CPU to others while these calls were measured" in printed
     assert load_profiles(out)  # written either way: a machine that is always this busy is measured as it is
 
 
@@ -323,7 +323,7 @@ def test_calibrate_since_an_earlier_reading_uses_only_the_calls_after_it(emulate
         ("profiles-lack-a-model", "model 'emulated-detector' has no profile"),
         ("cores-not-positive", "--cores must be positive, got 0"),
         ("max-stolen-not-a-share", "--max-stolen must be a fraction from 0 to 1, got 5"),
-        ("too-much-stolen", "the hypervisor gave 10.0% of the machine's CPU to others"),
+        ("too-much-stolen", "the hypervisor gave 10.0% of this machine's CPU to others"),
     ],
 )
 def test_calibrate_bad_input_is_one_line(

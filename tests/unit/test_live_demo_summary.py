@@ -52,6 +52,6 @@ def test_the_summary_says_which_runs_the_hypervisor_slowed() -> None:
         "inferline": run(81.3, 71.9, 79.5, "closed-loop tuner inferline", stolen=0.054),
         "none": run(4895.4, 3244.8, 4700.25, "static plan", stolen=0.004),
     })  # fmt: skip
-    assert "the hypervisor gave this machine's CPU to others: 5.4% during the tuner run;" in text
+    assert "the hypervisor gave 5.4% of this machine's CPU to others during the tuner run: the latency" in text
     assert "static run" not in text  # under the threshold
     assert "hypervisor" not in rendered({"inferline": run(81.3, 71.9, 79.5, "tuner", stolen=None)})

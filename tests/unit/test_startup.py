@@ -529,7 +529,7 @@ def test_the_replay_table_says_when_the_hypervisor_took_the_machines_cpu(stolen:
         "machine_stolen": stolen,
     }  # fmt: skip
     caption = str(replay_table("p", results).caption)
-    assert ("the hypervisor gave 12% of this machine's CPU to others" in caption) is said
+    assert ("the hypervisor gave 12.0% of this machine's CPU to others during the run" in caption) is said
 
 
 def test_the_share_of_the_machine_its_hypervisor_took_between_two_readings() -> None:
