@@ -561,7 +561,7 @@ def _print(console: Console, results: dict[str, Any]) -> None:
         for kind in ("offline", "calibrated"):
             runs = [row[kind], *row.get(f"{kind}_again", [])]
             every += runs
-            source = f" (from offline replay {row['calibrated_from_replay']})" if kind == "calibrated" else ""
+            source = f" (from offline replay {row.get('calibrated_from_replay', 1)})" if kind == "calibrated" else ""
             console.print(
                 f"{row['pipeline']} {kind}{source}, estimate − measured over measured in {len(runs)} replays: "
                 + ", ".join(_signed_error(r) for r in runs)
