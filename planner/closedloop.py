@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from inferline.planner.costtable import CostTable, HardwareOption
 from inferline.planner.estimator import p99
 from inferline.planner.kernel import advance_stage
-from inferline.planner.pipeline import Config, PipelineModel, check_visits, sample_visits
+from inferline.planner.pipeline import Config, PipelineModel, query_visits
 from inferline.planner.shared_cores import advance_shared, start_shared
 from inferline.planner.tuning.context import Decision, StageStatus, TunerContext
 
@@ -126,7 +126,7 @@ def simulate_run(
     """
     arrivals = np.ascontiguousarray(arrivals_s, dtype=np.float64)
     n = arrivals.size
-    visits = sample_visits(model, n, np.random.default_rng(seed)) if visits is None else check_visits(model, visits, n)
+    visits = query_visits(model, n, seed, visits)
     options = [table[s].option(c.hardware) for s, c in enumerate(config)]
     engine: _Engine = (
         _SharedEngine(model, options, config, arrivals, visits, cores, background_s)

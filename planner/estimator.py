@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from inferline.planner.costtable import CostTable, cost_per_hour
 from inferline.planner.kernel import run_stage
-from inferline.planner.pipeline import Config, PipelineModel, StageConfig, check_visits, sample_visits
+from inferline.planner.pipeline import Config, PipelineModel, StageConfig, query_visits
 
 PERCENTILE = 0.99
 
@@ -73,9 +73,7 @@ class Estimator:
         self.arrivals_s = np.ascontiguousarray(arrivals_s, dtype=np.float64)
         self.slo_s = slo_s
         n = self.arrivals_s.size
-        self.visits = (
-            sample_visits(model, n, np.random.default_rng(seed)) if visits is None else check_visits(model, visits, n)
-        )
+        self.visits = query_visits(model, n, seed, visits)
         self.budget = miss_budget(n)
         self.simulations = 0
         self.stage_runs = 0

@@ -106,6 +106,16 @@ def check_visits(model: PipelineModel, visits: NDArray[np.bool_], queries: int) 
     return np.ascontiguousarray(visits)
 
 
+def query_visits(
+    model: PipelineModel, queries: int, seed: int, given: NDArray[np.bool_] | None = None
+) -> NDArray[np.bool_]:
+    """The visits a simulation runs: `given` where there are (checked by `check_visits`), else sampled
+    with `seed` (`sample_visits`)."""
+    if given is not None:
+        return check_visits(model, given, queries)
+    return sample_visits(model, queries, np.random.default_rng(seed))
+
+
 def _visit_rates_exact(model: PipelineModel) -> NDArray[np.float64]:
     # Each stage's own coin is independent; enumerate the 2^k coins of the stages whose
     # probability is below 1 (at most 16 stages, so at most 65536 outcomes).
