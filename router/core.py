@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 from inferline.adapters.base import Adapter, ModelInfo, TensorSpec, feed_inputs
 from inferline.errors import InferlineError, ServerError, ServerUnreachable
 from inferline.process_cpu import machine_cpu
+from inferline.router.crowding import CallCrowding, CallToken, CrowdingCollector
 from inferline.router.event_loop import LoopThread
 from inferline.routes import Route, resolve_route
 from inferline.spec import PipelineSpec
@@ -192,6 +193,8 @@ class _Worker:
         self._loop_thread_id: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._call: CallToken | None = None
+        """The call under way, for the crowding its end records."""
         self._finished: Callable[[], None] | None = None
         """A coroutine's last batch, passed on (routed onward, answered) right after its next batch is
         sent, or at once when none waits: the model server starts on the next batch first, and the
@@ -405,7 +408,7 @@ class _Worker:
             else:
                 self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
-        self.router._call_started(stage.name)
+        self._call = self.router._call_started(stage.name)
         return started
 
     def _failed(self, batch: list[_Item], started: float, exc: Exception) -> None:
@@ -439,7 +442,9 @@ class _Worker:
                 self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
     def _settle(self, batch: list[_Item], started: float) -> None:
-        self.router._call_ended()
+        if self._call is not None:
+            self.router._crowding.ended(self.stage.name, self._call)
+            self._call = None
         with self.stage.cond:
             self.stage.busy_s += self._release(batch) - started
 
@@ -542,8 +547,7 @@ class PipelineRouter:
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._inflight = 0
-        self._calls_lock = threading.Lock()
-        self._calls_in_flight = 0
+        self._crowding = CallCrowding([s.name for s in order])
         """Replica calls under way across all stages: how many models compute at once."""
         self._arrivals: collections.deque[float] = collections.deque()
         self._arrivals_kept_s = arrivals_kept_s
@@ -863,15 +867,10 @@ class PipelineRouter:
         router adds to each batch's service time beyond the call itself."""
         return {s.name: self._metrics.mean_dispatch_ms(s.name) for s in self._stages}
 
-    def _call_started(self, stage: str) -> None:
-        with self._calls_lock:
-            self._calls_in_flight += 1
-            now = self._calls_in_flight
-        self._metrics.observe_concurrency(stage, now)
-
-    def _call_ended(self) -> None:
-        with self._calls_lock:
-            self._calls_in_flight -= 1
+    def _call_started(self, stage: str) -> CallToken:
+        call = self._crowding.started()
+        self._metrics.observe_concurrency(stage, call.under_way)
+        return call
 
     def _check_wiring(self) -> None:
         """Every non-entry stage's inputs must come from its parents' outputs (by name or shape)."""
@@ -980,6 +979,7 @@ class _RouterMetrics:
             registry=registry,
         )
         registry.register(_MachineCpuSinceStart())
+        registry.register(CrowdingCollector(router._crowding, [s.name for s in router.spec.stages]))
         queue = Gauge("inferline_router_queue_length", "Queries waiting per stage", ["stage"], registry=registry)
         replicas = Gauge("inferline_router_replicas", "Live replicas per stage", ["stage"], registry=registry)
         for name in (s.name for s in router.spec.stages):

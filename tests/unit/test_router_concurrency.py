@@ -69,7 +69,7 @@ def test_calls_of_all_stages_are_counted_together_and_never_above_the_replicas(k
         assert seen[stage]["3.0"] == calls[stage]  # 3 replicas in all: never more calls at once
     # 120 queries queued at once: a's two replicas overlapped each other, and b overlapped a
     assert seen["a"]["1.0"] < calls["a"] and seen["b"]["1.0"] < calls["b"]
-    assert router._calls_in_flight == 0
+    assert router._crowding.under_way == 0
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -80,7 +80,7 @@ def test_a_failed_call_is_no_longer_counted(kind: str) -> None:
     try:
         for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(10)]:
             assert f.exception(timeout=30) is not None
-        assert router._calls_in_flight == 0
+        assert router._crowding.under_way == 0
         assert _histogram(router)["a"]["1.0"] == _histogram(router)["a"]["count"] > 0
     finally:
         router.stop()
