@@ -166,7 +166,7 @@ def _replays(plan: Any, trace: str, state: Path, where: Path, console: Console, 
 
 
 def _brief(run: dict[str, Any]) -> dict[str, Any]:
-    keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen")
+    keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen", "effective_cores")
     return {k: run[k] for k in keep}
 
 
@@ -219,7 +219,7 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
         "estimated_with_own_live_p99_ms": with_own,
         "error_with_own_live": abs(with_own - meas) / meas if with_own and meas else None,
         "errors": result["errors"], "mean_batch": _mean_batch_of(live), "core_warning": core_shortfall(plan),
-        "machine_stolen": result.get("machine_stolen"),
+        "machine_stolen": result.get("machine_stolen"), "effective_cores": result.get("effective_cores"),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path), "metrics_before_path": str(metrics_before_path),
@@ -250,6 +250,11 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
             f"({100 * run['error_with_own_live']:.1f}%)"
             if run["error_with_own_live"] is not None
             else "; no estimate from the run's own service times"
+        )
+        + (
+            f" (the run's calls fitted {run['effective_cores']['cores']:g} effective cores)"
+            if run.get("effective_cores")
+            else ""
         )
         + (
             f"; the hypervisor took {run['machine_stolen']:.1%} of the CPU"

@@ -11,11 +11,13 @@ from rich.table import Table
 from inferline.calibration import (
     Calibration,
     calibrate_profiles,
+    effective_cores,
     hypervisor_took,
     live_stages,
     read_metrics,
     stolen_share,
 )
+from inferline.effective_cores import CoreFit
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
 from inferline.profiles import load_profiles, require_profiles, write_profile
@@ -63,7 +65,8 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
             f"(--max-stolen {args.max_stolen:g}): no profile written",
             "replay again when the machine is quieter, and calibrate from that replay (--since)",
         )
-    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores)
+    fit = effective_cores(spec, plan, profiles, live, cores) if cores is not None else None
+    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, fit.cores if fit else cores)
     if all(c.ratio is None for c in done):
         raise InferlineError(
             f"the router's metrics hold fewer than {args.min_calls} calls for every stage of {plan.pipeline!r}",
@@ -72,6 +75,8 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     for profile in calibrated.values():
         write_profile(profile, args.out)
     console.print(calibration_table(done))
+    if cores is not None:
+        console.print(cores_line(fit, cores))
     slowed = hypervisor_took(stolen, "while these calls were measured")
     if slowed is not None:
         console.print(
@@ -80,6 +85,20 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(f"calibrated profiles written to {args.out}; plan with `inferline plan --profiles {args.out}`")
     return 0
+
+
+def cores_line(fit: CoreFit | None, cores: float) -> str:
+    """What the calibration took the replicas' shared cores to be, and why."""
+    if fit is None:
+        return (
+            f"shared cores: {cores:g}, the machine's (the calls did not crowd enough to fit the cores they "
+            "effectively had)"
+        )
+    return (
+        f"shared cores: {fit.cores:g} effective of the machine's {cores:g}, fitted to how crowding slowed "
+        f"{fit.calls} calls (error of the calls' means {fit.error:.1%}, {fit.error_at_machine:.1%} with "
+        f"{cores:g}); recorded in the profiles, which estimates from them share again"
+    )
 
 
 def calibration_table(done: tuple[Calibration, ...]) -> Table:

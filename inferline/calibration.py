@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from inferline.effective_cores import CoreFit, CrowdedCalls, fit_cores
 from inferline.errors import InferlineError
 from inferline.plan import Plan
 from inferline.planner.kernel import after_idle_s
@@ -65,6 +66,8 @@ STOLEN_WARN = 0.02
 """The share of a machine's CPU its hypervisor may give to others while a pipeline is measured before
 the measurements are flagged as slower than the machine's own speed. On the bench's 2-core VM,
 cascade replays with 4-14% taken measured a P99 of 138-192 ms, quiet ones (0.7-1.7%) 88-100 ms."""
+CROWDED = ("inferline_router_crowded_calls_total", "inferline_router_crowded_call_seconds_total")
+"""The router's calls, and their seconds, by the mean crowd over each (`router/crowding.py`)."""
 MACHINE_CPU = "inferline_router_machine_cpu_seconds_total"
 """The router's count of its machine's CPU time since it started, by mode: all, and steal."""
 
@@ -88,6 +91,9 @@ class LiveStage:
     router_cpu_ms: float | None = None
     """Mean CPU ms per call of the router's own work on the stage's calls (forming the request,
     reading the answer: inferline_router_replica_cpu_seconds); None: the metrics do not have it."""
+    crowded: Mapping[float, tuple[int, float]] = field(default_factory=dict)
+    """Mean calls under way in the pipeline over a call of this stage (to the router's bin) -> (calls,
+    seconds of calls): how crowding slowed them (`effective_cores`). Empty: not in the metrics."""
 
     @property
     def call_count(self) -> int:
@@ -138,6 +144,7 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
     gap_buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
     router_cpu_s: dict[str, float] = {}
+    crowded: dict[str, dict[float, list[float]]] = {}
     try:
         for (name, labels), value in window.items():
             kind = name.rsplit("_", 1)[-1]
@@ -149,6 +156,9 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
                 buckets.setdefault(stage, []).append((float(label["le"]), value))
             if stage is not None and name == "inferline_router_idle_gap_seconds_bucket":
                 gap_buckets.setdefault(stage, []).append((float(label["le"]), value))
+            if stage is not None and name in CROWDED:
+                row = crowded.setdefault(stage, {}).setdefault(float(label["under_way"]), [0.0, 0.0])
+                row[CROWDED.index(name)] = value
             if stage is None or kind not in ("sum", "count"):
                 continue
             if name.startswith("inferline_router_call_seconds_"):
@@ -175,7 +185,8 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         gaps = _gap_histogram(gap_buckets[stage]) if stage in gap_buckets else None
         count = measured.call_count
         cpu_ms = 1000.0 * router_cpu_s[stage] / count if stage in router_cpu_s and count else None
-        out[stage] = replace(measured, idle_gaps=gaps, router_cpu_ms=cpu_ms)
+        bins = {k: (int(n), seconds) for k, (n, seconds) in crowded.get(stage, {}).items() if n > 0}
+        out[stage] = replace(measured, idle_gaps=gaps, router_cpu_ms=cpu_ms, crowded=bins)
     return out
 
 
@@ -308,14 +319,7 @@ def calibrate_profiles(
     `min_calls` calls keep their profile (reported with ratio None). With `cores`, the replicas
     shared that many cores in the run, and the slowdown that caused is taken out (module doc).
     """
-    groups: dict[tuple[str, str], list[str]] = {}
-    for stage in spec.stages:
-        groups.setdefault((stage.model, plan.stage(stage.name).hardware), []).append(stage.name)
-    shares = {key: _cpu_share(profiles[key[0]], key[1], stages, live) for key, stages in groups.items()}
-    # The calls found under way beside a call are the pipeline's calls weighted by how long each is
-    # under way: by busy time, not by count.
-    busy_ms = {k: sum(ms * c for s in ss if s in live for ms, c in live[s].calls.values()) for k, ss in groups.items()}
-    mean_share = sum(shares[k] * busy_ms[k] for k in groups) / sum(busy_ms.values()) if any(busy_ms.values()) else 1.0
+    groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
     out = dict(profiles)
     done = []
     for (model, hardware), stages in groups.items():
@@ -350,9 +354,46 @@ def calibrate_profiles(
         # Never more than most of the live time: a live run faster than its profile says little of it.
         woken = min(woken, 0.9 * live_total / contention)
         ratio = (live_total - contention * woken) / profiled_total
-        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term)
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term, cores)
         done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls))
     return out, tuple(done)
+
+
+def effective_cores(
+    spec: PipelineSpec,
+    plan: Plan,
+    profiles: Mapping[str, ModelProfile],
+    live: Mapping[str, LiveStage],
+    cores: float,
+) -> CoreFit | None:
+    """The cores that replicas sharing `cores` cores effectively had, fitted to how crowding slowed
+    their calls (`effective_cores`); None where the metrics cannot tell."""
+    groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
+    crowded = []
+    for key, stages in groups.items():
+        bins: dict[float, tuple[int, float]] = {}
+        for s in stages:
+            for k, (n, seconds) in (live[s].crowded if s in live else {}).items():
+                before = bins.get(k, (0, 0.0))
+                bins[k] = (before[0] + n, before[1] + seconds)
+        crowded.append(CrowdedCalls(shares[key], bins))
+    return fit_cores(crowded, mean_share, cores)
+
+
+def _groups_and_shares(
+    spec: PipelineSpec, plan: Plan, profiles: Mapping[str, ModelProfile], live: Mapping[str, LiveStage]
+) -> tuple[dict[tuple[str, str], list[str]], dict[tuple[str, str], float], float]:
+    """The stages of each model and hardware, each group's share of a call on a core, and the
+    pipeline's mean share."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for stage in spec.stages:
+        groups.setdefault((stage.model, plan.stage(stage.name).hardware), []).append(stage.name)
+    shares = {key: _cpu_share(profiles[key[0]], key[1], stages, live) for key, stages in groups.items()}
+    # The calls found under way beside a call are the pipeline's calls weighted by how long each is
+    # under way: by busy time, not by count.
+    busy_ms = {k: sum(ms * c for s in ss if s in live for ms, c in live[s].calls.values()) for k, ss in groups.items()}
+    mean_share = sum(shares[k] * busy_ms[k] for k in groups) / sum(busy_ms.values()) if any(busy_ms.values()) else 1.0
+    return groups, shares, mean_share
 
 
 def mean_slowdown(under_way: Mapping[float, int], share: float, mean_share: float, cores: float) -> float:
@@ -397,10 +438,13 @@ def _scaled(
     contention: float,
     woken_per_call_ms: float,
     keep_after_idle: bool,
+    cores: float | None,
 ) -> ModelProfile:
     points = _stretched(profile, hardware, ratio / contention, dispatch_ms)
     record = dict(calibration_record(profile))
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
+    if cores is not None:
+        record[hardware]["cores"] = cores
     if contention != 1.0:
         record[hardware]["contention"] = round(contention, 4)
     if woken_per_call_ms > 0.0:
@@ -411,6 +455,20 @@ def _scaled(
     return profile.model_copy(
         update={"profiles": {**profile.profiles, hardware: points}, "after_idle": after_idle, "calibration": record}
     )
+
+
+def calibrated_cores(spec: PipelineSpec, plan: Plan, profiles: Mapping[str, ModelProfile]) -> float | None:
+    """The cores the replicas shared when the plan's profiles were calibrated (the effective cores
+    fitted then, `calibrate`), which an estimate from these profiles must share again: their calls
+    had that crowding taken out. None: no profile of the plan's records it, or they disagree."""
+    recorded = set()
+    for stage in spec.stages:
+        profile = profiles.get(stage.model)
+        hardware = plan.stage(stage.name).hardware
+        cores = calibration_record(profile).get(hardware, {}).get("cores") if profile is not None else None
+        if cores is not None:
+            recorded.add(float(cores))
+    return recorded.pop() if len(recorded) == 1 else None
 
 
 def with_ms_per_call(profile: ModelProfile, hardware: str, ms: float) -> ModelProfile:

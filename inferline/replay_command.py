@@ -25,7 +25,9 @@ from inferline.adapters.base import TensorSpec, random_inputs
 from inferline.calibration import (
     LiveStage,
     calibrate_profiles,
+    calibrated_cores,
     calibration_record,
+    effective_cores,
     hypervisor_took,
     live_stages,
     read_metrics,
@@ -33,6 +35,7 @@ from inferline.calibration import (
     with_ms_per_call,
 )
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
+from inferline.effective_cores import CoreFit
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.plan import Plan, load_plan
@@ -391,12 +394,14 @@ def estimate_from_run(
     startup_s: float | None = None,
     visits: NDArray[np.bool_] | None = None,
     profiles: Mapping[str, ModelProfile] | None = None,
-) -> float | None:
+) -> tuple[float | None, CoreFit | None]:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
-    no plan with profiles or the run measured too few calls. A tuned run is simulated closed-loop
-    with its tuner and `startup_s`, as its estimate was; `visits` are the conditional edges taken,
-    `profiles` the plan's where the caller has read them already.
+    no plan with profiles or the run measured too few calls. Where the replicas shared cores, they
+    share the effective cores fitted to how crowding slowed this run's calls (`effective_cores`;
+    the fit is returned, None where the metrics could not tell), as calibrated profiles record. A
+    tuned run is simulated closed-loop with its tuner and `startup_s`, as its estimate was; `visits`
+    are the conditional edges taken, `profiles` the plan's where the caller has read them already.
 
     Beside the estimate from the profiles it tells a user why an estimate missed: if this one
     holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
@@ -404,13 +409,15 @@ def estimate_from_run(
     """
     plan, spec = target.plan, target.spec
     if plan is None or spec is None or plan.profiles is None or not live:
-        return None
+        return None, None
     if profiles is None:
         profiles = load_profiles(plan.profiles)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
-    own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.cores)
+    fit = effective_cores(spec, plan, profiles, live, target.cores) if target.cores is not None else None
+    cores = fit.cores if fit is not None else target.cores
+    own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
     if all(c.ratio is None for c in done):
-        return None
+        return None, fit
     way = in_each_querys_way(cpu_s_per_query, spec, plan, own, live)
     own = with_router_work(own, spec, plan, way.in_calls_ms)  # stages called too little to calibrate
     beside = tuple(way.beside.values())
@@ -418,14 +425,27 @@ def estimate_from_run(
         startup = startup_s if startup_s is not None else DEFAULT_STARTUP_S
         tuner = str(target.tuner)
         run = simulate_plan(
-            spec, plan, arrivals_s, tuner, profiles=own, tick_s=LIVE_TICK_S, startup_s=startup, cores=target.cores,
+            spec, plan, arrivals_s, tuner, profiles=own, tick_s=LIVE_TICK_S, startup_s=startup, cores=cores,
             background_s=beside, visits=visits,
         )  # fmt: skip
-        return run.p99_s * 1000.0
+        return run.p99_s * 1000.0, fit
     latencies = predicted_latencies_ms(
-        spec, own, plan_catalog(plan), plan, arrivals_s, cores=target.cores, background_s=beside, visits=visits
+        spec, own, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
     )
-    return p99(latencies)
+    return p99(latencies), fit
+
+
+def fit_record(fit: CoreFit | None, machine_cores: float | None) -> dict[str, Any] | None:
+    """The effective cores fitted to a run, for its results (None: no fit)."""
+    if fit is None:
+        return None
+    return {
+        "cores": fit.cores,
+        "of": machine_cores,
+        "calls": fit.calls,
+        "error": round(fit.error, 4),
+        "error_at_machine": round(fit.error_at_machine, 4),
+    }
 
 
 def no_estimate(why: str) -> dict[str, Any]:
@@ -496,16 +516,17 @@ def results_for(
     )
     if cpu_s_per_query:
         out["cpu_ms_per_query"] = {name: round(1000 * s, 4) for name, s in cpu_s_per_query.items()}
-    from_run = None
+    from_run, fit = None, None
     if live:
         try:
-            from_run = estimate_from_run(
+            from_run, fit = estimate_from_run(
                 target, arrivals_s, live, measured, estimate.get("estimated_startup_s"),
                 routes[0] if routes is not None else None, planned,
             )  # fmt: skip
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
+    out["effective_cores"] = fit_record(fit, target.cores)
     return out | estimate
 
 
@@ -519,8 +540,8 @@ def target_from(
 ) -> Target:
     """The pipeline to replay against: given by address, or the one `inferline up` started from `state_dir`.
 
-    The replicas of a local deployment share its machine's cores (as `up` recorded them), unless
-    `cores` says otherwise.
+    The replicas of a local deployment share its machine's cores (as `up` recorded them), or the
+    effective cores the plan's profiles were calibrated with where fewer, unless `cores` says otherwise.
     """
     check_cores(cores)
     from inferline.serve_command import DECISIONS_FILE, read_up
@@ -535,9 +556,22 @@ def target_from(
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
     shared = cores if cores is not None else (up or {}).get("cores")
+    if cores is None and shared is not None and plan is not None and spec is not None:
+        shared = min(shared, calibrated_cores_of(plan, spec) or shared)
     router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
     metrics = (up.get("endpoints") or {}).get("metrics") if up is not None else None
     return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid, metrics)
+
+
+def calibrated_cores_of(plan: Plan, spec: PipelineSpec) -> float | None:
+    """The effective cores the plan's profiles were calibrated with (None: not calibrated so, or
+    unreadable: the estimate says why later)."""
+    if plan.profiles is None:
+        return None
+    try:
+        return calibrated_cores(spec, plan, load_profiles(plan.profiles))
+    except InferlineError:
+        return None
 
 
 async def entry_inputs(target: Target) -> list[TensorSpec]:
@@ -641,6 +675,12 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
     from_run = r.get("estimated_from_run_p99_ms")
     if from_run is not None:
         caption += f"\nthe same estimate from this run's own service times: P99 {from_run:.1f} ms"
+        fit = r.get("effective_cores")
+        if fit is not None:
+            caption += (
+                f", the replicas sharing {fit['cores']:g} effective cores of {fit['of']:g} (fitted to how crowding "
+                f"slowed this run's calls)"
+            )
         if not r.get("errors") and drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
             caption += " (the servers no longer match their profiles: `inferline calibrate` rewrites them)"
     table = Table(title=f"{pipeline}: open-loop replay", caption=caption)
