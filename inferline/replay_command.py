@@ -72,6 +72,14 @@ class Target:
     """The process running the router, where it runs on this machine (its CPU shares the cores)."""
     router_metrics: str | None = None
     """The router's /metrics URL, where `inferline up` started it."""
+    machine_cores: float | None = None
+    """The cores the replicas run on where the estimate shares fewer (the effective cores the plan's
+    profiles were calibrated with); None: `cores`."""
+
+    @property
+    def on_cores(self) -> float | None:
+        """The cores the replicas run on (None: each has its own, as planned)."""
+        return self.machine_cores if self.machine_cores is not None else self.cores
 
 
 @dataclass(frozen=True)
@@ -315,6 +323,7 @@ def run_estimate(
     routes: tuple[NDArray[np.bool_], int] | None = None,
     in_calls_ms: Mapping[str, float] | None = None,
     profiles: Mapping[str, ModelProfile] | None = None,
+    machine_cores: float | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run, and with the
     conditional edges its queries took where `routes` gives them (`prediction.routes_taken`).
@@ -325,6 +334,8 @@ def run_estimate(
     prediction. Either way the replicas share `cores` cores where given, beside processes that cost
     `background_s` CPU seconds per query, and each call of the stages in `in_calls_ms` takes that
     many ms longer (`QueryWay`). `profiles`: the plan's, where the caller has read them already.
+    `machine_cores`: the cores the replicas run on, where `cores` are fewer (the effective cores the
+    profiles were calibrated with).
     """
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
@@ -332,7 +343,7 @@ def run_estimate(
     profiles = with_router_work(planned, spec, plan, in_calls_ms or {})
     beside = tuple((background_s or {}).values())
     visits = routes[0] if routes is not None else None
-    how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
+    how = _sharing(cores, background_s, in_calls_ms, machine_cores) + _routes_taken(routes)
     if tuner is None or tuner == "none":
         latencies_ms = predicted_latencies_ms(
             spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
@@ -370,14 +381,22 @@ def _routes_taken(routes: tuple[NDArray[np.bool_], int] | None) -> str:
 
 
 def _sharing(
-    cores: float | None, background_s: Mapping[str, float] | None, in_calls_ms: Mapping[str, float] | None = None
+    cores: float | None,
+    background_s: Mapping[str, float] | None,
+    in_calls_ms: Mapping[str, float] | None = None,
+    machine_cores: float | None = None,
 ) -> str:
     """How the estimate placed the replicas, for its description ("" : a core each, as planned)."""
     if cores is None:
         return ""
     calls = ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in (in_calls_ms or {}).items())
+    effective = (
+        f" (effective, of {machine_cores:g}, as the profiles were calibrated)"
+        if machine_cores is not None and machine_cores != cores
+        else ""
+    )
     return (
-        f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}"
+        f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}{effective}"
         + "".join(
             f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query, one query at a time)"
             for i, (name, s) in enumerate((background_s or {}).items())
@@ -413,8 +432,8 @@ def estimate_from_run(
     if profiles is None:
         profiles = load_profiles(plan.profiles)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
-    fit = effective_cores(spec, plan, profiles, live, target.cores) if target.cores is not None else None
-    cores = fit.cores if fit is not None else target.cores
+    fit = effective_cores(spec, plan, profiles, live, target.on_cores) if target.on_cores is not None else None
+    cores = fit.cores if fit is not None else target.on_cores
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
     if all(c.ratio is None for c in done):
         return None, fit
@@ -503,7 +522,7 @@ def results_for(
             way = in_each_querys_way(measured, target.spec, plan, planned, live)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
-            way.in_calls_ms, planned,
+            way.in_calls_ms, planned, target.machine_cores,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
@@ -526,7 +545,7 @@ def results_for(
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
-    out["effective_cores"] = fit_record(fit, target.cores)
+    out["effective_cores"] = fit_record(fit, target.on_cores)
     return out | estimate
 
 
@@ -555,12 +574,16 @@ def target_from(
     if address is None or name is None:
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
-    shared = cores if cores is not None else (up or {}).get("cores")
-    if cores is None and shared is not None and plan is not None and spec is not None:
-        shared = min(shared, calibrated_cores_of(plan, spec) or shared)
+    machine = cores if cores is not None else (up or {}).get("cores")
+    shared = machine
+    if cores is None and machine is not None and plan is not None and spec is not None:
+        shared = min(machine, calibrated_cores_of(plan, spec) or machine)
     router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
     metrics = (up.get("endpoints") or {}).get("metrics") if up is not None else None
-    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid, metrics)
+    return Target(
+        address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid, metrics,
+        machine if shared != machine else None,
+    )  # fmt: skip
 
 
 def calibrated_cores_of(plan: Plan, spec: PipelineSpec) -> float | None:

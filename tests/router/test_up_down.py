@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from inferline.calibration import live_stages, stolen_share
 from inferline.router.client import KServeClient
@@ -76,6 +77,13 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         before, after = kept / "router-metrics-before.txt", kept / "router-metrics-after.txt"
         window = live_stages(after.read_text(), since=before.read_text())
         assert sum(n * count for n, (_, count) in window["detect"].calls.items()) == results["answered"]
+        # Every call binned by how crowded it was, the calls' seconds with it.
+        for stage in window.values():
+            assert sum(n for n, _ in stage.crowded.values()) == stage.call_count
+            seconds = sum(ms * count for ms, count in stage.calls.values()) / 1000.0
+            assert sum(s for _, s in stage.crowded.values()) == pytest.approx(seconds, rel=0.02)
+        # The emulated models sleep: no crowd of them demands a core, so no effective cores are fitted.
+        assert results["effective_cores"] is None
         assert stolen_share(after.read_text(), since=before.read_text()) is not None
         calibrated = tmp_path / "calibrated"
         done = cli("calibrate", str(plan), "--metrics", str(after), "--since", str(before), "--out", str(calibrated))

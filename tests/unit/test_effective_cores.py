@@ -189,6 +189,13 @@ def test_a_local_runs_estimate_from_its_service_times_shares_the_fitted_cores(ca
     plain = results_for(local, fake_replay(arrivals), arrivals, 0.0, live=unbinned)
     assert plain["effective_cores"] is None
     assert fitted["estimated_from_run_p99_ms"] > plain["estimated_from_run_p99_ms"]
+    # Profiles calibrated with 1.4 effective cores: the estimate shares those, the run's fit is of the 2.
+    calibrated = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=1.4, machine_cores=2.0)
+    out = results_for(calibrated, fake_replay(arrivals), arrivals, 0.0, live=crowded)
+    effective = "static plan, replicas sharing 1.4 cores (effective, of 2, as the profiles were calibrated)"
+    assert out["estimate"] == effective
+    assert out["estimated_p99_ms"] > fitted["estimated_p99_ms"]  # fewer cores than the machine's 2
+    assert out["effective_cores"] == fitted["effective_cores"]
 
 
 def test_replay_estimates_with_the_cores_its_profiles_were_calibrated_with(cascade_plan: Path, tmp_path: Path) -> None:
@@ -212,9 +219,11 @@ def test_replay_estimates_with_the_cores_its_profiles_were_calibrated_with(casca
     state.mkdir()
     up = {"endpoints": {"grpc": "127.0.0.1:1", "http": "127.0.0.1:2"}, "pipeline": spec.name, "cores": 2}
     (state / "up.json").write_text(json.dumps(up))
-    assert target_from(str(state), None, str(on_calibrated), None).cores == 1.37
+    target = target_from(str(state), None, str(on_calibrated), None)
+    assert (target.cores, target.machine_cores, target.on_cores) == (1.37, 2, 2)  # a run's fit is bounded by 2
     assert target_from(str(state), None, str(on_calibrated), None, cores=2.0).cores == 2.0  # told: as told
-    assert target_from(str(state), None, str(cascade_plan), None).cores == 2  # offline profiles: the machine's
+    offline = target_from(str(state), None, str(cascade_plan), None)
+    assert (offline.cores, offline.machine_cores) == (2, None)  # offline profiles: the machine's
     up["cores"] = 1
     (state / "up.json").write_text(json.dumps(up))
     assert target_from(str(state), None, str(on_calibrated), None).cores == 1  # never more than the machine's
