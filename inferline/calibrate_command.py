@@ -66,7 +66,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
             "replay again when the machine is quieter, and calibrate from that replay (--since)",
         )
     fit = effective_cores(spec, plan, profiles, live, cores) if cores is not None else None
-    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, fit.cores if fit else cores)
+    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores, fit)
     if all(c.ratio is None for c in done):
         raise InferlineError(
             f"the router's metrics hold fewer than {args.min_calls} calls for every stage of {plan.pipeline!r}",

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from inferline.effective_cores import CoreFit, CrowdedCalls, fit_cores
+from inferline.effective_cores import CoreFit, CrowdedCalls, crowding_slowdown, fit_cores
 from inferline.errors import InferlineError
 from inferline.plan import Plan
 from inferline.planner.kernel import after_idle_s
@@ -67,7 +67,8 @@ STOLEN_WARN = 0.02
 the measurements are flagged as slower than the machine's own speed. On the bench's 2-core VM,
 cascade replays with 4-14% taken measured a P99 of 138-192 ms, quiet ones (0.7-1.7%) 88-100 ms."""
 CROWDED = ("inferline_router_crowded_calls_total", "inferline_router_crowded_call_seconds_total")
-"""The router's calls, and their seconds, by the mean crowd over each (`router/crowding.py`)."""
+"""The router's answered calls grouped by their mean count of calls under way, and the seconds they
+spent at each count (`router/crowding.py`)."""
 MACHINE_CPU = "inferline_router_machine_cpu_seconds_total"
 """The router's count of its machine's CPU time since it started, by mode: all, and steal."""
 
@@ -91,9 +92,10 @@ class LiveStage:
     router_cpu_ms: float | None = None
     """Mean CPU ms per call of the router's own work on the stage's calls (forming the request,
     reading the answer: inferline_router_replica_cpu_seconds); None: the metrics do not have it."""
-    crowded: Mapping[float, tuple[int, float]] = field(default_factory=dict)
-    """Mean calls under way in the pipeline over a call of this stage (to the router's bin) -> (calls,
-    seconds of calls): how crowding slowed them (`effective_cores`). Empty: not in the metrics."""
+    crowded: Mapping[float, tuple[int, Mapping[int, float]]] = field(default_factory=dict)
+    """The stage's answered calls grouped by their mean count of calls under way in the pipeline ->
+    (calls, count under way -> seconds they spent with it): how crowding slowed them
+    (`router/crowding.py`, `effective_cores`). Empty: not in the metrics."""
 
     @property
     def call_count(self) -> int:
@@ -144,7 +146,8 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
     gap_buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
     router_cpu_s: dict[str, float] = {}
-    crowded: dict[str, dict[float, list[float]]] = {}
+    crowded_calls: dict[str, dict[float, int]] = {}
+    crowded_seconds: dict[str, dict[float, dict[int, float]]] = {}
     try:
         for (name, labels), value in window.items():
             kind = name.rsplit("_", 1)[-1]
@@ -156,9 +159,11 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
                 buckets.setdefault(stage, []).append((float(label["le"]), value))
             if stage is not None and name == "inferline_router_idle_gap_seconds_bucket":
                 gap_buckets.setdefault(stage, []).append((float(label["le"]), value))
-            if stage is not None and name in CROWDED:
-                row = crowded.setdefault(stage, {}).setdefault(float(label["under_way"]), [0.0, 0.0])
-                row[CROWDED.index(name)] = value
+            if stage is not None and name == CROWDED[0]:
+                crowded_calls.setdefault(stage, {})[float(label["mean_under_way"])] = int(value)
+            if stage is not None and name == CROWDED[1]:
+                group = crowded_seconds.setdefault(stage, {}).setdefault(float(label["mean_under_way"]), {})
+                group[int(label["under_way"])] = value
             if stage is None or kind not in ("sum", "count"):
                 continue
             if name.startswith("inferline_router_call_seconds_"):
@@ -185,8 +190,9 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         gaps = _gap_histogram(gap_buckets[stage]) if stage in gap_buckets else None
         count = measured.call_count
         cpu_ms = 1000.0 * router_cpu_s[stage] / count if stage in router_cpu_s and count else None
-        bins = {k: (int(n), seconds) for k, (n, seconds) in crowded.get(stage, {}).items() if n > 0}
-        out[stage] = replace(measured, idle_gaps=gaps, router_cpu_ms=cpu_ms, crowded=bins)
+        seconds_at = crowded_seconds.get(stage, {})
+        groups = {k: (n, seconds_at.get(k, {})) for k, n in crowded_calls.get(stage, {}).items() if n > 0}
+        out[stage] = replace(measured, idle_gaps=gaps, router_cpu_ms=cpu_ms, crowded=groups)
     return out
 
 
@@ -312,13 +318,18 @@ def calibrate_profiles(
     live: Mapping[str, LiveStage],
     min_calls: int = MIN_CALLS,
     cores: float | None = None,
+    fit: CoreFit | None = None,
 ) -> tuple[dict[str, ModelProfile], tuple[Calibration, ...]]:
     """The profiles with each planned model's hardware calibrated; what was done, per model and hardware.
 
     Stages serving the same model on the same hardware pool their calls. Models with fewer than
     `min_calls` calls keep their profile (reported with ratio None). With `cores`, the replicas
-    shared that many cores in the run, and the slowdown that caused is taken out (module doc).
+    shared that many cores in the run, and the slowdown that caused is taken out (module doc); with
+    `fit`, the effective cores fitted to the run (`effective_cores`) in their place, recorded in
+    the profiles for the estimates from them.
     """
+    if fit is not None:
+        cores = fit.cores
     groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
     out = dict(profiles)
     done = []
@@ -342,11 +353,15 @@ def calibrate_profiles(
         profiled_total = sum(float(np.interp(n, sizes, means)) * c for n, _, c in observed)
         contention = 1.0
         if cores is not None:
+            share = shares[(model, hardware)]
+            over_calls = crowding_slowdown(_crowded_calls(stages, share, live), mean_share, cores)
             under_way: dict[float, int] = {}
             for s in stages:
                 for k, c in (live[s].concurrency if s in live else {}).items():
                     under_way[k] = under_way.get(k, 0) + c
-            contention = mean_slowdown(under_way, shares[(model, hardware)], mean_share, cores)
+            # The seconds at each count over the calls where the router kept them; else the count at
+            # each call's start (a router from before it).
+            contention = over_calls if over_calls is not None else mean_slowdown(under_way, share, mean_share, cores)
         extra_s, tau_s = profile.after_idle_s(hardware)
         gaps = [live[s].idle_gaps for s in stages if s in live]
         keep_term = all(g is not None for g in gaps)
@@ -354,7 +369,7 @@ def calibrate_profiles(
         # Never more than most of the live time: a live run faster than its profile says little of it.
         woken = min(woken, 0.9 * live_total / contention)
         ratio = (live_total - contention * woken) / profiled_total
-        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term, cores)
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term, fit)
         done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls))
     return out, tuple(done)
 
@@ -369,15 +384,18 @@ def effective_cores(
     """The cores that replicas sharing `cores` cores effectively had, fitted to how crowding slowed
     their calls (`effective_cores`); None where the metrics cannot tell."""
     groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
-    crowded = []
-    for key, stages in groups.items():
-        bins: dict[float, tuple[int, float]] = {}
-        for s in stages:
-            for k, (n, seconds) in (live[s].crowded if s in live else {}).items():
-                before = bins.get(k, (0, 0.0))
-                bins[k] = (before[0] + n, before[1] + seconds)
-        crowded.append(CrowdedCalls(shares[key], bins))
+    crowded = [_crowded_calls(stages, shares[key], live) for key, stages in groups.items()]
     return fit_cores(crowded, mean_share, cores)
+
+
+def _crowded_calls(stages: list[str], share: float, live: Mapping[str, LiveStage]) -> CrowdedCalls:
+    """The crowded calls of stages serving one model on one hardware, pooled."""
+    pooled: dict[float, tuple[int, dict[int, float]]] = {}
+    for s in stages:
+        for k, (n, seconds_at) in (live[s].crowded if s in live else {}).items():
+            calls, at = pooled.get(k, (0, {}))
+            pooled[k] = (calls + n, {c: at.get(c, 0.0) + seconds_at.get(c, 0.0) for c in {*at, *seconds_at}})
+    return CrowdedCalls(share, pooled)
 
 
 def _groups_and_shares(
@@ -438,13 +456,13 @@ def _scaled(
     contention: float,
     woken_per_call_ms: float,
     keep_after_idle: bool,
-    cores: float | None,
+    fit: CoreFit | None,
 ) -> ModelProfile:
     points = _stretched(profile, hardware, ratio / contention, dispatch_ms)
     record = dict(calibration_record(profile))
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
-    if cores is not None:
-        record[hardware]["cores"] = cores
+    if fit is not None:
+        record[hardware]["cores"] = {"effective": fit.cores, "of": fit.of}
     if contention != 1.0:
         record[hardware]["contention"] = round(contention, 4)
     if woken_per_call_ms > 0.0:
@@ -457,18 +475,24 @@ def _scaled(
     )
 
 
-def calibrated_cores(spec: PipelineSpec, plan: Plan, profiles: Mapping[str, ModelProfile]) -> float | None:
-    """The cores the replicas shared when the plan's profiles were calibrated (the effective cores
-    fitted then, `calibrate`), which an estimate from these profiles must share again: their calls
-    had that crowding taken out. None: no profile of the plan's records it, or they disagree."""
+def calibrated_cores(
+    spec: PipelineSpec, plan: Plan, profiles: Mapping[str, ModelProfile], machine_cores: float
+) -> float | None:
+    """The effective cores fitted when the plan's profiles were calibrated (`calibrate`), which an
+    estimate from them must share again (their calls had that crowding taken out), where the
+    replicas ran on as many cores as now. None: no profile of the plan's records them, they
+    disagree, or they were fitted on another count of cores."""
     recorded = set()
     for stage in spec.stages:
         profile = profiles.get(stage.model)
         hardware = plan.stage(stage.name).hardware
         cores = calibration_record(profile).get(hardware, {}).get("cores") if profile is not None else None
-        if cores is not None:
-            recorded.add(float(cores))
-    return recorded.pop() if len(recorded) == 1 else None
+        if isinstance(cores, dict):
+            recorded.add((float(cores.get("effective", 0.0)), float(cores.get("of", 0.0))))
+    if len(recorded) != 1:
+        return None
+    effective, of = recorded.pop()
+    return effective if of == machine_cores and 0 < effective <= machine_cores else None
 
 
 def with_ms_per_call(profile: ModelProfile, hardware: str, ms: float) -> ModelProfile:

@@ -1,24 +1,30 @@
-"""The cores a local deployment's replicas effectively had: fitted to how much crowding slowed their calls.
+"""The cores a local deployment's replicas effectively had: fitted to how crowding slowed their calls.
 
 The prediction for replicas sharing a machine (`planner/shared_cores.py`) slows a call by the
-fluid sharing rule, 1 + u * (max(1, D / cores) - 1), with u the call's share of a core and D the
-cores the calls under way demand. With the machine's own count of cores the rule undershoots on a
-small VM: the calls also wait for a core behind the router, the load generator, the model
-server's own threads and whatever the hypervisor runs, in slices the fluid rule smooths away (on
-the 2-core bench VM the cascade's calls had tails of 2-6 ms the rule does not make, and the
-estimate ran 4-17% low; with 1.3-1.6 cores a simulation made both the tails and the P99).
+fluid sharing rule: while calls demanding D cores are under way, a call with share u of a core
+advances at rate 1 / (1 + u * (max(1, D / cores) - 1)). With the machine's own count of cores the
+rule undershoots on a small VM: calls also wait for a core behind the router, the load generator,
+the model server's own threads and whatever the hypervisor runs, in slices the fluid rule smooths
+away (on the 2-core bench VM the cascade's calls had tails of 2-6 ms the rule does not make, and
+the estimate from each run's own service times ran 4-17% low).
 
-The router bins every call by the mean number of calls under way over its length
-(`router/crowding.py`). Within a stage, calls at a higher crowd took longer, and the cores that
-make the rule's slowdown follow the measured means best are the effective cores:
+The router keeps, for each group of a stage's calls (grouped by their mean count of calls under
+way), the seconds they spent with each count n under way (`router/crowding.py`). By the rule, the
+work a group's calls did, each call's time alone, is
 
-    mean call time at crowd k  ~  base * (1 + u * (max(1, (u + (k - 1) * mean u) / cores) - 1))
+    work(group) = sum over n of seconds at n / (1 + u * (max(1, (u + (n - 1) * mean u) / cores) - 1))
 
-fitted by least squares over the cores (a grid up to the machine's own) with one base per stage
-(what a call takes alone, including what idle gaps add: a term alike at every crowd), each bin
-weighted by its calls. A stage whose calls never crowded says nothing and only the others count;
-where none does, or every core count fits alike (calls that compute nothing, such as sleeps),
-there is no fit.
+and is the same per call in every group of a stage (its base: what a call takes alone). The cores
+whose rule makes the groups' work per call agree best are the effective cores: a least-squares fit
+of the relative spread of each group's work per call around the stage's base, each group weighted
+by its calls, over a grid of cores from 1 (below the demand of one call alone, fewer cores only
+scale every call alike) to the machine's. Where several fit alike (calls never crowded past some
+count), the most cores among them. A stage whose calls never crowded says nothing; where none did,
+or every count of cores fits alike (calls that compute nothing, such as sleeps), there is no fit.
+
+What idle gaps add to a call (a profile's after_idle term) falls more on calls alone than on calls
+in a burst, which makes crowded calls look faster than they are: the fit reads somewhat more cores
+than the rule would need for them.
 """
 
 from __future__ import annotations
@@ -27,15 +33,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from inferline.planner.shared_cores import slowdown
 
 FEWEST = 1.0
-"""The fewest cores the fit considers: below the demand of one call alone, fewer cores only scale
-every call alike, which the stage's base (its time alone) takes up."""
+"""The fewest cores the fit considers."""
 STEP = 0.01
 MIN_CALLS = 50
-"""Calls under a crowd above one that a fit needs: fewer say too little of the slope."""
+"""Calls in groups crowded past one call that a fit needs: fewer say too little."""
+TIE = 1e-9
+"""Relative loss within which counts of cores fit alike."""
 
 
 @dataclass(frozen=True)
@@ -44,52 +52,77 @@ class CrowdedCalls:
 
     share: float
     """The share of a call spent on a core (1: compute-bound)."""
-    bins: Mapping[float, tuple[int, float]]
-    """Mean crowd over the call -> (calls, seconds of calls)."""
+    groups: Mapping[float, tuple[int, Mapping[int, float]]]
+    """Mean count of calls under way -> (calls, count under way -> seconds the calls spent with it)."""
 
 
 @dataclass(frozen=True)
 class CoreFit:
     cores: float
     """The effective cores: the rule's slowdown with these follows the calls best."""
+    of: float
+    """The cores the replicas ran on (the machine's)."""
     calls: int
     """Calls fitted (of stages whose calls crowded)."""
     error: float
-    """Root-mean-square relative error of the bins' mean call times at the fit."""
+    """Root-mean-square relative spread of the groups' work per call around their stage's, at the fit."""
     error_at_machine: float
     """The same with the machine's own cores."""
 
 
+def _grid(machine_cores: float) -> NDArray[np.float64]:
+    grid = np.arange(FEWEST, machine_cores + STEP / 2, STEP)
+    return grid if grid.size and grid[-1] >= machine_cores - 1e-9 else np.append(grid, machine_cores)
+
+
+def _factors(
+    share: float, mean_share: float, counts: NDArray[np.float64], cores: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """The rule's slowdown [cores, count] of a call with `share` while `counts` calls are under way."""
+    demand = share + (counts - 1.0) * mean_share
+    crowd = np.maximum(1.0, demand[None, :] / cores[:, None])
+    factors: NDArray[np.float64] = slowdown(share, crowd)  # type: ignore[arg-type, assignment]  # numba: arrays too
+    return factors
+
+
 def fit_cores(stages: Sequence[CrowdedCalls], mean_share: float, machine_cores: float) -> CoreFit | None:
     """The effective cores of replicas that shared `machine_cores` cores, from their crowded calls."""
-    grid = np.arange(FEWEST, machine_cores + STEP / 2, STEP)
-    if grid.size == 0 or grid[-1] < machine_cores - 1e-9:
-        grid = np.append(grid, machine_cores)
+    grid = _grid(machine_cores)
     loss = np.zeros_like(grid)
-    fitted, crowded_calls = 0, 0
+    fitted, crowded = 0, 0
     for stage in stages:
-        crowds = np.array(sorted(stage.bins), dtype=np.float64)
-        calls = np.array([stage.bins[k][0] for k in crowds], dtype=np.float64)
-        seconds = np.array([stage.bins[k][1] for k in crowds], dtype=np.float64)
-        if crowds.size < 2 or calls.sum() == 0:
+        groups = sorted(k for k, (n, _) in stage.groups.items() if n > 0)
+        if len(groups) < 2:
             continue
-        means = seconds / np.maximum(calls, 1.0)
-        demand = stage.share + (crowds - 1.0) * mean_share
-        # factor[g, k]: the rule's slowdown at grid cores g for calls at crowd k (numba compiles the
-        # rule for arrays as well)
-        crowd = np.maximum(1.0, demand[None, :] / grid[:, None])
-        factor = slowdown(stage.share, crowd)  # type: ignore[arg-type]
-        base = (factor * (calls * means)).sum(axis=1) / (factor * factor * calls).sum(axis=1)
-        relative = means[None, :] / (base[:, None] * factor) - 1.0
-        loss += (calls * relative * relative).sum(axis=1)
+        counts = np.array(sorted({c for k in groups for c in stage.groups[k][1]}), dtype=np.float64)
+        calls = np.array([stage.groups[k][0] for k in groups], dtype=np.float64)
+        seconds = np.array([[stage.groups[k][1].get(int(c), 0.0) for c in counts] for k in groups])
+        per_call = (seconds / _factors(stage.share, mean_share, counts, grid)[:, None, :]).sum(axis=2) / calls
+        # The base minimising the calls' relative spread: sum n w^2 / sum n w.
+        base = (calls * per_call**2).sum(axis=1) / (calls * per_call).sum(axis=1)
+        loss += (calls * (per_call / base[:, None] - 1.0) ** 2).sum(axis=1)
         fitted += int(calls.sum())
-        crowded_calls += int(calls[crowds > 1.0].sum())
-    if crowded_calls < MIN_CALLS or np.ptp(loss) <= 1e-12 * max(1.0, float(loss.max())):
+        crowded += int(calls[np.array(groups) > 1.0].sum())
+    if crowded < MIN_CALLS or np.ptp(loss) <= TIE * max(1e-12, float(loss.max())):
         return None
-    best = int(np.argmin(loss))
+    best = int(np.flatnonzero(loss <= loss.min() * (1.0 + TIE) + 1e-15)[-1])
     return CoreFit(
         cores=round(float(grid[best]), 2),
+        of=machine_cores,
         calls=fitted,
         error=float(np.sqrt(loss[best] / fitted)),
         error_at_machine=float(np.sqrt(loss[-1] / fitted)),
     )
+
+
+def crowding_slowdown(calls: CrowdedCalls, mean_share: float, cores: float) -> float | None:
+    """How much longer these calls took than alone under the rule with `cores`: their seconds over
+    their work (None: no seconds)."""
+    counts = np.array(sorted({c for _, at in calls.groups.values() for c in at}), dtype=np.float64)
+    if counts.size == 0:
+        return None
+    seconds = np.array([sum(at.get(int(c), 0.0) for _, at in calls.groups.values()) for c in counts])
+    if seconds.sum() <= 0:
+        return None
+    work = (seconds / _factors(calls.share, mean_share, counts, np.array([cores]))[0]).sum()
+    return float(seconds.sum() / work)

@@ -434,7 +434,7 @@ def estimate_from_run(
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
     fit = effective_cores(spec, plan, profiles, live, target.on_cores) if target.on_cores is not None else None
     cores = fit.cores if fit is not None else target.on_cores
-    own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
+    own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.on_cores, fit=fit)
     if all(c.ratio is None for c in done):
         return None, fit
     way = in_each_querys_way(cpu_s_per_query, spec, plan, own, live)
@@ -454,13 +454,13 @@ def estimate_from_run(
     return p99(latencies), fit
 
 
-def fit_record(fit: CoreFit | None, machine_cores: float | None) -> dict[str, Any] | None:
+def fit_record(fit: CoreFit | None) -> dict[str, Any] | None:
     """The effective cores fitted to a run, for its results (None: no fit)."""
     if fit is None:
         return None
     return {
         "cores": fit.cores,
-        "of": machine_cores,
+        "of": fit.of,
         "calls": fit.calls,
         "error": round(fit.error, 4),
         "error_at_machine": round(fit.error_at_machine, 4),
@@ -545,7 +545,7 @@ def results_for(
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
-    out["effective_cores"] = fit_record(fit, target.on_cores)
+    out["effective_cores"] = fit_record(fit)
     return out | estimate
 
 
@@ -577,7 +577,7 @@ def target_from(
     machine = cores if cores is not None else (up or {}).get("cores")
     shared = machine
     if cores is None and machine is not None and plan is not None and spec is not None:
-        shared = min(machine, calibrated_cores_of(plan, spec) or machine)
+        shared = calibrated_cores_of(plan, spec, machine) or machine
     router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
     metrics = (up.get("endpoints") or {}).get("metrics") if up is not None else None
     return Target(
@@ -586,14 +586,14 @@ def target_from(
     )  # fmt: skip
 
 
-def calibrated_cores_of(plan: Plan, spec: PipelineSpec) -> float | None:
-    """The effective cores the plan's profiles were calibrated with (None: not calibrated so, or
-    unreadable: the estimate says why later)."""
+def calibrated_cores_of(plan: Plan, spec: PipelineSpec, machine_cores: float) -> float | None:
+    """The effective cores the plan's profiles were calibrated with on `machine_cores` cores (None:
+    not calibrated so, or unreadable: the estimate says why later)."""
     if plan.profiles is None:
         return None
     try:
-        return calibrated_cores(spec, plan, load_profiles(plan.profiles))
-    except InferlineError:
+        return calibrated_cores(spec, plan, load_profiles(plan.profiles), machine_cores)
+    except (InferlineError, OSError, ValueError):
         return None
 
 

@@ -413,7 +413,7 @@ class _Worker:
 
     def _failed(self, batch: list[_Item], started: float, exc: Exception) -> None:
         stage = self.stage
-        self._settle(batch, started)
+        self._settle(batch, started, answered=False)
         if isinstance(exc, ServerUnreachable):
             self.healthy = False
             self.router._retry(stage, batch, exc)
@@ -427,7 +427,7 @@ class _Worker:
         """A call answered: the replica is free, and the batch's service time is recorded."""
         stage = self.stage
         self.last_call_end = time.perf_counter()
-        self._settle(batch, started)
+        self._settle(batch, started, answered=True)
         stage.batch_sizes[len(batch)] += 1
         self.router._metrics.observe_batch(stage.name, len(batch), self.last_call_end - started)
 
@@ -441,9 +441,9 @@ class _Worker:
                 log.exception("query %d failed after stage %s", item.query.id, stage.name)
                 self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
-    def _settle(self, batch: list[_Item], started: float) -> None:
+    def _settle(self, batch: list[_Item], started: float, answered: bool) -> None:
         if self._call is not None:
-            self.router._crowding.ended(self.stage.name, self._call)
+            self.router._crowding.ended(self.stage.name, self._call, answered)
             self._call = None
         with self.stage.cond:
             self.stage.busy_s += self._release(batch) - started

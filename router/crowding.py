@@ -1,95 +1,120 @@
-"""How crowded each replica call was: the mean number of calls under way in the pipeline over its length.
+"""How crowded each replica call was: the seconds it spent with each number of calls under way.
 
 On a local deployment the replicas share a machine's few cores, and a call takes longer the more
 calls compute beside it. The sharing rule the prediction uses (`planner/shared_cores.py`) says by
 how much for a given number of cores; calibration fits the cores that make the rule match what the
-router measured (`calibration.fit_cores`). A call's count at its start alone blurs that: calls
-start and end during it. So each call is binned by the time-weighted mean of the calls under way
-over its whole length (itself included), from a running integral of the count, two additions per
-call start and end.
+router measured (`effective_cores`). The rule's slowdown is not linear in the count, so a call's
+count at its start, or its mean count, would not tell the rule's slowdown over it: each call keeps
+the seconds it spent with 1, 2, ... calls under way (itself included), from a running total of the
+seconds at each count read at its start and its end. Calls are grouped by their mean count (to the
+nearest half call), so that groups crowded more and less can be set against each other.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.metrics_core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 BIN_WIDTH = 0.5
-"""Calls are binned by their mean crowd to the nearest half call."""
-MAX_CROWD = 8.0
-"""The last bin holds every call whose mean crowd was this or more."""
-_BINS = round((MAX_CROWD - 1.0) / BIN_WIDTH) + 1
+"""Calls are grouped by their mean count of calls under way, to the nearest half call (halves up)."""
+MAX_CROWD = 16
+"""The last group holds every call whose mean count was this or more, and the last count every
+moment with this many calls under way or more."""
+_BINS = round((MAX_CROWD - 1) / BIN_WIDTH) + 1
 
 
 @dataclass(frozen=True)
 class CallToken:
-    """What a call's start left for its end: when, the count then, and the integral so far."""
+    """What a call's start left for its end: when, the count then, and the running totals."""
 
     started: float
     under_way: int
     """Calls under way as it started, itself included."""
-    area: float
+    seconds_at: tuple[float, ...]
+    """Seconds so far with each count of calls under way (index: the count, the last: that or more)."""
+
+
+@dataclass(frozen=True)
+class CrowdedGroup:
+    """The calls of one stage whose mean count of calls under way fell in one group."""
+
+    calls: int
+    seconds_at: Mapping[int, float]
+    """Count of calls under way -> seconds these calls spent with it (counts with none left out)."""
 
 
 def crowd_bin(mean_crowd: float) -> float:
-    """The bin a call's mean crowd falls in (its label's value)."""
+    """The group a call's mean count of calls under way falls in (its label's value)."""
     return 1.0 + _bin_index(mean_crowd) * BIN_WIDTH
 
 
 def _bin_index(mean_crowd: float) -> int:
-    return min(_BINS - 1, max(0, round((mean_crowd - 1.0) / BIN_WIDTH)))
+    return min(_BINS - 1, max(0, math.floor((mean_crowd - 1.0) / BIN_WIDTH + 0.5)))
 
 
 class CallCrowding:
-    """Per stage, how many calls and how many seconds of calls ran at each mean crowd (thread-safe:
-    replicas on threads and on the event loop both start and end calls)."""
+    """Per stage and group, how many calls answered and the seconds they spent at each count of
+    calls under way (thread-safe: replicas on threads and on the event loop both start and end calls)."""
 
     def __init__(self, stages: Sequence[str], clock: Callable[[], float] = time.perf_counter) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._under_way = 0
-        self._area = 0.0
-        """The integral of calls under way over time since the router started, in call-seconds."""
+        self._seconds_at = [0.0] * (MAX_CROWD + 1)
         self._since = clock()
         self._calls = {s: [0] * _BINS for s in stages}
-        self._seconds = {s: [0.0] * _BINS for s in stages}
+        self._seconds = {s: [[0.0] * (MAX_CROWD + 1) for _ in range(_BINS)] for s in stages}
         self.created = time.time()
-
-    def started(self) -> CallToken:
-        with self._lock:
-            now = self._clock()
-            self._area += self._under_way * (now - self._since)
-            self._since = now
-            self._under_way += 1
-            return CallToken(now, self._under_way, self._area)
-
-    def ended(self, stage: str, token: CallToken) -> None:
-        with self._lock:
-            now = self._clock()
-            self._area += self._under_way * (now - self._since)
-            self._since = now
-            self._under_way -= 1
-            length = now - token.started
-            mean = (self._area - token.area) / length if length > 0 else float(token.under_way)
-            index = _bin_index(mean)
-            self._calls[stage][index] += 1
-            self._seconds[stage][index] += length
 
     @property
     def under_way(self) -> int:
         """Calls under way now."""
         return self._under_way
 
-    def counts(self, stage: str) -> dict[float, tuple[int, float]]:
-        """Mean crowd bin -> (calls, seconds) for the stage's calls so far (bins with calls only)."""
+    def _advance(self) -> None:
+        """Called under the lock: the time since the last change goes to the count it had."""
+        now = self._clock()
+        self._seconds_at[min(self._under_way, MAX_CROWD)] += now - self._since
+        self._since = now
+
+    def started(self) -> CallToken:
         with self._lock:
-            calls, seconds = list(self._calls[stage]), list(self._seconds[stage])
-        return {1.0 + i * BIN_WIDTH: (n, s) for i, (n, s) in enumerate(zip(calls, seconds, strict=True)) if n}
+            self._advance()
+            self._under_way += 1
+            return CallToken(self._since, self._under_way, tuple(self._seconds_at))
+
+    def ended(self, stage: str, token: CallToken, answered: bool = True) -> None:
+        """The call ended; only an answered call is counted (a failed one's time is no service time)."""
+        with self._lock:
+            self._advance()
+            self._under_way -= 1
+            if not answered:
+                return
+            spent = [now - then for now, then in zip(self._seconds_at, token.seconds_at, strict=True)]
+            length = sum(spent)
+            mean = sum(n * t for n, t in enumerate(spent)) / length if length > 0 else float(token.under_way)
+            index = _bin_index(mean)
+            self._calls[stage][index] += 1
+            row = self._seconds[stage][index]
+            for n, t in enumerate(spent):
+                row[n] += t
+
+    def counts(self, stage: str) -> dict[float, CrowdedGroup]:
+        """Group -> its calls so far, for the stage (groups with calls only)."""
+        with self._lock:
+            calls = list(self._calls[stage])
+            seconds = [list(row) for row in self._seconds[stage]]
+        return {
+            1.0 + i * BIN_WIDTH: CrowdedGroup(n, {k: t for k, t in enumerate(seconds[i]) if t > 0})
+            for i, n in enumerate(calls)
+            if n
+        }
 
 
 class CrowdingCollector(Collector):
@@ -99,23 +124,24 @@ class CrowdingCollector(Collector):
         self._crowding, self._stages = crowding, tuple(stages)
 
     def collect(self) -> Generator[CounterMetricFamily, None, None]:
-        help_tail = (
-            "by the mean number of replica calls under way in the pipeline over the call's length, itself "
-            f"included, to the nearest {BIN_WIDTH:g} ({MAX_CROWD:g}: that or more): where it exceeds the "
-            "cores the replicas share, they slow each other down"
+        grouped = (
+            "grouped by the mean number of replica calls under way in the pipeline over each call, itself "
+            f"included, to the nearest {BIN_WIDTH:g} ({MAX_CROWD}: that or more)"
         )
         calls = CounterMetricFamily(
-            "inferline_router_crowded_calls", f"Replica calls {help_tail}", labels=["stage", "under_way"]
+            "inferline_router_crowded_calls", f"Replica calls answered, {grouped}", labels=["stage", "mean_under_way"]
         )
         seconds = CounterMetricFamily(
             "inferline_router_crowded_call_seconds",
-            f"Time of replica calls {help_tail}",
-            labels=["stage", "under_way"],
+            f"Seconds those calls spent with each number of calls under way ({MAX_CROWD}: that or more), {grouped}: "
+            "where it exceeds the cores the replicas share, they slow each other down",
+            labels=["stage", "mean_under_way", "under_way"],
         )
         created = self._crowding.created
         for stage in self._stages:
-            for crowd, (n, s) in self._crowding.counts(stage).items():
-                calls.add_metric([stage, f"{crowd:g}"], n, created=created)
-                seconds.add_metric([stage, f"{crowd:g}"], s, created=created)
+            for crowd, group in self._crowding.counts(stage).items():
+                calls.add_metric([stage, f"{crowd:g}"], group.calls, created=created)
+                for n, t in group.seconds_at.items():
+                    seconds.add_metric([stage, f"{crowd:g}", str(n)], t, created=created)
         yield calls
         yield seconds

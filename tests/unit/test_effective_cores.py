@@ -9,34 +9,80 @@ import pytest
 
 from inferline.calibration import LiveStage, calibrate_profiles, calibrated_cores, effective_cores, live_stages
 from inferline.cli import main
-from inferline.effective_cores import MIN_CALLS, CrowdedCalls, fit_cores
+from inferline.effective_cores import MIN_CALLS, CoreFit, CrowdedCalls, crowding_slowdown, fit_cores
 from inferline.planner.shared_cores import crowd_of, slowdown
 from inferline.profiles import load_profiles
+from inferline.router.crowding import CallCrowding
 from tests.unit.test_calibration import METRICS, PAIR, _cpu_profile, _plan_for
 
-CROWDS = (1.0, 1.5, 2.0, 2.5, 3.0)
+WORK_AT = {1.0: {1: 1.0}, 1.5: {1: 0.5, 2: 0.5}, 2.0: {2: 1.0}, 3.0: {3: 1.0}, 4.0: {2: 0.25, 4: 0.75}}
+"""Groups of calls by mean crowd -> the share of a call's work done at each count of calls under way."""
 
 
 def _calls(base_s: float, share: float, cores: float, calls: int = 200, noise: float = 0.0, seed: int = 0) -> dict:
-    """Bins of calls whose mean time follows the sharing rule with `cores` (and a relative noise)."""
+    """Groups of calls whose seconds at each count follow the sharing rule with `cores` (every call
+    beside them of the same share), with a relative noise."""
     rng = np.random.default_rng(seed)
     out = {}
-    for k in CROWDS:
-        mean = base_s * slowdown(share, crowd_of(share + (k - 1.0) * share, cores)) * (1 + noise * rng.normal())
-        out[k] = (calls, calls * mean)
+    for k, work_at in WORK_AT.items():
+        seconds = {
+            n: calls
+            * base_s
+            * w
+            * slowdown(share, crowd_of(share + (n - 1) * share, cores))
+            * (1 + noise * rng.normal())
+            for n, w in work_at.items()
+        }
+        out[k] = (calls, seconds)
     return out
+
+
+def _fluid_run(cores: float, seed: int = 0) -> dict[str, dict]:
+    """Two stages' one-core calls (2 and 6.5 ms alone) arriving at random, run by exact processor
+    sharing on `cores` cores and timed by the router's `CallCrowding` (a fake clock)."""
+    rng = np.random.default_rng(seed)
+    now = [0.0]
+    crowding = CallCrowding(["a", "b"], clock=lambda: now[0])
+    arrivals = np.cumsum(rng.exponential(0.006, 1500))  # 0.7 of a core of work: rarely 16 under way
+    stages = rng.choice(["a", "b"], arrivals.size)
+    active: list[list] = []  # [remaining work s, stage, token]
+    i = 0
+    while i < arrivals.size or active:
+        rate = min(1.0, cores / len(active)) if active else 0.0
+        finish = min((a[0] / rate for a in active), default=np.inf)
+        arrive = arrivals[i] - now[0] if i < arrivals.size else np.inf
+        step = min(finish, arrive)
+        for a in active:
+            a[0] -= step * rate
+        now[0] += step
+        if finish <= arrive:
+            done = min(active, key=lambda a: a[0])
+            active.remove(done)
+            crowding.ended(done[1], done[2])
+        else:
+            stage = str(stages[i])
+            active.append([0.002 if stage == "a" else 0.0065, stage, crowding.started()])
+            i += 1
+    return {s: {k: (g.calls, dict(g.seconds_at)) for k, g in crowding.counts(s).items()} for s in ("a", "b")}
 
 
 @pytest.mark.parametrize("cores", [1.0, 1.3, 1.5, 1.77, 2.0])
 def test_the_fit_finds_the_cores_the_calls_were_slowed_by(cores: float) -> None:
     stages = [CrowdedCalls(1.0, _calls(0.002, 1.0, cores)), CrowdedCalls(1.0, _calls(0.0065, 1.0, cores))]
-    fit = fit_cores(stages, mean_share=1.0, machine_cores=2.0)
+    fit = fit_cores(stages, mean_share=1.0, machine_cores=3.0)
     assert fit is not None
-    assert fit.cores == pytest.approx(cores, abs=0.006)
+    assert fit.cores == pytest.approx(cores, abs=0.006) and fit.of == 3.0
     assert fit.error < 1e-6
-    assert fit.calls == 2 * 200 * len(CROWDS)
-    if cores < 1.9:
-        assert fit.error_at_machine > 0.01  # with the machine's 2 the rule misses these calls
+    assert fit.calls == 2 * 200 * len(WORK_AT)
+    assert fit.error_at_machine > 0.01  # with the machine's 3 the rule misses these calls
+
+
+@pytest.mark.parametrize("cores", [1.2, 1.5, 2.0])
+def test_calls_timed_by_the_router_under_exact_sharing_fit_the_cores_they_shared(cores: float) -> None:
+    run = _fluid_run(cores)
+    fit = fit_cores([CrowdedCalls(1.0, run["a"]), CrowdedCalls(1.0, run["b"])], mean_share=1.0, machine_cores=4.0)
+    assert fit is not None and fit.cores == pytest.approx(cores, abs=0.02)
+    assert fit.error < 0.01
 
 
 def test_noisy_calls_still_fit_near_their_cores() -> None:
@@ -46,36 +92,49 @@ def test_noisy_calls_still_fit_near_their_cores() -> None:
     assert fit.error < fit.error_at_machine
 
 
-def test_the_fit_never_exceeds_the_machine() -> None:
-    roomy = [CrowdedCalls(1.0, _calls(0.002, 1.0, 8.0))]  # never slowed: as many cores as wanted
-    fit = fit_cores(roomy, mean_share=1.0, machine_cores=2.0)
-    assert fit is not None and fit.cores == 2.0 and fit.error == fit.error_at_machine
+def test_calls_never_slowed_fit_the_machines_cores() -> None:
+    # Calls crowded up to 4 with as many cores as they wanted: every count from 4 up fits alike.
+    roomy = [CrowdedCalls(1.0, _calls(0.002, 1.0, 8.0))]
+    fit = fit_cores(roomy, mean_share=1.0, machine_cores=6.0)
+    assert fit is not None and fit.cores == 6.0 and fit.error == fit.error_at_machine < 1e-9
+    half = [CrowdedCalls(0.5, _calls(0.002, 0.5, 8.0))]  # demand 0.5 + 3 x 0.5 = 2 at the most
+    fit = fit_cores(half, mean_share=0.5, machine_cores=4.0)
+    assert fit is not None and fit.cores == 4.0
 
 
 def test_calls_that_do_not_compute_fit_nothing() -> None:
-    # Calls that sleep (a share of 0.05) never demand half a core: every core count fits alike.
+    # Calls that sleep (a share of 0.05) never demand a core: every core count fits alike.
     sleeping = [CrowdedCalls(0.05, _calls(0.01, 0.05, 1.0))]
     assert fit_cores(sleeping, mean_share=0.05, machine_cores=2.0) is None
 
 
 def test_too_few_crowded_calls_fit_nothing() -> None:
-    few = {1.0: (1000, 2.0), 2.0: (MIN_CALLS - 1, 0.2)}
+    few = {1.0: (1000, {1: 2.0}), 2.0: (MIN_CALLS - 1, {2: 0.2})}
     assert fit_cores([CrowdedCalls(1.0, few)], 1.0, 2.0) is None
-    assert fit_cores([CrowdedCalls(1.0, {1.0: (1000, 2.0)})], 1.0, 2.0) is None  # one bin: no slope
+    assert fit_cores([CrowdedCalls(1.0, {1.0: (1000, {1: 2.0})})], 1.0, 2.0) is None  # one group: no slope
     assert fit_cores([], 1.0, 2.0) is None
+
+
+def test_the_slowdown_over_calls_is_their_seconds_over_their_work() -> None:
+    calls = CrowdedCalls(1.0, {1.0: (10, {1: 0.1}), 3.0: (10, {3: 0.3})})
+    # On 1.5 cores: 0.1 s alone is 0.1 s of work; 0.3 s with 3 under way (each at half speed) is 0.15.
+    assert crowding_slowdown(calls, 1.0, 1.5) == pytest.approx(0.4 / 0.25)
+    assert crowding_slowdown(calls, 1.0, 4.0) == pytest.approx(1.0)
+    assert crowding_slowdown(CrowdedCalls(1.0, {}), 1.0, 2.0) is None
 
 
 def test_live_stages_reads_the_crowded_calls() -> None:
     text = METRICS + (
         "# TYPE inferline_router_crowded_calls counter\n"
-        'inferline_router_crowded_calls_total{stage="detect",under_way="1"} 30.0\n'
-        'inferline_router_crowded_calls_total{stage="detect",under_way="2.5"} 10.0\n'
+        'inferline_router_crowded_calls_total{stage="detect",mean_under_way="1"} 30.0\n'
+        'inferline_router_crowded_calls_total{stage="detect",mean_under_way="2.5"} 10.0\n'
         "# TYPE inferline_router_crowded_call_seconds counter\n"
-        'inferline_router_crowded_call_seconds_total{stage="detect",under_way="1"} 0.3\n'
-        'inferline_router_crowded_call_seconds_total{stage="detect",under_way="2.5"} 0.2\n'
+        'inferline_router_crowded_call_seconds_total{stage="detect",mean_under_way="1",under_way="1"} 0.3\n'
+        'inferline_router_crowded_call_seconds_total{stage="detect",mean_under_way="2.5",under_way="2"} 0.1\n'
+        'inferline_router_crowded_call_seconds_total{stage="detect",mean_under_way="2.5",under_way="3"} 0.1\n'
     )
     live = live_stages(text)
-    assert dict(live["detect"].crowded) == {1.0: (30, 0.3), 2.5: (10, 0.2)}
+    assert dict(live["detect"].crowded) == {1.0: (30, {1: 0.3}), 2.5: (10, {2: 0.1, 3: 0.1})}
     assert dict(live["classify"].crowded) == {}  # not in the metrics
 
 
@@ -83,36 +142,46 @@ def _crowded_live(cores: float) -> dict[str, LiveStage]:
     """PAIR's three stages with calls slowed by sharing `cores` cores (m: 10 ms alone, n: 5 ms)."""
     out = {}
     for stage, base in (("one", 0.010), ("two", 0.010), ("three", 0.005)):
-        bins = _calls(base, 1.0, cores)
-        calls = sum(n for n, _ in bins.values())
-        mean_ms = 1000 * sum(s for _, s in bins.values()) / calls
-        out[stage] = LiveStage({1: (mean_ms, calls)}, 0.0, 0, concurrency={2.0: calls}, crowded=bins)
+        groups = _calls(base, 1.0, cores)
+        calls = sum(n for n, _ in groups.values())
+        mean_ms = 1000 * sum(sum(at.values()) for _, at in groups.values()) / calls
+        out[stage] = LiveStage({1: (mean_ms, calls)}, 0.0, 0, concurrency={1.0: calls}, crowded=groups)
     return out
 
 
-def test_calibration_records_the_cores_it_took_out_and_estimates_read_them_back() -> None:
+def test_calibration_takes_out_the_crowding_over_each_call_and_records_fitted_cores() -> None:
     profiles = {"m": _cpu_profile("m", {1: 10.0, 4: 16.0}, 1.0), "n": _cpu_profile("n", {1: 5.0, 4: 8.0}, 1.0)}
     plan = _plan_for(PAIR)
     live = _crowded_live(1.4)
     fit = effective_cores(PAIR, plan, profiles, live, 2.0)  # type: ignore[arg-type]
     assert fit is not None and fit.cores == pytest.approx(1.4, abs=0.006)
-    out, _ = calibrate_profiles(PAIR, plan, profiles, live, cores=fit.cores)  # type: ignore[arg-type]
-    assert calibrated_cores(PAIR, plan, out) == fit.cores  # type: ignore[arg-type]
-    assert calibrated_cores(PAIR, plan, profiles) is None  # type: ignore[arg-type]  # offline profiles
+    out, done = calibrate_profiles(PAIR, plan, profiles, live, cores=2.0, fit=fit)  # type: ignore[arg-type]
+    # The calls' crowding over their whole length is taken out (the count at their start said
+    # none): back to the profiles' times alone.
+    assert out["m"].points("cpu")[0].latency_ms.mean == pytest.approx(10.0, rel=0.01)
+    assert out["n"].points("cpu")[0].latency_ms.mean == pytest.approx(5.0, rel=0.01)
+    assert all(c.contention > 1.2 for c in done)
+    assert (out["m"].model_extra or {})["calibration"]["cpu"]["cores"] == {"effective": fit.cores, "of": 2.0}
+    assert calibrated_cores(PAIR, plan, out, 2.0) == fit.cores  # type: ignore[arg-type]
+    assert calibrated_cores(PAIR, plan, out, 8.0) is None  # type: ignore[arg-type]  # fitted on another machine
+    assert calibrated_cores(PAIR, plan, profiles, 2.0) is None  # type: ignore[arg-type]  # offline profiles
+    # The machine's cores without a fit are not recorded as effective.
+    plain, _ = calibrate_profiles(PAIR, plan, profiles, live, cores=2.0)  # type: ignore[arg-type]
+    assert calibrated_cores(PAIR, plan, plain, 2.0) is None  # type: ignore[arg-type]
     # Profiles calibrated at different times with different cores tell no one count.
-    other, _ = calibrate_profiles(PAIR, plan, profiles, live, cores=1.9)  # type: ignore[arg-type]
-    assert calibrated_cores(PAIR, plan, {"m": out["m"], "n": other["n"]}) is None  # type: ignore[arg-type]
+    other = fit.__class__(**{**fit.__dict__, "cores": 1.9})
+    again, _ = calibrate_profiles(PAIR, plan, profiles, live, cores=2.0, fit=other)  # type: ignore[arg-type]
+    assert calibrated_cores(PAIR, plan, {"m": out["m"], "n": again["n"]}, 2.0) is None  # type: ignore[arg-type]
 
 
 def test_calibrate_fits_the_cores_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from inferline.profiles import write_profile
+    from inferline.spec import write_spec
 
     profiles_dir = tmp_path / "profiles"
     for name, ms in (("m", 10.0), ("n", 5.0)):
         write_profile(_cpu_profile(name, {1: ms, 4: 1.6 * ms}, 1.0), profiles_dir)  # type: ignore[arg-type]
     spec_path = tmp_path / "pair.yaml"
-    from inferline.spec import write_spec
-
     write_spec(PAIR, spec_path)
     plan = _plan_for(PAIR).model_copy(update={"spec": str(spec_path), "profiles": str(profiles_dir)})  # type: ignore[attr-defined]
     plan_path = tmp_path / "plan.json"
@@ -122,9 +191,11 @@ def test_calibrate_fits_the_cores_and_says_so(tmp_path: Path, capsys: pytest.Cap
         ms, calls = live.calls[1]
         lines.append(f'inferline_router_call_seconds_count{{batch_size="1",stage="{stage}"}} {calls}')
         lines.append(f'inferline_router_call_seconds_sum{{batch_size="1",stage="{stage}"}} {ms * calls / 1000}')
-        for k, (n, s) in live.crowded.items():
-            lines.append(f'inferline_router_crowded_calls_total{{stage="{stage}",under_way="{k:g}"}} {n}')
-            lines.append(f'inferline_router_crowded_call_seconds_total{{stage="{stage}",under_way="{k:g}"}} {s}')
+        for k, (n, at) in live.crowded.items():
+            lines.append(f'inferline_router_crowded_calls_total{{stage="{stage}",mean_under_way="{k:g}"}} {n}')
+            for c, s in at.items():
+                labels = f'stage="{stage}",mean_under_way="{k:g}",under_way="{c}"'
+                lines.append(f"inferline_router_crowded_call_seconds_total{{{labels}}} {s}")
     metrics = tmp_path / "metrics.txt"
     metrics.write_text("\n".join(lines) + "\n")
     out = tmp_path / "calibrated"
@@ -132,11 +203,11 @@ def test_calibrate_fits_the_cores_and_says_so(tmp_path: Path, capsys: pytest.Cap
     assert main(argv) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "shared cores: 1.4 effective of the machine's 2" in printed
-    assert calibrated_cores(PAIR, plan, load_profiles(out)) == pytest.approx(1.4, abs=0.006)  # type: ignore[arg-type]
+    assert calibrated_cores(PAIR, plan, load_profiles(out), 2.0) == pytest.approx(1.4, abs=0.006)  # type: ignore[arg-type]
     # Without the cores the replicas shared, nothing is fitted or recorded.
     assert main(["calibrate", str(plan_path), "--metrics", str(metrics), "--out", str(tmp_path / "plain")]) == 0
     assert "effective of the machine" not in " ".join(capsys.readouterr().out.split())
-    assert calibrated_cores(PAIR, plan, load_profiles(tmp_path / "plain")) is None  # type: ignore[arg-type]
+    assert calibrated_cores(PAIR, plan, load_profiles(tmp_path / "plain"), 2.0) is None  # type: ignore[arg-type]
 
 
 CASCADE = Path(__file__).resolve().parents[2] / "examples" / "pipelines" / "local-cascade.yaml"
@@ -161,16 +232,17 @@ def _cascade_live(plan: object, spec: object, cores: float | None) -> dict[str, 
     for stage in spec.stages:  # type: ignore[attr-defined]
         point = profiles[stage.model].points("cpu")[0]
         share = point.latency_ms.server_cpu_ms / point.latency_ms.mean
-        bins = _calls(point.latency_ms.mean / 1000.0, share, cores) if cores is not None else {}
-        calls = 200 * len(CROWDS)
-        mean_ms = 1000 * sum(s for _, s in bins.values()) / calls if bins else point.latency_ms.mean
-        out[stage.name] = LiveStage({1: (mean_ms, calls)}, 0.0, 0, idle_gaps={}, crowded=bins)
+        groups = _calls(point.latency_ms.mean / 1000.0, share, cores) if cores is not None else {}
+        calls = 200 * len(WORK_AT)
+        seconds = sum(sum(at.values()) for _, at in groups.values())
+        mean_ms = 1000 * seconds / calls if groups else point.latency_ms.mean
+        out[stage.name] = LiveStage({1: (mean_ms, calls)}, 0.0, 0, idle_gaps={}, crowded=groups)
     return out
 
 
 def test_a_local_runs_estimate_from_its_service_times_shares_the_fitted_cores(cascade_plan: Path) -> None:
     from inferline.plan import load_plan
-    from inferline.replay_command import Target, results_for
+    from inferline.replay_command import Target, results_for, run_estimate
     from inferline.spec import load_spec
     from inferline.traces import load_trace
     from tests.unit.test_startup import fake_replay
@@ -184,11 +256,17 @@ def test_a_local_runs_estimate_from_its_service_times_shares_the_fitted_cores(ca
     fit = effective_cores(spec, plan, load_profiles(plan.profiles), crowded, 2.0)  # type: ignore[arg-type]
     assert fit is not None and fit.cores < 1.5
     assert fitted["effective_cores"]["cores"] == fit.cores and fitted["effective_cores"]["of"] == 2.0
-    # The same calls' means from a router that did not bin them: the machine's 2 cores, a lower estimate.
+    # The calls are the profiles' slowed by the rule on 1.3 cores: taken out again, the run's estimate
+    # is about the profiles' on the fitted cores (about: each stage's calls were slowed here as if the
+    # calls beside them had its own share, where calibration takes the pipeline's mean share), and
+    # above the profiles' on the machine's 2.
+    on_fit = run_estimate(plan, spec, arrivals, "none", [], cores=fit.cores)["estimated_p99_ms"]
+    on_machine = run_estimate(plan, spec, arrivals, "none", [], cores=2.0)["estimated_p99_ms"]
+    assert fitted["estimated_from_run_p99_ms"] == pytest.approx(on_fit, rel=0.08)
+    assert on_fit > 1.1 * on_machine
+    # The same calls' means from a router that did not group them: no fit.
     unbinned = {s: LiveStage(v.calls, 0.0, 0, idle_gaps={}) for s, v in crowded.items()}
-    plain = results_for(local, fake_replay(arrivals), arrivals, 0.0, live=unbinned)
-    assert plain["effective_cores"] is None
-    assert fitted["estimated_from_run_p99_ms"] > plain["estimated_from_run_p99_ms"]
+    assert results_for(local, fake_replay(arrivals), arrivals, 0.0, live=unbinned)["effective_cores"] is None
     # Profiles calibrated with 1.4 effective cores: the estimate shares those, the run's fit is of the 2.
     calibrated = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=1.4, machine_cores=2.0)
     out = results_for(calibrated, fake_replay(arrivals), arrivals, 0.0, live=crowded)
@@ -210,7 +288,8 @@ def test_replay_estimates_with_the_cores_its_profiles_were_calibrated_with(casca
     spec = load_spec(plan.spec)  # type: ignore[arg-type]
     profiles = load_profiles(plan.profiles)  # type: ignore[arg-type]
     live = _cascade_live(plan, spec, 1.3)
-    calibrated, _ = calibrate_profiles(spec, plan, profiles, live, cores=1.37)
+    fit = CoreFit(cores=1.37, of=2.0, calls=1000, error=0.01, error_at_machine=0.1)
+    calibrated, _ = calibrate_profiles(spec, plan, profiles, live, cores=2.0, fit=fit)
     for profile in calibrated.values():
         write_profile(profile, tmp_path / "calibrated")
     on_calibrated = tmp_path / "plan.json"
@@ -226,4 +305,4 @@ def test_replay_estimates_with_the_cores_its_profiles_were_calibrated_with(casca
     assert (offline.cores, offline.machine_cores) == (2, None)  # offline profiles: the machine's
     up["cores"] = 1
     (state / "up.json").write_text(json.dumps(up))
-    assert target_from(str(state), None, str(on_calibrated), None).cores == 1  # never more than the machine's
+    assert target_from(str(state), None, str(on_calibrated), None).cores == 1  # fitted on 2 cores, run on 1

@@ -1,15 +1,18 @@
-"""How crowded each replica call was (`router/crowding.py`): the mean of the calls under way over its length."""
+"""How crowded each replica call was (`router/crowding.py`): the seconds it spent at each count of calls under way."""
 
 from __future__ import annotations
 
-import numpy as np
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from collections.abc import Mapping
 
-from inferline.calibration import CROWDED
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import generate_latest
+
+from inferline.calibration import live_stages
+from inferline.errors import ServerError
 from inferline.router.core import PipelineRouter, Replica
-from inferline.router.crowding import MAX_CROWD, CallCrowding, crowd_bin
-from tests.unit.test_calibration import CALL_S, SPEC, SleepingServer
+from inferline.router.crowding import MAX_CROWD, CallCrowding, CrowdedGroup, crowd_bin
+from tests.unit.test_calibration import SPEC, SleepingServer, Tensors
 
 
 class Clock:
@@ -20,7 +23,7 @@ class Clock:
         return self.now
 
 
-def test_a_call_is_binned_by_the_time_weighted_mean_of_the_calls_under_way() -> None:
+def test_a_call_keeps_the_seconds_at_each_count_and_is_grouped_by_their_mean() -> None:
     clock = Clock()
     crowding = CallCrowding(["a", "b"], clock=clock)
     first = crowding.started()  # t=0: alone
@@ -30,9 +33,9 @@ def test_a_call_is_binned_by_the_time_weighted_mean_of_the_calls_under_way() -> 
     clock.now = 2.0
     crowding.ended("b", second)  # its whole second with two under way
     clock.now = 4.0
-    crowding.ended("a", first)  # 1 s alone, 1 s with two, 2 s alone: mean 5/4
-    assert crowding.counts("b") == {2.0: (1, 1.0)}
-    assert crowding.counts("a") == {1.0: (1, 4.0)}  # 1.25 rounds to the nearest half: 1.0
+    crowding.ended("a", first)  # 1 s alone, 1 s with two, 2 s alone: mean 5/4, a tie: up to 1.5
+    assert crowding.counts("b") == {2.0: CrowdedGroup(1, {2: 1.0})}
+    assert crowding.counts("a") == {1.5: CrowdedGroup(1, {1: 3.0, 2: 1.0})}
     assert crowding.under_way == 0
     clock.now = 5.0
     third = crowding.started()
@@ -40,47 +43,72 @@ def test_a_call_is_binned_by_the_time_weighted_mean_of_the_calls_under_way() -> 
     fourth = crowding.started()
     clock.now = 6.0
     crowding.ended("a", fourth)  # all its half second with two under way
-    crowding.ended("a", third)  # half alone, half with two: 1.5
-    crowding.ended("b", crowding.started())  # of no length: counted as it started, alone
-    assert crowding.counts("a") == {1.0: (1, 4.0), 1.5: (1, 1.0), 2.0: (1, 0.5)}
-    assert crowding.counts("b") == {1.0: (1, 0.0), 2.0: (1, 1.0)}
+    crowding.ended("a", third)  # half alone, half with two
+    crowding.ended("b", crowding.started())  # of no length: grouped as it started, alone
+    assert crowding.counts("a") == {1.5: CrowdedGroup(2, {1: 3.5, 2: 1.5}), 2.0: CrowdedGroup(1, {2: 0.5})}
+    assert crowding.counts("b") == {1.0: CrowdedGroup(1, {}), 2.0: CrowdedGroup(1, {2: 1.0})}
 
 
-def test_bins_are_clamped_to_one_and_the_last() -> None:
+def test_a_failed_call_leaves_the_count_but_is_not_grouped() -> None:
+    clock = Clock()
+    crowding = CallCrowding(["a"], clock=clock)
+    failed = crowding.started()
+    clock.now = 1.0
+    crowding.ended("a", failed, answered=False)
+    assert crowding.under_way == 0 and crowding.counts("a") == {}
+
+
+def test_groups_round_halves_up_and_are_clamped_to_one_and_the_last() -> None:
     assert crowd_bin(0.2) == 1.0  # a call of no length counts as alone
-    assert crowd_bin(1.74) == 1.5 and crowd_bin(1.76) == 2.0
+    assert crowd_bin(1.24) == 1.0 and crowd_bin(1.25) == 1.5 and crowd_bin(1.75) == 2.0 and crowd_bin(2.25) == 2.5
     assert crowd_bin(40.0) == MAX_CROWD
 
 
-def _crowded(router: PipelineRouter) -> dict[str, dict[float, tuple[float, float]]]:
-    out: dict[str, dict[float, list[float]]] = {}
-    text = generate_latest(router.metrics_registry).decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name not in CROWDED:
-                continue
-            row = out.setdefault(sample.labels["stage"], {}).setdefault(float(sample.labels["under_way"]), [0.0, 0.0])
-            row[CROWDED.index(sample.name)] = sample.value
-    return {s: {k: (v[0], v[1]) for k, v in bins.items()} for s, bins in out.items()}
+def test_counts_above_the_last_are_kept_at_the_last() -> None:
+    clock = Clock()
+    crowding = CallCrowding(["a"], clock=clock)
+    tokens = [crowding.started() for _ in range(MAX_CROWD + 4)]
+    clock.now = 1.0
+    for token in tokens:
+        crowding.ended("a", token)
+    groups = crowding.counts("a")
+    assert sum(g.calls for g in groups.values()) == MAX_CROWD + 4
+    assert all(set(g.seconds_at) <= set(range(1, MAX_CROWD + 1)) for g in groups.values())
 
 
-def test_the_router_exports_every_calls_crowd_and_time() -> None:
+class FailingOnce(SleepingServer):
+    """Fails every third call: a failed call is no service time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def infer(self, model: str, inputs: Mapping[str, NDArray[np.generic]]) -> Tensors:
+        self.calls += 1
+        if self.calls % 3 == 0:
+            raise ServerError("the model failed")
+        return super().infer(model, inputs)
+
+
+def test_the_router_groups_every_answered_call_with_its_seconds() -> None:
     pools = {
         "a": [Replica(SleepingServer(), "a", "a-0"), Replica(SleepingServer(), "a", "a-1")],
-        "b": [Replica(SleepingServer(), "b", "b-0")],
+        "b": [Replica(FailingOnce(), "b", "b-0")],
     }
     router = PipelineRouter(SPEC, pools, {"a": 2, "b": 2}).start()  # type: ignore[arg-type]
     try:
-        assert _crowded(router) == {}  # no call yet
+        assert live_stages(generate_latest(router.metrics_registry).decode()) == {}  # no call yet
         for f in [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(60)]:
-            f.result(timeout=30)
-        calls = {stage: sum(sizes.values()) for stage, sizes in router.batch_sizes().items()}
-        crowded = _crowded(router)
+            f.exception(timeout=30)
+        live = live_stages(generate_latest(router.metrics_registry).decode())
     finally:
         router.stop()
+    assert router._crowding.under_way == 0
     for stage in ("a", "b"):
-        assert sum(n for n, _ in crowded[stage].values()) == calls[stage]
-        assert max(crowded[stage]) <= 3.0  # three replicas: never more calls under way
-        assert sum(s for _, s in crowded[stage].values()) >= 0.9 * CALL_S * calls[stage]
+        crowded = live[stage].crowded
+        assert sum(n for n, _ in crowded.values()) == live[stage].call_count  # answered calls only
+        seconds = sum(ms * n for ms, n in live[stage].calls.values()) / 1000.0
+        assert abs(sum(sum(at.values()) for _, at in crowded.values()) - seconds) < 0.02 * seconds
+        assert max(c for _, at in crowded.values() for c in at) <= 3  # three replicas: never more under way
     # 60 queries queued at once: most of a's calls overlapped another
-    assert sum(n for k, (n, _) in crowded["a"].items() if k >= 1.5) > calls["a"] / 2
+    assert sum(n for k, (n, _) in live["a"].crowded.items() if k >= 1.5) > live["a"].call_count / 2
