@@ -66,7 +66,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
             "replay again when the machine is quieter, and calibrate from that replay (--since)",
         )
     fit = effective_cores(spec, plan, profiles, live, cores) if cores is not None else None
-    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores, fit)
+    calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores)
     if all(c.ratio is None for c in done):
         raise InferlineError(
             f"the router's metrics hold fewer than {args.min_calls} calls for every stage of {plan.pipeline!r}",
@@ -88,16 +88,13 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cores_line(fit: CoreFit | None, cores: float) -> str:
-    """What the calibration took the replicas' shared cores to be, and why."""
+    """How crowding slowed the calls, set against the sharing rule on the machine's cores."""
     if fit is None:
-        return (
-            f"shared cores: {cores:g}, the machine's (the calls did not crowd enough to fit the cores they "
-            "effectively had)"
-        )
+        return f"shared cores: {cores:g} (the calls did not crowd enough to tell how many they effectively had)"
     return (
-        f"shared cores: {fit.cores:g} effective of the machine's {cores:g}, fitted to how crowding slowed "
-        f"{fit.calls} calls (error of the calls' means {fit.error:.1%}, {fit.error_at_machine:.1%} with "
-        f"{cores:g}); recorded in the profiles, which estimates from them share again"
+        f"shared cores: {cores:g}; how crowding slowed {fit.calls} calls follows the sharing rule best with "
+        f"{fit.cores:g} (spread {fit.error:.1%}, {fit.error_at_machine:.1%} with {cores:g}). Estimates share "
+        f"{cores:g}; `--cores {fit.cores:g}` on replay or simulate estimates with the fit"
     )
 
 

@@ -92,10 +92,10 @@ class LiveStage:
     router_cpu_ms: float | None = None
     """Mean CPU ms per call of the router's own work on the stage's calls (forming the request,
     reading the answer: inferline_router_replica_cpu_seconds); None: the metrics do not have it."""
-    crowded: Mapping[float, tuple[int, Mapping[int, float]]] = field(default_factory=dict)
-    """The stage's answered calls grouped by their mean count of calls under way in the pipeline ->
-    (calls, count under way -> seconds they spent with it): how crowding slowed them
-    (`router/crowding.py`, `effective_cores`). Empty: not in the metrics."""
+    crowded: Mapping[tuple[float, bool], tuple[int, Mapping[int, float]]] = field(default_factory=dict)
+    """The stage's answered calls grouped by their mean count of calls under way in the pipeline and
+    whether the replica sat idle before them -> (calls, count under way -> seconds they spent with
+    it): how crowding slowed them (`router/crowding.py`, `effective_cores`). Empty: not in the metrics."""
 
     @property
     def call_count(self) -> int:
@@ -146,8 +146,8 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
     gap_buckets: dict[str, list[tuple[float, float]]] = {}
     under_way_sum: dict[str, float] = {}
     router_cpu_s: dict[str, float] = {}
-    crowded_calls: dict[str, dict[float, int]] = {}
-    crowded_seconds: dict[str, dict[float, dict[int, float]]] = {}
+    crowded_calls: dict[str, dict[tuple[float, bool], int]] = {}
+    crowded_seconds: dict[str, dict[tuple[float, bool], dict[int, float]]] = {}
     try:
         for (name, labels), value in window.items():
             kind = name.rsplit("_", 1)[-1]
@@ -159,11 +159,12 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
                 buckets.setdefault(stage, []).append((float(label["le"]), value))
             if stage is not None and name == "inferline_router_idle_gap_seconds_bucket":
                 gap_buckets.setdefault(stage, []).append((float(label["le"]), value))
-            if stage is not None and name == CROWDED[0]:
-                crowded_calls.setdefault(stage, {})[float(label["mean_under_way"])] = int(value)
-            if stage is not None and name == CROWDED[1]:
-                group = crowded_seconds.setdefault(stage, {}).setdefault(float(label["mean_under_way"]), {})
-                group[int(label["under_way"])] = value
+            if stage is not None and name in CROWDED:
+                key = (float(label["mean_under_way"]), label.get("after_idle", "true") == "true")
+                if name == CROWDED[0]:
+                    crowded_calls.setdefault(stage, {})[key] = int(value)
+                else:
+                    crowded_seconds.setdefault(stage, {}).setdefault(key, {})[int(label["under_way"])] = value
             if stage is None or kind not in ("sum", "count"):
                 continue
             if name.startswith("inferline_router_call_seconds_"):
@@ -318,18 +319,13 @@ def calibrate_profiles(
     live: Mapping[str, LiveStage],
     min_calls: int = MIN_CALLS,
     cores: float | None = None,
-    fit: CoreFit | None = None,
 ) -> tuple[dict[str, ModelProfile], tuple[Calibration, ...]]:
     """The profiles with each planned model's hardware calibrated; what was done, per model and hardware.
 
     Stages serving the same model on the same hardware pool their calls. Models with fewer than
     `min_calls` calls keep their profile (reported with ratio None). With `cores`, the replicas
-    shared that many cores in the run, and the slowdown that caused is taken out (module doc); with
-    `fit`, the effective cores fitted to the run (`effective_cores`) in their place, recorded in
-    the profiles for the estimates from them.
+    shared that many cores in the run, and the slowdown that caused is taken out (module doc).
     """
-    if fit is not None:
-        cores = fit.cores
     groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
     out = dict(profiles)
     done = []
@@ -369,7 +365,7 @@ def calibrate_profiles(
         # Never more than most of the live time: a live run faster than its profile says little of it.
         woken = min(woken, 0.9 * live_total / contention)
         ratio = (live_total - contention * woken) / profiled_total
-        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term, fit)
+        out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term)
         done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls))
     return out, tuple(done)
 
@@ -390,7 +386,7 @@ def effective_cores(
 
 def _crowded_calls(stages: list[str], share: float, live: Mapping[str, LiveStage]) -> CrowdedCalls:
     """The crowded calls of stages serving one model on one hardware, pooled."""
-    pooled: dict[float, tuple[int, dict[int, float]]] = {}
+    pooled: dict[tuple[float, bool], tuple[int, dict[int, float]]] = {}
     for s in stages:
         for k, (n, seconds_at) in (live[s].crowded if s in live else {}).items():
             calls, at = pooled.get(k, (0, {}))
@@ -456,13 +452,10 @@ def _scaled(
     contention: float,
     woken_per_call_ms: float,
     keep_after_idle: bool,
-    fit: CoreFit | None,
 ) -> ModelProfile:
     points = _stretched(profile, hardware, ratio / contention, dispatch_ms)
     record = dict(calibration_record(profile))
     record[hardware] = {"ratio": round(ratio, 4), "dispatch_ms": round(dispatch_ms, 4), "calls": calls}
-    if fit is not None:
-        record[hardware]["cores"] = {"effective": fit.cores, "of": fit.of}
     if contention != 1.0:
         record[hardware]["contention"] = round(contention, 4)
     if woken_per_call_ms > 0.0:
@@ -473,26 +466,6 @@ def _scaled(
     return profile.model_copy(
         update={"profiles": {**profile.profiles, hardware: points}, "after_idle": after_idle, "calibration": record}
     )
-
-
-def calibrated_cores(
-    spec: PipelineSpec, plan: Plan, profiles: Mapping[str, ModelProfile], machine_cores: float
-) -> float | None:
-    """The effective cores fitted when the plan's profiles were calibrated (`calibrate`), which an
-    estimate from them must share again (their calls had that crowding taken out), where the
-    replicas ran on as many cores as now. None: no profile of the plan's records them, they
-    disagree, or they were fitted on another count of cores."""
-    recorded = set()
-    for stage in spec.stages:
-        profile = profiles.get(stage.model)
-        hardware = plan.stage(stage.name).hardware
-        cores = calibration_record(profile).get(hardware, {}).get("cores") if profile is not None else None
-        if isinstance(cores, dict):
-            recorded.add((float(cores.get("effective", 0.0)), float(cores.get("of", 0.0))))
-    if len(recorded) != 1:
-        return None
-    effective, of = recorded.pop()
-    return effective if of == machine_cores and 0 < effective <= machine_cores else None
 
 
 def with_ms_per_call(profile: ModelProfile, hardware: str, ms: float) -> ModelProfile:

@@ -25,7 +25,6 @@ from inferline.adapters.base import TensorSpec, random_inputs
 from inferline.calibration import (
     LiveStage,
     calibrate_profiles,
-    calibrated_cores,
     calibration_record,
     effective_cores,
     hypervisor_took,
@@ -72,14 +71,6 @@ class Target:
     """The process running the router, where it runs on this machine (its CPU shares the cores)."""
     router_metrics: str | None = None
     """The router's /metrics URL, where `inferline up` started it."""
-    machine_cores: float | None = None
-    """The cores the replicas run on where the estimate shares fewer (the effective cores the plan's
-    profiles were calibrated with); None: `cores`."""
-
-    @property
-    def on_cores(self) -> float | None:
-        """The cores the replicas run on (None: each has its own, as planned)."""
-        return self.machine_cores if self.machine_cores is not None else self.cores
 
 
 @dataclass(frozen=True)
@@ -323,7 +314,6 @@ def run_estimate(
     routes: tuple[NDArray[np.bool_], int] | None = None,
     in_calls_ms: Mapping[str, float] | None = None,
     profiles: Mapping[str, ModelProfile] | None = None,
-    machine_cores: float | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run, and with the
     conditional edges its queries took where `routes` gives them (`prediction.routes_taken`).
@@ -334,8 +324,6 @@ def run_estimate(
     prediction. Either way the replicas share `cores` cores where given, beside processes that cost
     `background_s` CPU seconds per query, and each call of the stages in `in_calls_ms` takes that
     many ms longer (`QueryWay`). `profiles`: the plan's, where the caller has read them already.
-    `machine_cores`: the cores the replicas run on, where `cores` are fewer (the effective cores the
-    profiles were calibrated with).
     """
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
@@ -343,7 +331,7 @@ def run_estimate(
     profiles = with_router_work(planned, spec, plan, in_calls_ms or {})
     beside = tuple((background_s or {}).values())
     visits = routes[0] if routes is not None else None
-    how = _sharing(cores, background_s, in_calls_ms, machine_cores) + _routes_taken(routes)
+    how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
     if tuner is None or tuner == "none":
         latencies_ms = predicted_latencies_ms(
             spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
@@ -381,22 +369,14 @@ def _routes_taken(routes: tuple[NDArray[np.bool_], int] | None) -> str:
 
 
 def _sharing(
-    cores: float | None,
-    background_s: Mapping[str, float] | None,
-    in_calls_ms: Mapping[str, float] | None = None,
-    machine_cores: float | None = None,
+    cores: float | None, background_s: Mapping[str, float] | None, in_calls_ms: Mapping[str, float] | None = None
 ) -> str:
     """How the estimate placed the replicas, for its description ("" : a core each, as planned)."""
     if cores is None:
         return ""
     calls = ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in (in_calls_ms or {}).items())
-    effective = (
-        f" (effective, of {machine_cores:g}, as the profiles were calibrated)"
-        if machine_cores is not None and machine_cores != cores
-        else ""
-    )
     return (
-        f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}{effective}"
+        f", replicas sharing {cores:g} core{'' if cores == 1 else 's'}"
         + "".join(
             f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query, one query at a time)"
             for i, (name, s) in enumerate((background_s or {}).items())
@@ -416,11 +396,11 @@ def estimate_from_run(
 ) -> tuple[float | None, CoreFit | None]:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
-    no plan with profiles or the run measured too few calls. Where the replicas shared cores, they
-    share the effective cores fitted to how crowding slowed this run's calls (`effective_cores`;
-    the fit is returned, None where the metrics could not tell), as calibrated profiles record. A
-    tuned run is simulated closed-loop with its tuner and `startup_s`, as its estimate was; `visits`
-    are the conditional edges taken, `profiles` the plan's where the caller has read them already.
+    no plan with profiles or the run measured too few calls; and where the replicas shared cores,
+    the cores the sharing rule follows this run's crowded calls best with (`effective_cores`; None
+    where the metrics cannot tell), for the user to set beside the machine's. A tuned run is
+    simulated closed-loop with its tuner and `startup_s`, as its estimate was; `visits` are the
+    conditional edges taken, `profiles` the plan's where the caller has read them already.
 
     Beside the estimate from the profiles it tells a user why an estimate missed: if this one
     holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
@@ -432,9 +412,9 @@ def estimate_from_run(
     if profiles is None:
         profiles = load_profiles(plan.profiles)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
-    fit = effective_cores(spec, plan, profiles, live, target.on_cores) if target.on_cores is not None else None
-    cores = fit.cores if fit is not None else target.on_cores
-    own, done = calibrate_profiles(spec, plan, profiles, live, cores=target.on_cores, fit=fit)
+    fit = effective_cores(spec, plan, profiles, live, target.cores) if target.cores is not None else None
+    cores = target.cores
+    own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
     if all(c.ratio is None for c in done):
         return None, fit
     way = in_each_querys_way(cpu_s_per_query, spec, plan, own, live)
@@ -522,7 +502,7 @@ def results_for(
             way = in_each_querys_way(measured, target.spec, plan, planned, live)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
-            way.in_calls_ms, planned, target.machine_cores,
+            way.in_calls_ms, planned,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
@@ -559,8 +539,8 @@ def target_from(
 ) -> Target:
     """The pipeline to replay against: given by address, or the one `inferline up` started from `state_dir`.
 
-    The replicas of a local deployment share its machine's cores (as `up` recorded them), or the
-    effective cores the plan's profiles were calibrated with where fewer, unless `cores` says otherwise.
+    The replicas of a local deployment share its machine's cores (as `up` recorded them), unless
+    `cores` says otherwise.
     """
     check_cores(cores)
     from inferline.serve_command import DECISIONS_FILE, read_up
@@ -574,27 +554,10 @@ def target_from(
     if address is None or name is None:
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
-    machine = cores if cores is not None else (up or {}).get("cores")
-    shared = machine
-    if cores is None and machine is not None and plan is not None and spec is not None:
-        shared = calibrated_cores_of(plan, spec, machine) or machine
+    shared = cores if cores is not None else (up or {}).get("cores")
     router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
     metrics = (up.get("endpoints") or {}).get("metrics") if up is not None else None
-    return Target(
-        address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid, metrics,
-        machine if shared != machine else None,
-    )  # fmt: skip
-
-
-def calibrated_cores_of(plan: Plan, spec: PipelineSpec, machine_cores: float) -> float | None:
-    """The effective cores the plan's profiles were calibrated with on `machine_cores` cores (None:
-    not calibrated so, or unreadable: the estimate says why later)."""
-    if plan.profiles is None:
-        return None
-    try:
-        return calibrated_cores(spec, plan, load_profiles(plan.profiles), machine_cores)
-    except (InferlineError, OSError, ValueError):
-        return None
+    return Target(address, name, plan, spec, decisions, (up or {}).get("tuner"), protocol, shared, router_pid, metrics)
 
 
 async def entry_inputs(target: Target) -> list[TensorSpec]:
@@ -701,8 +664,8 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
         fit = r.get("effective_cores")
         if fit is not None:
             caption += (
-                f", the replicas sharing {fit['cores']:g} effective cores of {fit['of']:g} (fitted to how crowding "
-                f"slowed this run's calls)"
+                f"; how crowding slowed this run's calls follows the sharing rule best with {fit['cores']:g} "
+                f"of the {fit['of']:g} cores (`--cores {fit['cores']:g}` estimates with them)"
             )
         if not r.get("errors") and drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
             caption += " (the servers no longer match their profiles: `inferline calibrate` rewrites them)"

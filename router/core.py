@@ -408,7 +408,7 @@ class _Worker:
             else:
                 self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
-        self._call = self.router._call_started(stage.name)
+        self._call = self.router._call_started(stage.name, after_idle=not back_to_back)
         return started
 
     def _failed(self, batch: list[_Item], started: float, exc: Exception) -> None:
@@ -867,8 +867,8 @@ class PipelineRouter:
         router adds to each batch's service time beyond the call itself."""
         return {s.name: self._metrics.mean_dispatch_ms(s.name) for s in self._stages}
 
-    def _call_started(self, stage: str) -> CallToken:
-        call = self._crowding.started()
+    def _call_started(self, stage: str, after_idle: bool) -> CallToken:
+        call = self._crowding.started(after_idle)
         self._metrics.observe_concurrency(stage, call.under_way)
         return call
 

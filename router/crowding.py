@@ -7,7 +7,9 @@ router measured (`effective_cores`). The rule's slowdown is not linear in the co
 count at its start, or its mean count, would not tell the rule's slowdown over it: each call keeps
 the seconds it spent with 1, 2, ... calls under way (itself included), from a running total of the
 seconds at each count read at its start and its end. Calls are grouped by their mean count (to the
-nearest half call), so that groups crowded more and less can be set against each other.
+nearest half call), so that groups crowded more and less can be set against each other, and apart
+by whether the replica sat idle before them: such a call also takes what the idle gap added (a
+profile's after_idle term), and those fall mostly on calls alone, the back-to-back ones in bursts.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class CallToken:
     started: float
     under_way: int
     """Calls under way as it started, itself included."""
+    after_idle: bool
+    """Whether its replica sat idle before it (not back to back)."""
     seconds_at: tuple[float, ...]
     """Seconds so far with each count of calls under way (index: the count, the last: that or more)."""
 
@@ -68,8 +72,9 @@ class CallCrowding:
         self._under_way = 0
         self._seconds_at = [0.0] * (MAX_CROWD + 1)
         self._since = clock()
-        self._calls = {s: [0] * _BINS for s in stages}
-        self._seconds = {s: [[0.0] * (MAX_CROWD + 1) for _ in range(_BINS)] for s in stages}
+        # [after idle][group]: calls, and seconds at each count
+        self._calls = {s: [[0] * _BINS, [0] * _BINS] for s in stages}
+        self._seconds = {s: [[[0.0] * (MAX_CROWD + 1) for _ in range(_BINS)] for _ in range(2)] for s in stages}
         self.created = time.time()
 
     @property
@@ -83,11 +88,11 @@ class CallCrowding:
         self._seconds_at[min(self._under_way, MAX_CROWD)] += now - self._since
         self._since = now
 
-    def started(self) -> CallToken:
+    def started(self, after_idle: bool = True) -> CallToken:
         with self._lock:
             self._advance()
             self._under_way += 1
-            return CallToken(self._since, self._under_way, tuple(self._seconds_at))
+            return CallToken(self._since, self._under_way, after_idle, tuple(self._seconds_at))
 
     def ended(self, stage: str, token: CallToken, answered: bool = True) -> None:
         """The call ended; only an answered call is counted (a failed one's time is no service time)."""
@@ -99,20 +104,21 @@ class CallCrowding:
             spent = [now - then for now, then in zip(self._seconds_at, token.seconds_at, strict=True)]
             length = sum(spent)
             mean = sum(n * t for n, t in enumerate(spent)) / length if length > 0 else float(token.under_way)
-            index = _bin_index(mean)
-            self._calls[stage][index] += 1
-            row = self._seconds[stage][index]
+            index, idle = _bin_index(mean), int(token.after_idle)
+            self._calls[stage][idle][index] += 1
+            row = self._seconds[stage][idle][index]
             for n, t in enumerate(spent):
                 row[n] += t
 
-    def counts(self, stage: str) -> dict[float, CrowdedGroup]:
-        """Group -> its calls so far, for the stage (groups with calls only)."""
+    def counts(self, stage: str) -> dict[tuple[float, bool], CrowdedGroup]:
+        """(group, after idle) -> its calls so far, for the stage (groups with calls only)."""
         with self._lock:
-            calls = list(self._calls[stage])
-            seconds = [list(row) for row in self._seconds[stage]]
+            calls = [list(row) for row in self._calls[stage]]
+            seconds = [[list(row) for row in rows] for rows in self._seconds[stage]]
         return {
-            1.0 + i * BIN_WIDTH: CrowdedGroup(n, {k: t for k, t in enumerate(seconds[i]) if t > 0})
-            for i, n in enumerate(calls)
+            (1.0 + i * BIN_WIDTH, bool(idle)): CrowdedGroup(n, {k: t for k, t in enumerate(seconds[idle][i]) if t > 0})
+            for idle in (0, 1)
+            for i, n in enumerate(calls[idle])
             if n
         }
 
@@ -128,20 +134,24 @@ class CrowdingCollector(Collector):
             "grouped by the mean number of replica calls under way in the pipeline over each call, itself "
             f"included, to the nearest {BIN_WIDTH:g} ({MAX_CROWD}: that or more)"
         )
+        grouped += ", and by whether the replica sat idle before the call"
         calls = CounterMetricFamily(
-            "inferline_router_crowded_calls", f"Replica calls answered, {grouped}", labels=["stage", "mean_under_way"]
+            "inferline_router_crowded_calls",
+            f"Replica calls answered, {grouped}",
+            labels=["stage", "mean_under_way", "after_idle"],
         )
         seconds = CounterMetricFamily(
             "inferline_router_crowded_call_seconds",
             f"Seconds those calls spent with each number of calls under way ({MAX_CROWD}: that or more), {grouped}: "
             "where it exceeds the cores the replicas share, they slow each other down",
-            labels=["stage", "mean_under_way", "under_way"],
+            labels=["stage", "mean_under_way", "after_idle", "under_way"],
         )
         created = self._crowding.created
         for stage in self._stages:
-            for crowd, group in self._crowding.counts(stage).items():
-                calls.add_metric([stage, f"{crowd:g}"], group.calls, created=created)
+            for (crowd, idle), group in self._crowding.counts(stage).items():
+                labels = [stage, f"{crowd:g}", "true" if idle else "false"]
+                calls.add_metric(labels, group.calls, created=created)
                 for n, t in group.seconds_at.items():
-                    seconds.add_metric([stage, f"{crowd:g}", str(n)], t, created=created)
+                    seconds.add_metric([*labels, str(n)], t, created=created)
         yield calls
         yield seconds

@@ -28,14 +28,14 @@ def test_a_call_keeps_the_seconds_at_each_count_and_is_grouped_by_their_mean() -
     crowding = CallCrowding(["a", "b"], clock=clock)
     first = crowding.started()  # t=0: alone
     clock.now = 1.0
-    second = crowding.started()  # t=1: two under way
+    second = crowding.started(after_idle=False)  # t=1: two under way; its replica went on back to back
     assert (first.under_way, second.under_way) == (1, 2)
     clock.now = 2.0
     crowding.ended("b", second)  # its whole second with two under way
     clock.now = 4.0
     crowding.ended("a", first)  # 1 s alone, 1 s with two, 2 s alone: mean 5/4, a tie: up to 1.5
-    assert crowding.counts("b") == {2.0: CrowdedGroup(1, {2: 1.0})}
-    assert crowding.counts("a") == {1.5: CrowdedGroup(1, {1: 3.0, 2: 1.0})}
+    assert crowding.counts("b") == {(2.0, False): CrowdedGroup(1, {2: 1.0})}
+    assert crowding.counts("a") == {(1.5, True): CrowdedGroup(1, {1: 3.0, 2: 1.0})}
     assert crowding.under_way == 0
     clock.now = 5.0
     third = crowding.started()
@@ -45,8 +45,11 @@ def test_a_call_keeps_the_seconds_at_each_count_and_is_grouped_by_their_mean() -
     crowding.ended("a", fourth)  # all its half second with two under way
     crowding.ended("a", third)  # half alone, half with two
     crowding.ended("b", crowding.started())  # of no length: grouped as it started, alone
-    assert crowding.counts("a") == {1.5: CrowdedGroup(2, {1: 3.5, 2: 1.5}), 2.0: CrowdedGroup(1, {2: 0.5})}
-    assert crowding.counts("b") == {1.0: CrowdedGroup(1, {}), 2.0: CrowdedGroup(1, {2: 1.0})}
+    assert crowding.counts("a") == {
+        (1.5, True): CrowdedGroup(2, {1: 3.5, 2: 1.5}),
+        (2.0, True): CrowdedGroup(1, {2: 0.5}),
+    }
+    assert crowding.counts("b") == {(1.0, True): CrowdedGroup(1, {}), (2.0, False): CrowdedGroup(1, {2: 1.0})}
 
 
 def test_a_failed_call_leaves_the_count_but_is_not_grouped() -> None:
@@ -111,4 +114,6 @@ def test_the_router_groups_every_answered_call_with_its_seconds() -> None:
         assert abs(sum(sum(at.values()) for _, at in crowded.values()) - seconds) < 0.02 * seconds
         assert max(c for _, at in crowded.values() for c in at) <= 3  # three replicas: never more under way
     # 60 queries queued at once: most of a's calls overlapped another
-    assert sum(n for k, (n, _) in live["a"].crowded.items() if k >= 1.5) > live["a"].call_count / 2
+    assert sum(n for (k, _), (n, _) in live["a"].crowded.items() if k >= 1.5) > live["a"].call_count / 2
+    # Calls queued behind others went back to back; the first of each replica did not.
+    assert {idle for _, idle in live["a"].crowded} == {True, False}
