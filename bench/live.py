@@ -111,8 +111,9 @@ def _with_measured_routes(spec: Any) -> Any:
 def fidelity(console: Console) -> list[dict[str, Any]]:
     """Each pipeline as users run it: `inferline up` (the router in its own process) and
     `inferline replay` (the load generator in another), twice: planned from the offline profiles,
-    then, after `inferline calibrate` rewrote them from the router's metrics of the quietest of
-    those replays (the least CPU taken by the hypervisor, as the calibrate command advises), planned
+    then, after `inferline calibrate` rewrote them from the router's metrics of all those replays
+    where the hypervisor took under 2% of the CPU during each, else of the quietest (as the
+    calibrate command advises; `_calibration_window`), planned
     and replayed again with the calibrated profiles. Where the calibrated plan is the same plan,
     the second replays run at once on the same deployment, as a user would replay after
     recalibrating; a second deployment would put a minute of the machine's drift between the
@@ -128,10 +129,10 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
             state = _up(first, Path(tmp) / "deployed")
             try:
                 offline = _replays(first, trace, state, Path(tmp) / "offline", console, f"{name}, offline profiles")
-                source = min(offline, key=lambda r: r["machine_stolen"] if r["machine_stolen"] is not None else 1.0)
+                first_source, source = _calibration_window(offline)
                 calibrated_dir = Path(tmp) / "calibrated"
                 calibrate = [*cli, "calibrate", source["plan_path"], "--metrics", source["metrics_path"]]
-                calibrate += ["--since", source["metrics_before_path"]]  # that replay's calls only
+                calibrate += ["--since", first_source["metrics_before_path"]]  # those replays' calls only
                 calibrate += ["--cores", str(available_cores())]  # the run's replicas shared this machine
                 calibrate += ["--out", str(calibrated_dir)]
                 subprocess.run(calibrate, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -149,10 +150,21 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
             "pipeline": name, "trace": trace,
             "probabilities": {s.name: s.probability for s in spec.stages if s.after},
             "offline": _public(offline[0]), "calibrated": _public(calibrated[0]) | {"redeployed": redeployed},
-            "calibrated_from_replay": offline.index(source) + 1,
+            "calibrated_from_replays": [offline.index(first_source) + 1, offline.index(source) + 1],
             "offline_again": [_brief(r) for r in offline[1:]], "calibrated_again": [_brief(r) for r in calibrated[1:]],
         })  # fmt: skip
     return rows
+
+
+def _calibration_window(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The first and last replay whose router metrics to calibrate from: all of them where the
+    hypervisor took under `STOLEN_WARN` during each (their calls pooled: a replay's speed drifts from
+    the next one's on this VM, and three replays' calls average more of it), else the quietest alone."""
+    stolen = [r["machine_stolen"] if r["machine_stolen"] is not None else 1.0 for r in runs]
+    if max(stolen) < STOLEN_WARN:
+        return runs[0], runs[-1]
+    quietest = runs[stolen.index(min(stolen))]
+    return quietest, quietest
 
 
 def _replays(plan: Any, trace: str, state: Path, where: Path, console: Console, what: str) -> list[dict[str, Any]]:
@@ -252,7 +264,7 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
             else "; no estimate from the run's own service times"
         )
         + (
-            f" (the run's calls fitted {run['effective_cores']['cores']:g} effective cores)"
+            f" (the sharing rule follows the run's crowded calls best with {run['effective_cores']['cores']:g} cores)"
             if run.get("effective_cores")
             else ""
         )
@@ -566,7 +578,9 @@ def _print(console: Console, results: dict[str, Any]) -> None:
         for kind in ("offline", "calibrated"):
             runs = [row[kind], *row.get(f"{kind}_again", [])]
             every += runs
-            source = f" (from offline replay {row.get('calibrated_from_replay', 1)})" if kind == "calibrated" else ""
+            first, last = row.get("calibrated_from_replays", [row.get("calibrated_from_replay", 1)] * 2)
+            replays = f"replay {first}" if first == last else f"replays {first}-{last}"
+            source = f" (from offline {replays})" if kind == "calibrated" else ""
             console.print(
                 f"{row['pipeline']} {kind}{source}, estimate − measured over measured in {len(runs)} replays: "
                 + ", ".join(_signed_error(r) for r in runs)

@@ -16,13 +16,16 @@ traffic never reached, and a size seen a few times weighs only as much as its ca
 Where the replicas shared a machine's cores (`cores`), a call measured live was also slowed by the
 calls running beside it. Calibrating that into the profile would count it twice once the
 prediction shares the cores itself (`planner/shared_cores.py`), so the call part is divided by
-the stage's mean slowdown c under the same sharing rule, from the router's histogram of calls
-under way when each call started (inferline_router_concurrent_calls):
+the stage's mean slowdown c under the same sharing rule:
 
-    calibrated(n) = profiled(n) * r / c + d,   c = mean over calls of 1 + u * (max(1, D / cores) - 1)
+    calibrated(n) = profiled(n) * r / c + d,   c = live seconds / the same seconds' work by the rule
 
-where u is the model's share of a call spent on a core (its profile's server CPU time; 1 where
-not measured) and D the cores the calls under way demanded: k calls at the pipeline's mean share.
+the work of a second with k calls under way being 1 / (1 + u * (max(1, D / cores) - 1)), where u is
+the model's share of a call spent on a core (its profile's server CPU time; 1 where not measured)
+and D the cores the calls under way demanded: k calls at the pipeline's mean share. The router
+keeps each call's seconds at each count (inferline_router_crowded_call_seconds); from a router
+without them, c is the mean of the rule's slowdown at the count each call started with
+(inferline_router_concurrent_calls).
 The profile's CPU time is scaled by r / c with the call part, so its share of a call stays as
 profiled, apart from d (router time, in which the server computes nothing).
 
@@ -350,14 +353,14 @@ def calibrate_profiles(
         contention = 1.0
         if cores is not None:
             share = shares[(model, hardware)]
+            # Over each call's seconds at each count where the router kept them; else from the count
+            # at each call's start (a router from before it).
             over_calls = crowding_slowdown(_crowded_calls(stages, share, live), mean_share, cores)
-            under_way: dict[float, int] = {}
-            for s in stages:
-                for k, c in (live[s].concurrency if s in live else {}).items():
-                    under_way[k] = under_way.get(k, 0) + c
-            # The seconds at each count over the calls where the router kept them; else the count at
-            # each call's start (a router from before it).
-            contention = over_calls if over_calls is not None else mean_slowdown(under_way, share, mean_share, cores)
+            contention = (
+                over_calls
+                if over_calls is not None
+                else mean_slowdown(_under_way_at_start(stages, live), share, mean_share, cores)
+            )
         extra_s, tau_s = profile.after_idle_s(hardware)
         gaps = [live[s].idle_gaps for s in stages if s in live]
         keep_term = all(g is not None for g in gaps)
@@ -382,6 +385,15 @@ def effective_cores(
     groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
     crowded = [_crowded_calls(stages, shares[key], live) for key, stages in groups.items()]
     return fit_cores(crowded, mean_share, cores)
+
+
+def _under_way_at_start(stages: list[str], live: Mapping[str, LiveStage]) -> dict[float, int]:
+    """Calls under way as each call of these stages started -> how many calls, pooled."""
+    under_way: dict[float, int] = {}
+    for s in stages:
+        for k, c in (live[s].concurrency if s in live else {}).items():
+            under_way[k] = under_way.get(k, 0) + c
+    return under_way
 
 
 def _crowded_calls(stages: list[str], share: float, live: Mapping[str, LiveStage]) -> CrowdedCalls:

@@ -412,8 +412,8 @@ def estimate_from_run(
     if profiles is None:
         profiles = load_profiles(plan.profiles)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
-    fit = effective_cores(spec, plan, profiles, live, target.cores) if target.cores is not None else None
     cores = target.cores
+    fit = effective_cores(spec, plan, profiles, live, cores) if cores is not None else None
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
     if all(c.ratio is None for c in done):
         return None, fit
