@@ -70,6 +70,8 @@ class CallCrowding:
         self._clock = clock
         self._lock = threading.Lock()
         self._under_way = 0
+        self._highest = 0
+        """The most calls ever under way (up to the last count): no call spent time above it."""
         self._seconds_at = [0.0] * (MAX_CROWD + 1)
         self._since = clock()
         # [after idle][group]: calls, and seconds at each count
@@ -92,6 +94,7 @@ class CallCrowding:
         with self._lock:
             self._advance()
             self._under_way += 1
+            self._highest = max(self._highest, min(self._under_way, MAX_CROWD))
             return CallToken(self._since, self._under_way, after_idle, tuple(self._seconds_at))
 
     def ended(self, stage: str, token: CallToken, answered: bool = True) -> None:
@@ -101,14 +104,17 @@ class CallCrowding:
             self._under_way -= 1
             if not answered:
                 return
-            spent = [now - then for now, then in zip(self._seconds_at, token.seconds_at, strict=True)]
+            # Only counts up to the most ever under way can hold time (a few on a small deployment).
+            now_at, then_at = self._seconds_at, token.seconds_at
+            spent = [now_at[n] - then_at[n] for n in range(self._highest + 1)]
             length = sum(spent)
             mean = sum(n * t for n, t in enumerate(spent)) / length if length > 0 else float(token.under_way)
             index, idle = _bin_index(mean), int(token.after_idle)
             self._calls[stage][idle][index] += 1
             row = self._seconds[stage][idle][index]
             for n, t in enumerate(spent):
-                row[n] += t
+                if t:
+                    row[n] += t
 
     def counts(self, stage: str) -> dict[tuple[float, bool], CrowdedGroup]:
         """(group, after idle) -> its calls so far, for the stage (groups with calls only)."""
