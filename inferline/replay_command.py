@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -438,13 +438,7 @@ def fit_record(fit: CoreFit | None) -> dict[str, Any] | None:
     """The effective cores fitted to a run, for its results (None: no fit)."""
     if fit is None:
         return None
-    return {
-        "cores": fit.cores,
-        "of": fit.of,
-        "calls": fit.calls,
-        "error": round(fit.error, 4),
-        "error_at_machine": round(fit.error_at_machine, 4),
-    }
+    return asdict(fit) | {"error": round(fit.error, 4), "error_at_machine": round(fit.error_at_machine, 4)}
 
 
 def no_estimate(why: str) -> dict[str, Any]:

@@ -33,9 +33,8 @@ _BINS = round((MAX_CROWD - 1) / BIN_WIDTH) + 1
 
 @dataclass(frozen=True)
 class CallToken:
-    """What a call's start left for its end: when, the count then, and the running totals."""
+    """What a call's start left for its end: the count then, and the running totals."""
 
-    started: float
     under_way: int
     """Calls under way as it started, itself included."""
     after_idle: bool
@@ -95,7 +94,7 @@ class CallCrowding:
             self._advance()
             self._under_way += 1
             self._highest = max(self._highest, min(self._under_way, MAX_CROWD))
-            return CallToken(self._since, self._under_way, after_idle, tuple(self._seconds_at))
+            return CallToken(self._under_way, after_idle, tuple(self._seconds_at))
 
     def ended(self, stage: str, token: CallToken, answered: bool = True) -> None:
         """The call ended; only an answered call is counted (a failed one's time is no service time)."""
