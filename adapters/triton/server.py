@@ -60,9 +60,19 @@ def find_install() -> TritonInstall:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """Distinct free ports: all held open together while choosing, since the kernel may hand back a port
+    just closed, and Triton refuses to start (printing its usage) when two services share one."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return tuple(ports)
 
 
 def server_env(install: TritonInstall) -> dict[str, str]:
@@ -139,7 +149,7 @@ class EmbeddedTriton:
         backends = prepare_backends(install, self.workdir)
         started = time.perf_counter()
         for attempt in range(3):  # a free port can be taken between choosing and binding it
-            self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+            self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
             self._spawn(install, backends)
             try:
                 self._wait_ready()
@@ -205,7 +215,8 @@ class EmbeddedTriton:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        errors = [t for t in text if t.startswith("E") or "error" in t.lower()]
+        # Indented lines are Triton's usage text (printed when an option is refused); the reason follows it.
+        errors = [t for t in text if not t[:1].isspace() and (t.startswith("E") or "error" in t.lower())]
         return " | ".join((errors or text)[-lines:])
 
     def stop(self, keep_workdir: bool = False) -> None:
