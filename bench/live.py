@@ -178,7 +178,7 @@ def _replays(plan: Any, trace: str, state: Path, where: Path, console: Console, 
 
 
 def _brief(run: dict[str, Any]) -> dict[str, Any]:
-    keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen", "effective_cores")
+    keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen", "interference")
     return {k: run[k] for k in keep}
 
 
@@ -231,7 +231,7 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
         "estimated_with_own_live_p99_ms": with_own,
         "error_with_own_live": abs(with_own - meas) / meas if with_own and meas else None,
         "errors": result["errors"], "mean_batch": _mean_batch_of(live), "core_warning": core_shortfall(plan),
-        "machine_stolen": result.get("machine_stolen"), "effective_cores": result.get("effective_cores"),
+        "machine_stolen": result.get("machine_stolen"), "interference": result.get("interference"),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path), "metrics_before_path": str(metrics_before_path),
@@ -264,8 +264,10 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
             else "; no estimate from the run's own service times"
         )
         + (
-            f" (the sharing rule follows the run's crowded calls best with {run['effective_cores']['cores']:g} cores)"
-            if run.get("effective_cores")
+            " (interference per core's worth of calls beside: "
+            + ", ".join(f"{m} +{f['interference']:.0%}" for m, f in run["interference"].items())
+            + ")"
+            if run.get("interference")
             else ""
         )
         + (

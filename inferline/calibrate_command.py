@@ -11,13 +11,11 @@ from rich.table import Table
 from inferline.calibration import (
     Calibration,
     calibrate_profiles,
-    effective_cores,
     hypervisor_took,
     live_stages,
     read_metrics,
     stolen_share,
 )
-from inferline.effective_cores import CoreFit
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
 from inferline.profiles import load_profiles, require_profiles, write_profile
@@ -65,7 +63,6 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
             f"(--max-stolen {args.max_stolen:g}): no profile written",
             "replay again when the machine is quieter, and calibrate from that replay (--since)",
         )
-    fit = effective_cores(spec, plan, profiles, live, cores) if cores is not None else None
     calibrated, done = calibrate_profiles(spec, plan, profiles, live, args.min_calls, cores)
     if all(c.ratio is None for c in done):
         raise InferlineError(
@@ -76,7 +73,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         write_profile(profile, args.out)
     console.print(calibration_table(done))
     if cores is not None:
-        console.print(cores_line(fit, cores))
+        console.print(interference_line(done, cores))
     slowed = hypervisor_took(stolen, "while these calls were measured")
     if slowed is not None:
         console.print(
@@ -87,14 +84,20 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cores_line(fit: CoreFit | None, cores: float) -> str:
-    """How crowding slowed the calls, set against the sharing rule on the machine's cores."""
-    if fit is None:
-        return f"shared cores: {cores:g} (the calls did not crowd enough to tell how many they effectively had)"
+def interference_line(done: tuple[Calibration, ...], cores: float) -> str:
+    """How much calls beside them slowed each model's calls on the shared cores, as fitted."""
+    fitted = [c for c in done if c.interference is not None]
+    if not fitted:
+        return f"shared cores: {cores:g} (the calls did not crowd enough to tell how much they slowed each other)"
+    each = "; ".join(
+        f"{c.model} +{c.interference.interference:.0%} (spread {c.interference.error:.1%}, "
+        f"{c.interference.error_without:.1%} without)"
+        for c in fitted
+        if c.interference is not None
+    )
     return (
-        f"shared cores: {cores:g}; how crowding slowed {fit.calls} calls follows the sharing rule best with "
-        f"{fit.cores:g} (spread {fit.error:.1%}, {fit.error_at_machine:.1%} with {cores:g}). Estimates share "
-        f"{cores:g}; `--cores {fit.cores:g}` on replay or simulate estimates with the fit"
+        f"shared cores: {cores:g}; per core's worth of calls computing beside them, a call took longer by: {each}. "
+        "Recorded in the profiles as their interference, which estimates on shared cores use"
     )
 
 

@@ -20,12 +20,13 @@ the stage's mean slowdown c under the same sharing rule:
 
     calibrated(n) = profiled(n) * r / c + d,   c = live seconds / the same seconds' work by the rule
 
-the work of a second with k calls under way being 1 / (1 + u * (max(1, D / cores) - 1)), where u is
-the model's share of a call spent on a core (its profile's server CPU time; 1 where not measured)
-and D the cores the calls under way demanded: k calls at the pipeline's mean share. The router
-keeps each call's seconds at each count (inferline_router_crowded_call_seconds); from a router
-without them, c is the mean of the rule's slowdown at the count each call started with
-(inferline_router_concurrent_calls).
+the work of a second with k calls under way being 1 / (1 + u * (max(max(1, D / cores), 1 + g * (D - u))
+- 1)), where u is the model's share of a call spent on a core (its profile's server CPU time; 1 where
+not measured), D the cores the calls under way demanded (k calls at the pipeline's mean share) and g
+the model's interference (`inferline/interference.py`), fitted to the same calls and recorded in the
+calibrated profile (where they cannot tell, the profile's stays). The router keeps each call's seconds
+at each count (inferline_router_crowded_call_seconds); from a router without them, c is the mean of
+the rule's slowdown at the count each call started with (inferline_router_concurrent_calls).
 The profile's CPU time is scaled by r / c with the call part, so its share of a call stays as
 profiled, apart from d (router time, in which the server computes nothing).
 
@@ -54,11 +55,11 @@ from typing import Any
 
 import numpy as np
 
-from inferline.effective_cores import CoreFit, CrowdedCalls, crowding_slowdown, fit_cores
 from inferline.errors import InferlineError
+from inferline.interference import CrowdedCalls, InterferenceFit, crowding_slowdown, fit_interference
 from inferline.plan import Plan
 from inferline.planner.kernel import after_idle_s
-from inferline.planner.shared_cores import crowd_of, slowdown
+from inferline.planner.shared_cores import call_slowdown
 from inferline.process_cpu import MachineCpu
 from inferline.profiles import BatchPoint, LatencyStats, ModelProfile
 from inferline.spec import PipelineSpec
@@ -98,7 +99,7 @@ class LiveStage:
     crowded: Mapping[tuple[float, bool], tuple[int, Mapping[int, float]]] = field(default_factory=dict)
     """The stage's answered calls grouped by their mean count of calls under way in the pipeline and
     whether the replica sat idle before them -> (calls, count under way -> seconds they spent with
-    it): how crowding slowed them (`router/crowding.py`, `effective_cores`). Empty: not in the metrics."""
+    it): how crowding slowed them (`router/crowding.py`, `inferline/interference.py`). Empty: not in the metrics."""
 
     @property
     def call_count(self) -> int:
@@ -118,6 +119,8 @@ class Calibration:
     """Mean slowdown of the live calls by calls beside them on shared cores (1: none, or not asked)."""
     woken_ms: float = 0.0
     """Mean latency per call that idle gaps added (the profile's after_idle term), taken out of r."""
+    interference: InterferenceFit | None = None
+    """The model's interference fitted to its crowded calls (None: not asked, or they cannot tell)."""
 
 
 def read_metrics(source: str) -> str:
@@ -350,16 +353,23 @@ def calibrate_profiles(
             continue
         live_total = sum(ms * c for _, ms, c in observed)
         profiled_total = sum(float(np.interp(n, sizes, means)) * c for n, _, c in observed)
-        contention = 1.0
+        contention, fit = 1.0, None
         if cores is not None:
             share = shares[(model, hardware)]
+            crowded = _crowded_calls(stages, share, live)
+            fit = fit_interference(crowded, mean_share, cores)
+            if fit is not None:
+                profile = profile.model_copy(
+                    update={"interference": {**profile.interference, hardware: fit.interference}}
+                )
+            g = profile.interference.get(hardware, 0.0)
             # Over each call's seconds at each count where the router kept them; else from the count
             # at each call's start (a router from before it).
-            over_calls = crowding_slowdown(_crowded_calls(stages, share, live), mean_share, cores)
+            over_calls = crowding_slowdown(crowded, mean_share, cores, g)
             contention = (
                 over_calls
                 if over_calls is not None
-                else mean_slowdown(_under_way_at_start(stages, live), share, mean_share, cores)
+                else mean_slowdown(_under_way_at_start(stages, live), share, mean_share, cores, g)
             )
         extra_s, tau_s = profile.after_idle_s(hardware)
         gaps = [live[s].idle_gaps for s in stages if s in live]
@@ -369,22 +379,10 @@ def calibrate_profiles(
         woken = min(woken, 0.9 * live_total / contention)
         ratio = (live_total - contention * woken) / profiled_total
         out[model] = _scaled(profile, hardware, ratio, dispatch_ms, calls, contention, woken / calls, keep_term)
-        done.append(Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls))
+        done.append(
+            Calibration(model, hardware, tuple(stages), calls, ratio, dispatch_ms, contention, woken / calls, fit)
+        )
     return out, tuple(done)
-
-
-def effective_cores(
-    spec: PipelineSpec,
-    plan: Plan,
-    profiles: Mapping[str, ModelProfile],
-    live: Mapping[str, LiveStage],
-    cores: float,
-) -> CoreFit | None:
-    """The cores that replicas sharing `cores` cores effectively had, fitted to how crowding slowed
-    their calls (`effective_cores`); None where the metrics cannot tell."""
-    groups, shares, mean_share = _groups_and_shares(spec, plan, profiles, live)
-    crowded = [_crowded_calls(stages, shares[key], live) for key, stages in groups.items()]
-    return fit_cores(crowded, mean_share, cores)
 
 
 def _under_way_at_start(stages: list[str], live: Mapping[str, LiveStage]) -> dict[float, int]:
@@ -422,7 +420,9 @@ def _groups_and_shares(
     return groups, shares, mean_share
 
 
-def mean_slowdown(under_way: Mapping[float, int], share: float, mean_share: float, cores: float) -> float:
+def mean_slowdown(
+    under_way: Mapping[float, int], share: float, mean_share: float, cores: float, interference: float = 0.0
+) -> float:
     """Mean slowdown of calls that started with k calls under way (itself included), by the sharing rule.
 
     The call itself demands `share` of a core, each of the others the pipeline's `mean_share`.
@@ -431,7 +431,8 @@ def mean_slowdown(under_way: Mapping[float, int], share: float, mean_share: floa
     if total == 0:
         return 1.0
     slowed = sum(
-        count * slowdown(share, crowd_of(share + (k - 1) * mean_share, cores)) for k, count in under_way.items()
+        count * call_slowdown(share, interference, share + (k - 1) * mean_share, cores)
+        for k, count in under_way.items()
     )
     return slowed / total
 

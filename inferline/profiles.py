@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -13,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inferline.errors import ProfileError, did_you_mean
 from inferline.validation import parse
+
+T = TypeVar("T")
 
 
 class LatencyStats(BaseModel):
@@ -64,12 +68,21 @@ class ModelProfile(BaseModel):
     after_idle: dict[str, AfterIdle] = Field(
         default_factory=dict, description="Per hardware type, the latency a call adds after its replica sat idle."
     )
+    interference: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per hardware type, how much each core's worth of other calls computing beside a call on "
+        "shared cores slows it (planner/shared_cores.py; fitted to a live run by calibrate).",
+    )
 
     @model_validator(mode="after")
     def _increasing_batches(self) -> ModelProfile:
-        for hw in self.after_idle:
-            if hw not in self.profiles:
-                raise ValueError(f"after_idle names hardware {hw!r}, which has no batch sizes in 'profiles'")
+        for field, by_hw in (("after_idle", self.after_idle), ("interference", self.interference)):
+            for hw in by_hw:
+                if hw not in self.profiles:
+                    raise ValueError(f"{field} names hardware {hw!r}, which has no batch sizes in 'profiles'")
+        for hw, g in self.interference.items():
+            if not 0.0 <= g < math.inf:
+                raise ValueError(f"interference on {hw!r} must be finite and >= 0, got {g}")
         for hw, points in self.profiles.items():
             if not points:
                 raise ValueError(f"hardware {hw!r} has no batch sizes")
@@ -177,15 +190,25 @@ def require_profiles(models: list[str], profiles: Mapping[str, ModelProfile]) ->
 
 def merge_profiles(old: ModelProfile, new: ModelProfile) -> ModelProfile:
     """`old` with the hardware types of `new` replaced (profiling one hardware keeps the others)."""
-    kept = {hw: a for hw, a in old.after_idle.items() if hw not in new.profiles}
-    return new.model_copy(update={"profiles": {**old.profiles, **new.profiles}, "after_idle": kept | new.after_idle})
+
+    def kept(by_hw: Mapping[str, T]) -> dict[str, T]:
+        return {hw: v for hw, v in by_hw.items() if hw not in new.profiles}
+
+    return new.model_copy(
+        update={
+            "profiles": {**old.profiles, **new.profiles},
+            "after_idle": kept(old.after_idle) | new.after_idle,
+            "interference": kept(old.interference) | new.interference,
+        }
+    )
 
 
 def profile_document(profile: ModelProfile) -> dict[str, object]:
-    """The profile as JSON data (README, "Profile"), without an empty `after_idle`."""
+    """The profile as JSON data (README, "Profile"), without an empty `after_idle` or `interference`."""
     data = profile.model_dump(mode="json", exclude_none=True)
-    if not data.get("after_idle"):
-        data.pop("after_idle", None)
+    for optional in ("after_idle", "interference"):
+        if not data.get(optional):
+            data.pop(optional, None)
     return data
 
 

@@ -26,7 +26,6 @@ from inferline.calibration import (
     LiveStage,
     calibrate_profiles,
     calibration_record,
-    effective_cores,
     hypervisor_took,
     live_stages,
     read_metrics,
@@ -34,9 +33,9 @@ from inferline.calibration import (
     with_ms_per_call,
 )
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
-from inferline.effective_cores import CoreFit
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
+from inferline.interference import InterferenceFit
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
 from inferline.process_cpu import MachineCpu, machine_cpu, process_cpu_s
@@ -393,12 +392,12 @@ def estimate_from_run(
     startup_s: float | None = None,
     visits: NDArray[np.bool_] | None = None,
     profiles: Mapping[str, ModelProfile] | None = None,
-) -> tuple[float | None, CoreFit | None]:
+) -> tuple[float | None, dict[str, InterferenceFit]]:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
     no plan with profiles or the run measured too few calls; and where the replicas shared cores,
-    the cores the sharing rule follows this run's crowded calls best with (`effective_cores`; None
-    where the metrics cannot tell), for the user to set beside the machine's. A tuned run is
+    per model, its interference fitted to this run's crowded calls where the replicas shared cores
+    and the calls can tell (`inferline/interference.py`, used in the estimate). A tuned run is
     simulated closed-loop with its tuner and `startup_s`, as its estimate was; `visits` are the
     conditional edges taken, `profiles` the plan's where the caller has read them already.
 
@@ -408,15 +407,15 @@ def estimate_from_run(
     """
     plan, spec = target.plan, target.spec
     if plan is None or spec is None or plan.profiles is None or not live:
-        return None, None
+        return None, {}
     if profiles is None:
         profiles = load_profiles(plan.profiles)
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
     cores = target.cores
-    fit = effective_cores(spec, plan, profiles, live, cores) if cores is not None else None
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
+    fits = {c.model: c.interference for c in done if c.interference is not None}
     if all(c.ratio is None for c in done):
-        return None, fit
+        return None, fits
     way = in_each_querys_way(cpu_s_per_query, spec, plan, own, live)
     own = with_router_work(own, spec, plan, way.in_calls_ms)  # stages called too little to calibrate
     beside = tuple(way.beside.values())
@@ -427,18 +426,19 @@ def estimate_from_run(
             spec, plan, arrivals_s, tuner, profiles=own, tick_s=LIVE_TICK_S, startup_s=startup, cores=cores,
             background_s=beside, visits=visits,
         )  # fmt: skip
-        return run.p99_s * 1000.0, fit
+        return run.p99_s * 1000.0, fits
     latencies = predicted_latencies_ms(
         spec, own, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
     )
-    return p99(latencies), fit
+    return p99(latencies), fits
 
 
-def fit_record(fit: CoreFit | None) -> dict[str, Any] | None:
-    """The effective cores fitted to a run, for its results (None: no fit)."""
-    if fit is None:
-        return None
-    return asdict(fit) | {"error": round(fit.error, 4), "error_at_machine": round(fit.error_at_machine, 4)}
+def fit_record(fits: Mapping[str, InterferenceFit]) -> dict[str, Any] | None:
+    """Each model's interference fitted to a run, for its results (None: none fitted)."""
+    return {
+        model: asdict(fit) | {"error": round(fit.error, 4), "error_without": round(fit.error_without, 4)}
+        for model, fit in sorted(fits.items())
+    } or None
 
 
 def no_estimate(why: str) -> dict[str, Any]:
@@ -509,17 +509,18 @@ def results_for(
     )
     if cpu_s_per_query:
         out["cpu_ms_per_query"] = {name: round(1000 * s, 4) for name, s in cpu_s_per_query.items()}
-    from_run, fit = None, None
+    from_run: float | None = None
+    fits: dict[str, InterferenceFit] = {}
     if live:
         try:
-            from_run, fit = estimate_from_run(
+            from_run, fits = estimate_from_run(
                 target, arrivals_s, live, measured, estimate.get("estimated_startup_s"),
                 routes[0] if routes is not None else None, planned,
             )  # fmt: skip
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
-    out["effective_cores"] = fit_record(fit)
+    out["interference"] = fit_record(fits)
     return out | estimate
 
 
@@ -655,11 +656,10 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
     from_run = r.get("estimated_from_run_p99_ms")
     if from_run is not None:
         caption += f"\nthe same estimate from this run's own service times: P99 {from_run:.1f} ms"
-        fit = r.get("effective_cores")
-        if fit is not None:
-            caption += (
-                f"; how crowding slowed this run's calls follows the sharing rule best with {fit['cores']:g} "
-                f"of the {fit['of']:g} cores (`--cores {fit['cores']:g}` estimates with them)"
+        fits = r.get("interference")
+        if fits:
+            caption += "; calls beside them slowed this run's calls, per core's worth: " + ", ".join(
+                f"{model} +{fit['interference']:.0%}" for model, fit in fits.items()
             )
         if not r.get("errors") and drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
             caption += " (the servers no longer match their profiles: `inferline calibrate` rewrites them)"

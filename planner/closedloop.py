@@ -332,7 +332,10 @@ class _SharedEngine:
         service = [o.service_s for o in options]
         shares = [o.cpu_share for o in options]
         idle = [(o.idle_extra_s, o.idle_tau_s) for o in options]
-        self.run = start_shared(model, service, shares, config, arrivals, visits, cores, background_s, idle)
+        interference = [o.interference for o in options]
+        self.run = start_shared(
+            model, service, shares, config, arrivals, visits, cores, background_s, idle, interference
+        )
         self.size = model.size
 
     def advance(self, now: float, horizon: float) -> list[_Tally]:

@@ -30,6 +30,9 @@ class HardwareOption:
     """A call after its replica sat idle for g seconds takes idle_extra_s * (1 - exp(-g / idle_tau_s))
     longer (`ModelProfile.after_idle`; 0: not measured)."""
     idle_tau_s: float = 1.0
+    interference: float = 0.0
+    """How much each core's worth of other calls computing beside a call slows it on shared cores
+    (`ModelProfile.interference`; 0: not measured)."""
 
     def service_time_s(self, batch: int) -> float:
         return float(self.service_s[batch])
@@ -84,6 +87,7 @@ def build_cost_table(model: PipelineModel, profiles: Mapping[str, ModelProfile],
                 cpu_share=profile.cpu_shares(hw, sizes[-1]),
                 idle_extra_s=extra_s,
                 idle_tau_s=tau_s,
+                interference=profile.interference.get(hw, 0.0),
             )
         if not options:
             raise ProfileError(

@@ -25,6 +25,14 @@ The rule is exact processor sharing when every share is 1; with mixed shares it 
 approximation (on one core, calls with shares 1 and 0.5 run at rates 2/3 and 0.8, using 1.07
 cores between them).
 
+Interference: calls computing side by side also slow each other below the cores' count, through
+what the cores share (a hyperthread's sibling, caches, memory bandwidth, the hypervisor): on the
+2-core bench VM the cascade's calls took 1.27 times as long with a second call under way and 1.5
+with a third, where the rule alone has no slowdown until the cores are full. A stage's
+interference g (a profile's, fitted to a live run by `inferline calibrate`) is what each core's
+worth of other calls' demand adds to its calls: each core is shared by max(crowd, 1 + g * O) of
+them, O the demand of the calls beside it. With g = 0 (the default) it is the rule above.
+
 After-idle latency as in the estimator's kernel (`kernel.after_idle_s`): a batch goes to the
 stage's replica that became idle last and takes the extra latency its idle gap adds, counted as
 part of its service alone.
@@ -64,6 +72,7 @@ def shared_core_latencies_s(
         cores,
         background_s,
         [(o.idle_extra_s, o.idle_tau_s) for o in options],
+        [o.interference for o in options],
     )
     advance_shared(run, np.inf)
     return run.latencies_s(), run.completions()
@@ -101,6 +110,8 @@ class SharedRun:
     idle_extra: NDArray[np.float64]
     """Per stage, the after-idle extra latency and its time constant (`kernel.after_idle_s`)."""
     idle_tau: NDArray[np.float64]
+    interference: NDArray[np.float64]
+    """Per stage, its interference g (module doc)."""
     max_batch: NDArray[np.int64]
     pend_time: NDArray[np.float64]
     """Replicas still starting: when each is ready, and its stage (`pend_stage`); `counts[2]` of them."""
@@ -121,7 +132,8 @@ class SharedRun:
     bg_head: NDArray[np.int64]
     bg_tail: NDArray[np.int64]
     clock: NDArray[np.float64]
-    """The time of the last event and the calls per core then (the crowd)."""
+    """The time of the last event and the cores' worth of demand then (of batches under way and
+    processes beside them at work)."""
     counts: NDArray[np.int64]
     """Batches under way, queries arrived, replicas starting."""
     busy_s: NDArray[np.float64]
@@ -216,6 +228,7 @@ def start_shared(
     cores: float,
     background_s: tuple[float, ...] = (),
     after_idle: Sequence[tuple[float, float]] = (),
+    interference: Sequence[float] = (),
 ) -> SharedRun:
     """A run of `config` over the arrivals (any order), every replica sharing `cores` cores.
 
@@ -223,11 +236,14 @@ def start_shared(
     compute-bound), at least up to the largest batch cap the run will use. `visits` as sampled by
     `sample_visits`. `background_s` as in `shared_core_latencies_s`. `after_idle[s]`: the
     stage's after-idle (extra, time constant) in seconds (none given: no extra latency).
+    `interference[s]`: the stage's interference g (module doc; none given: 0).
     """
     if not cores > 0:
         raise ValueError(f"cores must be positive, got {cores}")
     if any(not b >= 0 for b in background_s):
         raise ValueError(f"background CPU per query must be >= 0, got {background_s}")
+    if any(not 0.0 <= g < math.inf for g in interference):
+        raise ValueError(f"interference must be finite and >= 0, got {tuple(interference)}")
     if any(c.replicas < 1 for c in config):
         raise ValueError(f"every stage needs a replica, got {[c.replicas for c in config]}")
     widest = max(s.size for s in service_s)
@@ -269,6 +285,7 @@ def start_shared(
         idle_since=np.zeros((stages, slots)),  # every replica idle from time 0, as the estimator's
         idle_extra=np.array([e for e, _ in idle], dtype=np.float64),
         idle_tau=np.array([tau for _, tau in idle], dtype=np.float64),
+        interference=np.array(list(interference) or [0.0] * model.size, dtype=np.float64),
         max_batch=np.array([c.max_batch_size for c in config], dtype=np.int64),
         pend_time=np.zeros(4),
         pend_stage=np.zeros(4, dtype=np.int64),
@@ -282,7 +299,7 @@ def start_shared(
         bg_queue=np.empty((workers, n), dtype=np.int64),
         bg_head=np.zeros(workers, dtype=np.int64),
         bg_tail=np.zeros(workers, dtype=np.int64),
-        clock=np.array([0.0, 1.0]),
+        clock=np.array([0.0, 0.0]),
         counts=np.zeros(3, dtype=np.int64),
         busy_s=np.zeros(stages),
         dispatched=np.zeros(stages, dtype=np.int64),
@@ -302,7 +319,8 @@ def advance_shared(run: SharedRun, horizon_s: float) -> bool:
     finished = _advance(
         run.arrivals, run.order, run.visits, run.roots, run.children,
         run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.queue,
-        run.head, run.tail, run.free, run.idle_since, run.idle_extra, run.idle_tau, run.max_batch, run.pend_time,
+        run.head, run.tail, run.free, run.idle_since, run.idle_extra, run.idle_tau, run.interference, run.max_batch,
+        run.pend_time,
         run.pend_stage, run.act_stage,
         run.act_first, run.act_size, run.act_share, run.act_finish, run.act_retire,
         run.bg_finish, run.bg_queue, run.bg_head, run.bg_tail, run.clock, run.counts, run.busy_s, run.dispatched,
@@ -333,6 +351,14 @@ def crowd_of(demand: float, cores: float) -> float:
     if demand <= cores * (1.0 + 1e-12):
         return 1.0
     return demand / cores
+
+
+@njit(cache=True, nogil=True)
+def call_slowdown(share: float, interference: float, demand: float, cores: float) -> float:
+    """How much longer a call with this CPU share and interference takes while the calls under way
+    (itself included) and the processes at work beside them demand `demand` cores (module doc)."""
+    crowd = max(crowd_of(demand, cores), 1.0 + interference * (demand - share))
+    return slowdown(share, crowd)
 
 
 @njit(cache=True, nogil=True)
@@ -389,6 +415,7 @@ def _advance(
     idle_since: NDArray[np.float64],
     idle_extra: NDArray[np.float64],
     idle_tau: NDArray[np.float64],
+    interference: NDArray[np.float64],
     max_batch: NDArray[np.int64],
     pend_time: NDArray[np.float64],
     pend_stage: NDArray[np.int64],
@@ -425,7 +452,12 @@ def _advance(
     """
     stages, n = visits.shape
     workers = background_s.shape[0]
-    t, crowd = clock[0], clock[1]
+    t, demand = clock[0], clock[1]
+    crowd = crowd_of(demand, cores)
+    interfering = False
+    for s in range(stages):
+        if interference[s] > 0.0:
+            interfering = True
     active, arrived, pending = counts[0], counts[1], counts[2]
     finished = False
     mark = np.empty(stages, dtype=np.int64)
@@ -452,23 +484,28 @@ def _advance(
                 dispatched[s] += size
                 batches[s] += 1
         # Summed afresh at every event: adding and removing fractional shares would drift.
-        demand = 0.0
+        new_demand = 0.0
         for i in range(active):
-            demand += act_share[i]
+            new_demand += act_share[i]
         for j in range(workers):
             if bg_tail[j] > bg_head[j]:
-                demand += 1.0
-        new_crowd = crowd_of(demand, cores)
-        if new_crowd != crowd:
+                new_demand += 1.0
+        new_crowd = crowd_of(new_demand, cores)
+        # Without interference only the crowd slows calls: most events leave every finish alone.
+        if new_demand != demand and (interfering or new_crowd != crowd):
             for i in range(running):
-                left = (act_finish[i] - t) / slowdown(act_share[i], crowd)  # work left, in seconds alone
-                act_finish[i] = t + left * slowdown(act_share[i], new_crowd)
-            for j in range(workers):
-                if bg_tail[j] > bg_head[j]:
-                    bg_finish[j] = t + (bg_finish[j] - t) / crowd * new_crowd
-            crowd = new_crowd
+                g = interference[act_stage[i]]
+                before = call_slowdown(act_share[i], g, demand, cores)
+                after = call_slowdown(act_share[i], g, new_demand, cores)
+                if after != before:  # unchanged, a finish stays exactly start + service
+                    act_finish[i] = t + (act_finish[i] - t) / before * after  # work left, in seconds alone
+            if new_crowd != crowd:
+                for j in range(workers):
+                    if bg_tail[j] > bg_head[j]:
+                        bg_finish[j] = t + (bg_finish[j] - t) / crowd * new_crowd
+        demand, crowd = new_demand, new_crowd
         for i in range(running, active):
-            act_finish[i] = t + act_finish[i] * slowdown(act_share[i], crowd)
+            act_finish[i] = t + act_finish[i] * call_slowdown(act_share[i], interference[act_stage[i]], demand, cores)
         if active == 0 and arrived == n:
             queued = False
             for s in range(stages):
@@ -554,6 +591,6 @@ def _advance(
             _pass_through(arrived, 0, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_finish,
                           roots, visits, queue, tail, entered)  # fmt: skip
             arrived += 1
-    clock[0], clock[1] = t, crowd
+    clock[0], clock[1] = t, demand
     counts[0], counts[1], counts[2] = active, arrived, pending
     return finished

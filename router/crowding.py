@@ -2,8 +2,9 @@
 
 On a local deployment the replicas share a machine's few cores, and a call takes longer the more
 calls compute beside it. The sharing rule the prediction uses (`planner/shared_cores.py`) says by
-how much for a given number of cores; calibration fits the cores that make the rule match what the
-router measured (`effective_cores`). The rule's slowdown is not linear in the count, so a call's
+how much for a given number of cores and a stage's interference; calibration fits the interference
+that makes the rule match what the router measured (`inferline/interference.py`). The rule's
+slowdown is not linear in the count, so a call's
 count at its start, or its mean count, would not tell the rule's slowdown over it: each call keeps
 the seconds it spent with 1, 2, ... calls under way (itself included), from a running total of the
 seconds at each count read at its start and its end. Calls are grouped by their mean count (to the

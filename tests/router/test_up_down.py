@@ -82,8 +82,8 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
             assert sum(n for n, _ in stage.crowded.values()) == stage.call_count
             seconds = sum(ms * count for ms, count in stage.calls.values()) / 1000.0
             assert sum(sum(at.values()) for _, at in stage.crowded.values()) == pytest.approx(seconds, rel=0.02)
-        # The emulated models sleep: no crowd of them demands a core, so no effective cores are fitted.
-        assert results["effective_cores"] is None
+        # The emulated models sleep: they barely feel what they share, so no interference is fitted.
+        assert results["interference"] is None
         assert stolen_share(after.read_text(), since=before.read_text()) is not None
         calibrated = tmp_path / "calibrated"
         done = cli("calibrate", str(plan), "--metrics", str(after), "--since", str(before), "--out", str(calibrated))

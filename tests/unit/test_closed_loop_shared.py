@@ -92,11 +92,20 @@ def test_without_a_tuner_equals_the_shared_core_prediction(seed: int) -> None:
     case = make_case(seed)
     config = case.configs[0]
     cores = max(0.5, sum(c.replicas for c in config) / 3)  # crowded in bursts
-    est = Estimator(case.model, case.table, case.arrivals, math.inf, seed=seed)
+    # Every other case's stages interfere too (planner/shared_cores.py), each by its own amount.
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0.0, 0.6, len(case.table)) if seed % 2 else np.zeros(len(case.table))
+    table = tuple(
+        dataclasses.replace(
+            t, options={hw: dataclasses.replace(o, interference=float(g[s])) for hw, o in t.options.items()}
+        )
+        for s, t in enumerate(case.table)
+    )
+    est = Estimator(case.model, table, case.arrivals, math.inf, seed=seed)
     expected, _ = shared_core_latencies_s(est, config, cores, background_s=(1e-4,))
     tick = float(case.arrivals[-1] - case.arrivals[0]) / 7
     run = simulate_run(
-        case.model, case.table, config, case.arrivals, math.inf, None, tick_s=tick, seed=seed, cores=cores,
+        case.model, table, config, case.arrivals, math.inf, None, tick_s=tick, seed=seed, cores=cores,
         background_s=(1e-4,),
     )  # fmt: skip
     np.testing.assert_array_equal(run.latencies_s, expected)

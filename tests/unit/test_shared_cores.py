@@ -183,3 +183,56 @@ def test_background_cpu_must_not_be_negative() -> None:
     est = one_stage(10.0, 1.0, replicas=1, arrivals=[0.0])
     with pytest.raises(ValueError, match="background CPU per query must be >= 0"):
         shared_core_latencies_s(est, (StageConfig("cpu", 1, 1),), cores=1, background_s=(-0.1,))
+
+
+def with_interference(est: Estimator, g: float) -> Estimator:
+    """The estimator with every stage's option on "cpu" given interference g (as a profile's would)."""
+    tables = tuple(
+        dataclasses.replace(t, options={"cpu": dataclasses.replace(t.options["cpu"], interference=g)})
+        for t in est.table
+    )
+    return Estimator(est.model, tables, est.arrivals_s, math.inf, seed=0)
+
+
+@pytest.mark.parametrize(("g", "expected_s"), [(0.0, 1.0), (0.25, 1.25), (0.5, 1.5)])
+def test_interference_slows_calls_below_the_cores_count(g: float, expected_s: float) -> None:
+    # Two compute-bound calls at once on 2 cores: the fluid rule has each alone on a core; with
+    # interference g each core's worth of the other call's demand makes a call 1 + g times as long.
+    est = with_interference(one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0]), g)
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=2)
+    np.testing.assert_allclose(latencies, expected_s, rtol=0, atol=1e-12)
+
+
+def test_interference_gives_way_to_the_cores_count_where_that_slows_more() -> None:
+    # Three calls at once on one core: max(3 / 1, 1 + 0.25 * 2) = 3, as without interference.
+    est = with_interference(one_stage(1000.0, 1.0, replicas=3, arrivals=[0.0, 0.0, 0.0]), 0.25)
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 3),), cores=1)
+    np.testing.assert_allclose(latencies, 3.0, rtol=0, atol=1e-12)
+
+
+def test_interference_weighs_only_the_share_on_a_core() -> None:
+    # Two calls of share 0.5 on 2 cores with g = 1: each core is shared by 1 + 1 * 0.5 = 1.5 calls,
+    # and a call takes 0.5 + 0.5 * 1.5 = 1.25 times as long.
+    est = with_interference(one_stage(1000.0, 0.5, replicas=2, arrivals=[0.0, 0.0]), 1.0)
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=2)
+    np.testing.assert_allclose(latencies, 1.25, rtol=0, atol=1e-12)
+
+
+def test_a_call_slowed_by_interference_speeds_up_again_once_alone() -> None:
+    # g = 1 on 2 cores: alone until 0.5 s (half done); beside the second at half speed until the
+    # first finishes at 1.5 s (the second then has 0.5 s of work left), alone again until 2.0 s.
+    est = with_interference(one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.5]), 1.0)
+    latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=2)
+    np.testing.assert_allclose(latencies, [1.5, 1.5], rtol=0, atol=1e-12)
+
+
+def test_interference_must_not_be_negative() -> None:
+    from inferline.planner.shared_cores import start_shared
+
+    est = one_stage(10.0, 1.0, replicas=1, arrivals=[0.0])
+    option = est.table[0].options["cpu"]
+    with pytest.raises(ValueError, match="interference must be finite and >= 0"):
+        start_shared(
+            est.model, [option.service_s], [option.cpu_share], (StageConfig("cpu", 1, 1),), est.arrivals_s,
+            est.visits, 2.0, interference=[-0.1],
+        )  # fmt: skip
