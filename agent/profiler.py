@@ -126,6 +126,7 @@ def measure_after_idle(
     inputs: object,
     rounds: int,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> AfterIdle | None:
     """The after-idle term of one model (module doc); None where the extra latency is within the noise.
 
@@ -139,16 +140,16 @@ def measure_after_idle(
     for _ in range(rounds):
         for _ in range(2):
             adapter.infer(model, inputs)  # type: ignore[arg-type]
-        started = time.perf_counter()
+        started = clock()
         adapter.infer(model, inputs)  # type: ignore[arg-type]
-        ended = time.perf_counter()
+        ended = clock()
         warm.append(ended - started)
         for k, gap in enumerate(IDLE_GAPS_S):
             sleep(gap)
-            started = time.perf_counter()
+            started = clock()
             adapter.infer(model, inputs)  # type: ignore[arg-type]
             gaps[k].append(started - ended)
-            ended = time.perf_counter()
+            ended = clock()
             after[k].append(ended - started)
     return fit_after_idle(
         np.asarray(warm) * 1000.0, [np.asarray(g) * 1000.0 for g in gaps], [np.asarray(a) * 1000.0 for a in after]

@@ -408,7 +408,7 @@ class _Worker:
             else:
                 self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
-        self._call = self.router._call_started(stage.name, after_idle=not back_to_back)
+        self._call = self.router._call_started(stage.name, not back_to_back, started)
         return started
 
     def _failed(self, batch: list[_Item], started: float, exc: Exception) -> None:
@@ -427,7 +427,7 @@ class _Worker:
         """A call answered: the replica is free, and the batch's service time is recorded."""
         stage = self.stage
         self.last_call_end = time.perf_counter()
-        self._settle(batch, started, answered=True)
+        self._settle(batch, started, answered=True, ended=self.last_call_end)
         stage.batch_sizes[len(batch)] += 1
         self.router._metrics.observe_batch(stage.name, len(batch), self.last_call_end - started)
 
@@ -441,9 +441,9 @@ class _Worker:
                 log.exception("query %d failed after stage %s", item.query.id, stage.name)
                 self.router._fail([item], f"stage {stage.name!r}: routing failed: {type(exc).__name__}: {exc}")
 
-    def _settle(self, batch: list[_Item], started: float, answered: bool) -> None:
+    def _settle(self, batch: list[_Item], started: float, answered: bool, ended: float | None = None) -> None:
         if self._call is not None:
-            self.router._crowding.ended(self.stage.name, self._call, answered)
+            self.router._crowding.ended(self.stage.name, self._call, answered, ended)
             self._call = None
         with self.stage.cond:
             self.stage.busy_s += self._release(batch) - started
@@ -867,8 +867,8 @@ class PipelineRouter:
         router adds to each batch's service time beyond the call itself."""
         return {s.name: self._metrics.mean_dispatch_ms(s.name) for s in self._stages}
 
-    def _call_started(self, stage: str, after_idle: bool) -> CallToken:
-        call = self._crowding.started(after_idle)
+    def _call_started(self, stage: str, after_idle: bool, now: float) -> CallToken:
+        call = self._crowding.started(after_idle, now)
         self._metrics.observe_concurrency(stage, call.under_way)
         return call
 

@@ -84,23 +84,27 @@ class CallCrowding:
         """Calls under way now."""
         return self._under_way
 
-    def _advance(self) -> None:
-        """Called under the lock: the time since the last change goes to the count it had."""
-        now = self._clock()
+    def _advance(self, now: float | None) -> None:
+        """Called under the lock: the time since the last change goes to the count it had.
+
+        `now`: the caller's own reading of the clock (None: read here). A call's seconds then are
+        exactly the call's length as its replica timed it, whatever ran between the two readings;
+        another thread may have advanced past it meanwhile, so never before the last change."""
+        now = max(self._since, self._clock() if now is None else now)
         self._seconds_at[min(self._under_way, MAX_CROWD)] += now - self._since
         self._since = now
 
-    def started(self, after_idle: bool = True) -> CallToken:
+    def started(self, after_idle: bool = True, now: float | None = None) -> CallToken:
         with self._lock:
-            self._advance()
+            self._advance(now)
             self._under_way += 1
             self._highest = max(self._highest, min(self._under_way, MAX_CROWD))
             return CallToken(self._under_way, after_idle, tuple(self._seconds_at))
 
-    def ended(self, stage: str, token: CallToken, answered: bool = True) -> None:
+    def ended(self, stage: str, token: CallToken, answered: bool = True, now: float | None = None) -> None:
         """The call ended; only an answered call is counted (a failed one's time is no service time)."""
         with self._lock:
-            self._advance()
+            self._advance(now)
             self._under_way -= 1
             if not answered:
                 return

@@ -42,7 +42,18 @@ class App:
     async def _fail(self) -> Reply:
         raise ValueError("failed later")
 
+    def wait_for(self, count: int = 1, timeout_s: float = 5.0) -> None:
+        """Until `count` requests wait for `release` (the server has read and dispatched them)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.slow) < count:
+            assert time.monotonic() < deadline, f"{len(self.slow)} of {count} requests dispatched"
+            time.sleep(0.005)
+
     def release(self) -> None:
+        """Answers the waiting requests, once the server has dispatched at least one (a slow machine's
+        server may not have read it yet)."""
+        self.wait_for(1)
+
         def go() -> None:
             for i, answer in enumerate(self.slow):
                 answer(Reply(200, b"slow %d" % i, "text/plain"))
@@ -237,7 +248,7 @@ def test_reading_pauses_while_pipelined_replies_pile_up(served: tuple[int, App, 
     request = b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % waits
     with Conn(port) as s:
         s.send(request * MAX_PENDING_REPLIES)  # one read: all are taken, then reading pauses
-        time.sleep(0.3)
+        app.wait_for(MAX_PENDING_REPLIES)
         s.send(request * 8)
         time.sleep(0.3)
         assert len(app.slow) == MAX_PENDING_REPLIES  # the later ones wait unread in the socket
@@ -255,7 +266,7 @@ def test_close_answers_waiting_requests_503_and_drops_connections(
     port, app, server = served
     with Conn(port) as s:
         s.send(b"GET %s HTTP/1.1\r\nHost: h\r\n\r\n" % waits)
-        time.sleep(0.1)
+        app.wait_for(1)
         asyncio.run_coroutine_threadsafe(server.close(), app.loop).result(5)
         status, headers, body = s.reply()
         assert status == 503 and b"stopping" in body and headers["connection"] == "close"

@@ -49,7 +49,8 @@ def test_open_loop_a_slow_query_does_not_delay_later_ones() -> None:
             started[i] = loop.time()
             await asyncio.sleep(0.3 if i == 0 else 0.002)
 
-        return await replay(send, arrivals, slo_ms=100.0)
+        # Between the stall the others may take (TOL_S) and the slow query's 300 ms: only it misses.
+        return await replay(send, arrivals, slo_ms=200.0)
 
     result = asyncio.run(main())
     assert result.answered == 21
@@ -104,7 +105,9 @@ def test_counts_add_up_with_ok_failing_overloaded_and_timing_out_queries() -> No
 
     progress: list[ReplayProgress] = []
     started = time.monotonic()
-    result = asyncio.run(replay(send, arrivals, 50.0, timeout_s=0.6, on_progress=progress.append, classify=classify))
+    # An SLO far above the 1 ms sends: a full garbage collection of a heap earlier tests left (70 ms seen)
+    # must not make an answered query miss.
+    result = asyncio.run(replay(send, arrivals, 300.0, timeout_s=0.6, on_progress=progress.append, classify=classify))
     assert time.monotonic() - started < 2.0  # the timeout cut the 5 s sends short
     assert result.sent == n == result.answered + sum(result.errors.values())
     assert result.answered == 5

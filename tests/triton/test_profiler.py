@@ -42,7 +42,9 @@ def adapter(server: EmbeddedTriton) -> Iterator[TritonAdapter]:
     a.close()
 
 
-def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms(adapter: TritonAdapter) -> None:
+def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms_below_and_twice_that_above(
+    adapter: TritonAdapter,
+) -> None:
     settings = ProfileSettings(batch_sizes=SIZES, warmup=5, samples=10, idle_rounds=0)
     profile = profile_model(adapter, "known", "cpu", settings)
     assert profile.batch_sizes("cpu") == SIZES
@@ -50,11 +52,14 @@ def test_profile_recovers_a_plus_b_n_within_10_percent_or_1_ms(adapter: TritonAd
         truth = A_MS + B_MS * point.batch_size
         tolerance = max(0.10 * truth, 1.0)
         # The median: one call held up by the scheduler of a loaded machine moves a 10-sample mean.
+        # Above the truth, the call's own 2-3 ms through the server and a slower machine's stalls:
+        # twice the room (they only ever add time).
         assert point.latency_ms.p50 is not None
-        assert abs(point.latency_ms.p50 - truth) <= tolerance, (point.batch_size, point.latency_ms.p50, truth)
+        p50 = point.latency_ms.p50
+        assert truth - tolerance <= p50 <= truth + 2 * tolerance, (point.batch_size, p50, truth)
         assert truth - tolerance <= point.latency_ms.mean <= 1.5 * truth, (point.batch_size, point.latency_ms.mean)
         server_ms = (point.latency_ms.model_extra or {})["server_compute_ms"]
-        assert abs(server_ms - truth) <= tolerance
+        assert truth - tolerance <= server_ms <= truth + 2 * tolerance, (point.batch_size, server_ms, truth)
         assert point.latency_ms.p50 is not None and point.latency_ms.p99 is not None
         assert point.latency_ms.p99 >= point.latency_ms.p50
 

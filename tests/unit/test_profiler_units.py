@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -81,23 +80,32 @@ def test_an_after_idle_extra_within_the_noise_is_none() -> None:
 
 
 class WakingServer:
-    """A fake server whose call takes 2 ms, plus 4 * (1 - exp(-gap / 6)) ms after an idle gap."""
+    """A fake server whose call takes 2 ms, plus 4 * (1 - exp(-gap / 6)) ms after an idle gap, with
+    a seeded jitter of 0.1 ms, on a clock of its own (a sleep overshoots by up to 0.2 ms): the same
+    on any machine, however busy."""
 
     def __init__(self) -> None:
-        self.last_end = time.perf_counter()
+        self.now = self.last_end = 0.0
         self.calls = 0
+        self.rng = np.random.default_rng(3)
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds + self.rng.uniform(0.0, 0.0002)
 
     def infer(self, model: str, inputs: object) -> dict[str, object]:
-        started = time.perf_counter()
-        time.sleep(0.002 + 0.004 * (1.0 - math.exp(-(started - self.last_end) / 0.006)))
-        self.last_end = time.perf_counter()
+        woken = 0.004 * (1.0 - math.exp(-(self.now - self.last_end) / 0.006))
+        self.now += 0.002 + woken + self.rng.normal(0.0, 0.0001)
+        self.last_end = self.now
         self.calls += 1
         return {}
 
 
 def test_measuring_after_idle_recovers_a_servers_wake_up_latency() -> None:
     server = WakingServer()
-    fitted = measure_after_idle(server, "m", {}, rounds=12)  # type: ignore[arg-type]
+    fitted = measure_after_idle(server, "m", {}, rounds=12, sleep=server.sleep, clock=server.clock)  # type: ignore[arg-type]
     assert server.calls == 12 * (3 + len(IDLE_GAPS_S))
     assert fitted is not None and fitted.rounds == 12
     assert fitted.extra_ms == pytest.approx(4.0, abs=1.0)

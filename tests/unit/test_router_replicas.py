@@ -365,7 +365,10 @@ def test_a_scale_down_retires_an_idle_replica_before_a_busy_one(server: Callable
     try:
         time.sleep(0.05)
         query = r.submit(QUERY)
-        time.sleep(0.05)  # one replica is busy with it
+        deadline = time.monotonic() + 5.0
+        while not a1.sizes and not a2.sizes:  # until one replica is busy with it
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         removed = r.remove_replica("a")
         assert removed is not None
         busy = a2 if removed.adapter is a1 else a1
