@@ -86,14 +86,12 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
 
 def interference_line(done: tuple[Calibration, ...], cores: float) -> str:
     """How much calls beside them slowed each model's calls on the shared cores, as fitted."""
-    fitted = [c for c in done if c.interference is not None]
+    fitted = [(c.model, c.interference_fit) for c in done if c.interference_fit is not None]
     if not fitted:
         return f"shared cores: {cores:g} (the calls did not crowd enough to tell how much they slowed each other)"
     each = "; ".join(
-        f"{c.model} +{c.interference.interference:.0%} (spread {c.interference.error:.1%}, "
-        f"{c.interference.error_without:.1%} without)"
-        for c in fitted
-        if c.interference is not None
+        f"{model} +{fit.interference:.0%} (spread {fit.error:.1%}, {fit.error_without:.1%} without)"
+        for model, fit in fitted
     )
     return (
         f"shared cores: {cores:g}; per core's worth of calls computing beside them, a call took longer by: {each}. "

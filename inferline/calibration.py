@@ -119,7 +119,7 @@ class Calibration:
     """Mean slowdown of the live calls by calls beside them on shared cores (1: none, or not asked)."""
     woken_ms: float = 0.0
     """Mean latency per call that idle gaps added (the profile's after_idle term), taken out of r."""
-    interference: InterferenceFit | None = None
+    interference_fit: InterferenceFit | None = None
     """The model's interference fitted to its crowded calls (None: not asked, or they cannot tell)."""
 
 

@@ -7,7 +7,6 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inferline.errors import ProfileError, did_you_mean
 from inferline.validation import parse
-
-T = TypeVar("T")
 
 
 class LatencyStats(BaseModel):
@@ -191,14 +188,12 @@ def require_profiles(models: list[str], profiles: Mapping[str, ModelProfile]) ->
 def merge_profiles(old: ModelProfile, new: ModelProfile) -> ModelProfile:
     """`old` with the hardware types of `new` replaced (profiling one hardware keeps the others)."""
 
-    def kept(by_hw: Mapping[str, T]) -> dict[str, T]:
-        return {hw: v for hw, v in by_hw.items() if hw not in new.profiles}
-
+    others = old.profiles.keys() - new.profiles.keys()
     return new.model_copy(
         update={
             "profiles": {**old.profiles, **new.profiles},
-            "after_idle": kept(old.after_idle) | new.after_idle,
-            "interference": kept(old.interference) | new.interference,
+            "after_idle": {hw: a for hw, a in old.after_idle.items() if hw in others} | new.after_idle,
+            "interference": {hw: g for hw, g in old.interference.items() if hw in others} | new.interference,
         }
     )
 

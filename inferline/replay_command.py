@@ -413,7 +413,7 @@ def estimate_from_run(
     require_profiles(sorted({s.model for s in spec.stages}), profiles)
     cores = target.cores
     own, done = calibrate_profiles(spec, plan, profiles, live, cores=cores)
-    fits = {c.model: c.interference for c in done if c.interference is not None}
+    fits = {c.model: c.interference_fit for c in done if c.interference_fit is not None}
     if all(c.ratio is None for c in done):
         return None, fits
     way = in_each_querys_way(cpu_s_per_query, spec, plan, own, live)

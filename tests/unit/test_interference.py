@@ -163,7 +163,7 @@ def test_calibration_fits_the_interference_and_takes_the_crowding_out_over_each_
     plan = _plan_for(PAIR)
     live = _crowded_live(0.3)
     out, done = calibrate_profiles(PAIR, plan, profiles, live, cores=2.0)  # type: ignore[arg-type]
-    assert {c.model: c.interference.interference for c in done if c.interference} == {"m": 0.3, "n": 0.3}
+    assert {c.model: c.interference_fit.interference for c in done if c.interference_fit} == {"m": 0.3, "n": 0.3}
     assert out["m"].interference == {"cpu": 0.3} and out["n"].interference == {"cpu": 0.3}
     # The calls' crowding over their whole length is taken out (the count at their start said none):
     # back to the profiles' times alone.
@@ -172,7 +172,7 @@ def test_calibration_fits_the_interference_and_takes_the_crowding_out_over_each_
     assert all(c.contention > 1.2 for c in done)
     # Without the cores shared, nothing is fitted or taken out: the profiles keep the slowness.
     plain, done = calibrate_profiles(PAIR, plan, profiles, live)  # type: ignore[arg-type]
-    assert all(c.interference is None for c in done) and plain["m"].interference == {}
+    assert all(c.interference_fit is None for c in done) and plain["m"].interference == {}
     assert plain["m"].points("cpu")[0].latency_ms.mean > 13.0
 
 
@@ -183,7 +183,7 @@ def test_calls_that_cannot_tell_keep_the_profiles_interference() -> None:
     }
     live = {s: LiveStage(v.calls, 0.0, 0, concurrency={1.0: v.call_count}) for s, v in _crowded_live(0.3).items()}
     out, done = calibrate_profiles(PAIR, _plan_for(PAIR), profiles, live, cores=2.0)  # type: ignore[arg-type]
-    assert all(c.interference is None for c in done)
+    assert all(c.interference_fit is None for c in done)
     assert out["m"].interference == {"cpu": 0.3} and out["n"].interference == {}
 
 
