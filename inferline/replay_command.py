@@ -395,9 +395,9 @@ def estimate_from_run(
 ) -> tuple[float | None, dict[str, InterferenceFit]]:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
-    no plan with profiles or the run measured too few calls; and where the replicas shared cores,
-    per model, its interference fitted to this run's crowded calls where the replicas shared cores
-    and the calls can tell (`inferline/interference.py`, used in the estimate). A tuned run is
+    no plan with profiles or the run measured too few calls; and, where the replicas shared cores,
+    each model's interference fitted to this run's crowded calls where they can tell it
+    (`inferline/interference.py`, used in the estimate). A tuned run is
     simulated closed-loop with its tuner and `startup_s`, as its estimate was; `visits` are the
     conditional edges taken, `profiles` the plan's where the caller has read them already.
 

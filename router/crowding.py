@@ -4,8 +4,8 @@ On a local deployment the replicas share a machine's few cores, and a call takes
 calls compute beside it. The sharing rule the prediction uses (`planner/shared_cores.py`) says by
 how much for a given number of cores and a stage's interference; calibration fits the interference
 that makes the rule match what the router measured (`inferline/interference.py`). The rule's
-slowdown is not linear in the count, so a call's
-count at its start, or its mean count, would not tell the rule's slowdown over it: each call keeps
+slowdown is not linear in the count, so a call's count at its start, or its mean count, would not
+tell the rule's slowdown over it: each call keeps
 the seconds it spent with 1, 2, ... calls under way (itself included), from a running total of the
 seconds at each count read at its start and its end. Calls are grouped by their mean count (to the
 nearest half call), so that groups crowded more and less can be set against each other, and apart
@@ -55,7 +55,11 @@ class CrowdedGroup:
 
 def crowd_bin(mean_crowd: float) -> float:
     """The group a call's mean count of calls under way falls in (its label's value)."""
-    return 1.0 + _bin_index(mean_crowd) * BIN_WIDTH
+    return _bin_value(_bin_index(mean_crowd))
+
+
+def _bin_value(index: int) -> float:
+    return 1.0 + index * BIN_WIDTH
 
 
 def _bin_index(mean_crowd: float) -> int:
@@ -126,7 +130,7 @@ class CallCrowding:
             calls = [list(row) for row in self._calls[stage]]
             seconds = [[list(row) for row in rows] for rows in self._seconds[stage]]
         return {
-            (1.0 + i * BIN_WIDTH, bool(idle)): CrowdedGroup(n, {k: t for k, t in enumerate(seconds[idle][i]) if t > 0})
+            (_bin_value(i), bool(idle)): CrowdedGroup(n, {k: t for k, t in enumerate(seconds[idle][i]) if t > 0})
             for idle in (0, 1)
             for i, n in enumerate(calls[idle])
             if n
