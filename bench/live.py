@@ -178,7 +178,10 @@ def _replays(plan: Any, trace: str, state: Path, where: Path, console: Console, 
 
 
 def _brief(run: dict[str, Any]) -> dict[str, Any]:
-    keep = ("estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen", "interference")
+    keep = (
+        "estimated_p99_ms", "measured_p99_ms", "error", "cpu_ms_per_query", "machine_stolen", "interference",
+        "estimate_sensitivity",
+    )  # fmt: skip
     return {k: run[k] for k in keep}
 
 
@@ -232,6 +235,7 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
         "error_with_own_live": abs(with_own - meas) / meas if with_own and meas else None,
         "errors": result["errors"], "mean_batch": _mean_batch_of(live), "core_warning": core_shortfall(plan),
         "machine_stolen": result.get("machine_stolen"), "interference": result.get("interference"),
+        "estimate_sensitivity": result.get("estimate_sensitivity"),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path), "metrics_before_path": str(metrics_before_path),
@@ -277,6 +281,24 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
         )
         + (f"; warning: {run['core_warning']}" if run["core_warning"] else "")
     )
+
+
+def _drift_line(runs: list[dict[str, Any]]) -> str:
+    """How much the estimate moves with the servers' speed, beside how much the machine's speed moved
+    between the replays: the load generator's CPU per query is the same work in each."""
+    elastic = [r["estimate_sensitivity"]["elasticity"] for r in runs if r.get("estimate_sensitivity")]
+    readings = [(r.get("cpu_ms_per_query") or {}).get("load generator") for r in runs]
+    probe = [ms for ms in readings if ms]
+    parts = []
+    if elastic:
+        parts.append("each 1% slower servers add " + "/".join(f"{e:.1f}" for e in elastic) + "% to the estimate")
+    if probe:
+        parts.append(
+            "the load generator's CPU per query (the same work each replay) "
+            + ", ".join(f"{ms:.3f}" for ms in probe)
+            + f" ms ({max(probe) / min(probe) - 1.0:+.1%} from the fastest to the slowest)"
+        )
+    return "; ".join(parts) or "no sensitivity or speed measured"
 
 
 def _router_call_ms(live: dict[str, Any]) -> dict[str, dict[int, float]]:
@@ -587,6 +609,7 @@ def _print(console: Console, results: dict[str, Any]) -> None:
                 f"{row['pipeline']} {kind}{source}, estimate − measured over measured in {len(runs)} replays: "
                 + ", ".join(_signed_error(r) for r in runs)
             )
+            console.print(f"  {_drift_line(runs)}")
     if every:
         quiet = [r for r in every if r.get("machine_stolen") is not None and r["machine_stolen"] < STOLEN_WARN]
         console.print(

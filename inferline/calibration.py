@@ -494,6 +494,13 @@ def with_ms_per_call(profile: ModelProfile, hardware: str, ms: float) -> ModelPr
     return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}})
 
 
+def slower_servers(profile: ModelProfile, hardware: str, factor: float) -> ModelProfile:
+    """The profile with every call on `hardware` `factor` times as long, its server CPU time too (a
+    slower machine, not a calibration: `inferline/sensitivity.py`)."""
+    points = _stretched(profile, hardware, factor, 0.0)
+    return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}})
+
+
 def _stretched(profile: ModelProfile, hardware: str, factor: float, add_ms: float) -> tuple[BatchPoint, ...]:
     """The profile's points on `hardware` with latencies times `factor` plus `add_ms`, and its
     measured server CPU times `factor` (the added time is not the server's)."""

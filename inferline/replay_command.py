@@ -45,6 +45,7 @@ from inferline.router.http_client import AsyncKServeHttpClient
 from inferline.router.prediction import predicted_latencies_ms, routes_taken
 from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, replay, run_results
 from inferline.runs import simulate_plan
+from inferline.sensitivity import Sensitivity, sensitivity, slower_profiles
 from inferline.spec import PipelineSpec, StageSpec, load_spec
 from inferline.startup import DEFAULT_STARTUP_S, LIVE_TICK_S, measured_startup_s
 from inferline.validation import check_cores
@@ -500,6 +501,7 @@ def results_for(
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
+    sensitive = _sensitivity(target, arrivals_s, estimate, decisions, fallback, way, routes, planned)
     out = run_results(
         result,
         slo_ms=plan.slo_ms if plan else None,
@@ -521,7 +523,30 @@ def results_for(
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
     out["interference"] = fit_record(fits)
+    out["estimate_sensitivity"] = sensitive.record() if sensitive is not None else None
     return out | estimate
+
+
+def _sensitivity(
+    target: Target,
+    arrivals_s: NDArray[np.float64],
+    estimate: Mapping[str, Any],
+    decisions: Sequence[Mapping[str, Any]],
+    fallback: Sequence[Mapping[str, Any]],
+    way: QueryWay,
+    routes: tuple[NDArray[np.bool_], int] | None,
+    planned: Mapping[str, ModelProfile] | None,
+) -> Sensitivity | None:
+    """The estimate again with every server `SLOWER_BY` slower (`inferline/sensitivity.py`), where
+    there is an estimate to compare it with."""
+    plan, spec, p99_ms = target.plan, target.spec, estimate.get("estimated_p99_ms")
+    if plan is None or spec is None or planned is None or p99_ms is None or not p99_ms > 0:
+        return None
+    slower = run_estimate(
+        plan, spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
+        way.in_calls_ms, slower_profiles(planned, spec, plan),
+    )  # fmt: skip
+    return sensitivity(p99_ms, slower["estimated_p99_ms"])
 
 
 def target_from(
@@ -663,6 +688,9 @@ def replay_table(pipeline: str, r: Mapping[str, Any]) -> Any:
             )
         if not r.get("errors") and drifted(r.get("estimated_p99_ms"), from_run, r.get("p99_ms")):
             caption += " (the servers no longer match their profiles: `inferline calibrate` rewrites them)"
+    sensitive = r.get("estimate_sensitivity")
+    if sensitive:
+        caption += "\n" + Sensitivity.from_record(sensitive).line()
     table = Table(title=f"{pipeline}: open-loop replay", caption=caption)
     for column in ("sent", "answered", "errors", "throughput q/s", "P99 ms", "estimated P99 ms", "SLO miss", "$/hour"):
         table.add_column(column, justify="right")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from inferline.adapters.base import ServingConfig
 from inferline.adapters.triton.adapter import TritonAdapter
@@ -126,6 +127,19 @@ def test_batches_respect_the_planned_maximum_and_form_under_load(server: Embedde
     text = generate_latest(router.metrics_registry).decode()
     for n, count in sizes["detect"].items():
         assert f'inferline_router_call_seconds_count{{batch_size="{n}",stage="detect"}} {float(count)}' in text
+    # ... and their spread: no call below the model's own time, every call under +Inf.
+    buckets = [
+        (float(s.labels["le"]), int(s.value), int(s.labels["batch_size"]))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "inferline_router_call_seconds_bucket" and s.labels["stage"] == "detect"
+    ]
+    assert {n for _, _, n in buckets} == set(sizes["detect"]) and len(buckets) > 20 * len(sizes["detect"])
+    for le, calls, n in buckets:
+        if le < (4.0 + 1.0 * n) / 1000.0:
+            assert calls == 0
+        if le == float("inf"):
+            assert calls == sizes["detect"][n]
 
 
 def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton, transport: str) -> None:
