@@ -14,6 +14,10 @@ of 1-11 ms). So after the batch sizes the profiler also times calls at the small
 after idle gaps of a few lengths, interleaved with back-to-back calls so that a drift of the
 machine's speed hits both alike, and fits the profile's `after_idle` term: a call after a gap of
 g ms takes extra * (1 - exp(-g / tau)) longer. Where the extra is within the noise, it records none.
+
+Where the server runs on this machine, it then times calls alone and beside a busy neighbour per
+core and records the model's interference: how much calls computing beside it slow it down before
+the cores are full (`agent/interference_probe.py`, the sharing rule's g).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from inferline.adapters.base import Adapter, ModelStats, ServingConfig, example_inputs
+from inferline.agent.interference_probe import measure_interference
 from inferline.errors import InferlineError, ModelNotFoundError, ProfileError, ServerError, did_you_mean
+from inferline.process_cpu import available_cores
 from inferline.profiles import AfterIdle, BatchPoint, LatencyStats, ModelProfile, write_profile
 
 IDLE_GAPS_S = (0.001, 0.003, 0.010, 0.050)
@@ -52,6 +58,9 @@ class ProfileSettings:
     drop_flat: bool = False
     idle_rounds: int = 20
     """Rounds of calls after idle gaps (module doc); 0: do not measure the after-idle latency."""
+    interference_rounds: int = 15
+    """Rounds of calls alone and beside a busy neighbour per core (`agent/interference_probe.py`),
+    where the server runs on this machine (its CPU clock is read); 0: do not measure interference."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +232,7 @@ def profile_model(
                 progress(ProfileProgress(model, batch, i, len(sizes)))
             points.append(measure_batch(adapter, model, batch, settings, lambda n: example_inputs(info, n), server_cpu))
         after_idle = measure_after_idle(adapter, model, example_inputs(info, sizes[0]), settings.idle_rounds)
+        interference = _interference(adapter, model, example_inputs(info, sizes[0]), points[0], settings, server_cpu)
         if progress is not None:
             progress(ProfileProgress(model, sizes[-1], len(sizes), len(sizes)))
     except (ServerError, KeyboardInterrupt) as exc:
@@ -237,15 +247,40 @@ def profile_model(
         if original is not None:
             with contextlib.suppress(InferlineError):
                 adapter.configure(model, original)
-    return _profile(model, hardware, points, settings.drop_flat, after_idle)
+    return _profile(model, hardware, points, settings.drop_flat, after_idle, interference)
+
+
+def _interference(
+    adapter: Adapter,
+    model: str,
+    inputs: object,
+    smallest: BatchPoint,
+    settings: ProfileSettings,
+    server_cpu: CpuClock | None,
+) -> float | None:
+    """The model's interference at its smallest batch size, where the server shares this machine's
+    cores (its CPU clock is read) and its calls' CPU share is known."""
+    cpu_ms = smallest.latency_ms.server_cpu_ms
+    if server_cpu is None or cpu_ms is None:
+        return None
+    share = min(cpu_ms / smallest.latency_ms.mean, 1.0)
+    return measure_interference(adapter, model, inputs, share, available_cores(), settings.interference_rounds)
 
 
 def _profile(
-    model: str, hardware: str, points: list[BatchPoint], drop_flat: bool, after_idle: AfterIdle | None = None
+    model: str,
+    hardware: str,
+    points: list[BatchPoint],
+    drop_flat: bool,
+    after_idle: AfterIdle | None = None,
+    interference: float | None = None,
 ) -> ModelProfile:
     kept = drop_flat_points(points) if drop_flat else tuple(points)
     return ModelProfile(
-        model=model, profiles={hardware: kept}, after_idle={hardware: after_idle} if after_idle is not None else {}
+        model=model,
+        profiles={hardware: kept},
+        after_idle={hardware: after_idle} if after_idle is not None else {},
+        interference={hardware: interference} if interference is not None else {},
     )
 
 

@@ -1,8 +1,9 @@
 """Live benchmarks on real Triton processes (`make bench-live`, a few minutes on 2 cores).
 
-1. Estimator fidelity: deploy each local example pipeline's plan (static), replay a stationary
-   trace open-loop, and compare measured with estimated P99 (target: within 10% of measured);
-   then calibrate the profiles from that run's router metrics, plan and replay again.
+1. Estimator fidelity: profile each local example pipeline's models on this machine now, deploy
+   its plan (static), replay a stationary trace open-loop, and compare measured with estimated P99
+   (target: within 10% of measured); then calibrate the profiles from those runs' router metrics,
+   plan and replay again.
 2. Router overhead: the same queries at 250 and 500 q/s through the router's endpoint (gRPC, then HTTP), and straight
    to the same Triton server batched by the same dispatch core in the client's process; the
    difference of medians, with each path's mean batch sizes and the router process's CPU per query;
@@ -39,11 +40,11 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
 from inferline.calibration import STOLEN_WARN, live_stages, read_metrics
 from inferline.catalog import load_catalog
-from inferline.deployment import available_cores, core_shortfall
+from inferline.deployment import core_shortfall
 from inferline.heap import freeze_long_lived
 from inferline.live_demo import deploy_and_replay
 from inferline.planner.planning import make_plan
-from inferline.process_cpu import process_cpu_s
+from inferline.process_cpu import available_cores, process_cpu_s
 from inferline.profiles import load_profiles
 from inferline.replay_command import FIDELITY_TOLERANCE, METRICS_AFTER, METRICS_BEFORE
 from inferline.router.client import AsyncKServeClient
@@ -109,20 +110,23 @@ def _with_measured_routes(spec: Any) -> Any:
 
 
 def fidelity(console: Console) -> list[dict[str, Any]]:
-    """Each pipeline as users run it: `inferline up` (the router in its own process) and
-    `inferline replay` (the load generator in another), twice: planned from the offline profiles,
-    then, after `inferline calibrate` rewrote them from the router's metrics of all those replays
-    where the hypervisor took under 2% of the CPU during each, else of the quietest (as the
-    calibrate command advises; `_calibration_window`), planned
-    and replayed again with the calibrated profiles. Where the calibrated plan is the same plan,
+    """Each pipeline as users run it: `inferline profile` (on this machine, now), `inferline up` (the
+    router in its own process) and `inferline replay` (the load generator in another), twice: planned
+    from those offline profiles, then, after `inferline calibrate` rewrote them from the router's
+    metrics of all those replays where the hypervisor took under 2% of the CPU during each, else of
+    the quietest (as the calibrate command advises; `_calibration_window`), planned and replayed
+    again with the calibrated profiles. Where the calibrated plan is the same plan,
     the second replays run at once on the same deployment, as a user would replay after
     recalibrating; a second deployment would put a minute of the machine's drift between the
     calibration and the replay."""
     rows = []
     cli = [sys.executable, "-m", "inferline.cli"]
     for name, trace in FIDELITY.items():
-        spec, plan = _plan(name, trace, measure_routes=True)
         with tempfile.TemporaryDirectory() as tmp:
+            measured_now = _profile_now(name, Path(tmp) / "profiles")
+            ratios = _batch_one_ratios(measured_now)
+            console.print(f"fidelity {name}, profiled now on this machine: {_against_committed(ratios)}")
+            spec, plan = _plan(name, trace, measure_routes=True, profiles=measured_now)
             spec_path = Path(tmp) / "spec.yaml"
             write_spec(spec, spec_path)
             first = plan.model_copy(update={"spec": str(spec_path)})
@@ -147,13 +151,42 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
             finally:
                 _down(state)
         rows.append({
-            "pipeline": name, "trace": trace,
+            "pipeline": name, "trace": trace, "profiled_now_vs_committed": ratios,
             "probabilities": {s.name: s.probability for s in spec.stages if s.after},
             "offline": _public(offline[0]), "calibrated": _public(calibrated[0]) | {"redeployed": redeployed},
             "calibrated_from_replays": [offline.index(first_source) + 1, offline.index(source) + 1],
             "offline_again": [_brief(r) for r in offline[1:]], "calibrated_again": [_brief(r) for r in calibrated[1:]],
         })  # fmt: skip
     return rows
+
+
+def _profile_now(name: str, out: Path) -> Path:
+    """`inferline profile` the pipeline's models on this machine now, as a user would before planning:
+    this VM's speed differs from day to day (the committed profiles' large model took 6.3 ms a call
+    alone, 8.5 ms on a later day's VM), and profiles from another day make the estimate miss by that."""
+    models = sorted({s.model for s in load_spec(EXAMPLES / "pipelines" / f"{name}.yaml").stages})
+    profile = [sys.executable, "-m", "inferline.cli", "profile", "--embedded", str(EXAMPLES / "models")]
+    profile += ["--models", ",".join(models), "--hardware", "cpu", "--out", str(out)]
+    subprocess.run(profile, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def _batch_one_ratios(profiles_dir: Path) -> dict[str, float]:
+    """Per model, its mean call time at batch 1 profiled now over the committed profile's."""
+    now, committed = load_profiles(profiles_dir), load_profiles(PROFILES)
+    return {
+        model: round(p.points("cpu")[0].latency_ms.mean / committed[model].points("cpu")[0].latency_ms.mean, 3)
+        for model, p in now.items()
+        if model in committed
+    }
+
+
+def _against_committed(ratios: dict[str, float]) -> str:
+    return (
+        "batch-1 calls take "
+        + ", ".join(f"{model} x{ratio:.2f}" for model, ratio in ratios.items())
+        + " as long as in the committed profiles (examples/profiles/measured-cpu)"
+    )
 
 
 def _calibration_window(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

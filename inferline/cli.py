@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         help="rounds of calls after idle gaps, for the latency a call adds after its replica sat idle "
         "(0: skip; default 20)",
     )
+    pr.add_argument(
+        "--interference-rounds",
+        type=int,
+        default=None,
+        help="rounds of calls alone and beside a busy neighbour per core, for how much calls computing "
+        "beside a model slow it (a server on this machine only; 0: skip; default 15)",
+    )
 
     li = sub.add_parser("lineage", help="replay sample queries through a pipeline and measure each edge's real rate")
     li.add_argument("spec", help="pipeline spec (YAML); routed edges use their route, the others are sampled")

@@ -11,7 +11,6 @@ new replicas took to become ready.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import threading
 import time
@@ -24,6 +23,7 @@ from inferline.adapters.base import Adapter, ServingConfig
 from inferline.adapters.registry import connect, embedded_server
 from inferline.errors import PlanError
 from inferline.plan import Plan
+from inferline.process_cpu import available_cores
 from inferline.router.core import PipelineRouter, Replica
 from inferline.spec import PipelineSpec
 
@@ -61,11 +61,6 @@ def check_plan(spec: PipelineSpec, plan: Plan) -> None:
                 f"stage {name!r} is planned on {stage.hardware!r}; the local deployment has only {LOCAL_HARDWARE!r}",
                 "plan with a catalog of local hardware, e.g. --hardware examples/catalog-local.yaml",
             )
-
-
-def available_cores() -> int:
-    """The cores this process may run on (Linux), else the machine's: what local replicas share."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def core_shortfall(plan: Plan, cores: int | None = None) -> str | None:

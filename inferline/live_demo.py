@@ -30,14 +30,14 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.profiler import ProfileSettings, profile_to_directory
 from inferline.calibration import hypervisor_took, live_stages, stolen_share
 from inferline.catalog import load_catalog
-from inferline.deployment import Endpoints, LocalDeployment, available_cores
+from inferline.deployment import Endpoints, LocalDeployment
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveTuner
 from inferline.plan import Plan
 from inferline.planner.planning import make_plan
 from inferline.planner.tuning.registry import make_policy
-from inferline.process_cpu import group_clock
+from inferline.process_cpu import available_cores, group_clock
 from inferline.profiles import load_profiles
 from inferline.replay_command import Target, progress_printer, replay_against, results_for
 from inferline.router.prediction import predicted_latencies_ms

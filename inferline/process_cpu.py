@@ -16,6 +16,11 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (Linux), else the machine's: what local replicas share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def group_cpu_s(pgid: int) -> float | None:
     """Seconds of CPU that the live processes of group `pgid` have used; None where /proc cannot tell."""
     if not (PROC / "self" / "schedstat").exists():

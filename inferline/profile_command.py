@@ -57,10 +57,20 @@ def run_profile(args: argparse.Namespace, console: Console) -> int:
         budget_s=args.budget_s,
         drop_flat=args.drop_flat,
         idle_rounds=ProfileSettings.idle_rounds if args.idle_rounds is None else args.idle_rounds,
+        interference_rounds=(
+            ProfileSettings.interference_rounds if args.interference_rounds is None else args.interference_rounds
+        ),
     )
-    if settings.samples < 1 or settings.warmup < 0 or settings.budget_s <= 0 or settings.idle_rounds < 0:
+    if (
+        settings.samples < 1
+        or settings.warmup < 0
+        or settings.budget_s <= 0
+        or settings.idle_rounds < 0
+        or settings.interference_rounds < 0
+    ):
         raise InferlineError(
-            "--samples must be >= 1, --warmup >= 0, --budget-s > 0 and --idle-rounds >= 0", "pass sensible values"
+            "--samples must be >= 1, --warmup >= 0, --budget-s > 0, --idle-rounds >= 0 and --interference-rounds >= 0",
+            "pass sensible values",
         )
     results: list[ProfileWritten] = []
     with server_for(args, models) as handle:

@@ -15,6 +15,7 @@ import pytest
 from inferline.adapters.base import ServingConfig, example_inputs
 from inferline.adapters.triton.adapter import TritonAdapter
 from inferline.adapters.triton.server import EmbeddedTriton
+from inferline.agent.interference_probe import MAX_INTERFERENCE
 from inferline.agent.profiler import ProfileInterrupted, ProfileSettings, profile_model, profile_to_directory
 from inferline.process_cpu import group_clock
 from inferline.profiles import load_profile
@@ -73,14 +74,18 @@ def test_profile_records_how_much_of_a_call_the_server_spent_on_a_core(
         # "known" sleeps through its calls; preprocess computes (numpy) through them, at batch
         # sizes long enough (several ms) that scheduling delays between the processes of a call
         # (client, server, backend stub) do not dilute the share.
-        settings = ProfileSettings(batch_sizes=sizes, warmup=3, samples=10, idle_rounds=0)
-        for point in profile_model(adapter, model, "cpu", settings, server_cpu=clock).points("cpu"):
+        settings = ProfileSettings(batch_sizes=sizes, warmup=3, samples=10, idle_rounds=0, interference_rounds=3)
+        profile = profile_model(adapter, model, "cpu", settings, server_cpu=clock)
+        for point in profile.points("cpu"):
             cpu_ms = point.latency_ms.server_cpu_ms
             assert cpu_ms is not None and low <= cpu_ms / point.latency_ms.mean <= high, (model, point)
+        if model == "preprocess":  # computes through its calls: its interference is measured beside neighbours
+            assert 0.0 <= profile.interference["cpu"] <= MAX_INTERFERENCE, profile.interference
     without = profile_model(
-        adapter, "known", "cpu", ProfileSettings(batch_sizes=(1,), warmup=0, samples=2, idle_rounds=0)
+        adapter, "preprocess", "cpu", ProfileSettings(batch_sizes=(8,), warmup=0, samples=2, idle_rounds=0)
     )
     assert without.points("cpu")[0].latency_ms.server_cpu_ms is None
+    assert without.interference == {}  # a server whose CPU it cannot read may not share these cores
 
 
 def test_profile_recovers_a_known_after_idle_latency(adapter: TritonAdapter) -> None:
