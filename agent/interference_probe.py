@@ -47,6 +47,8 @@ NEIGHBOUR_CODE = (
 class NeighbourSwitch(Protocol):
     def running(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def close(self) -> None: ...
+
 
 class Neighbours:
     """`count` neighbour processes, paused (SIGSTOP) except inside `running()`; `close` kills them."""
@@ -120,9 +122,7 @@ def measure_interference(
                 time.sleep(SETTLE_S)
                 beside += _timed_calls(adapter, model, inputs)
     finally:
-        close = getattr(switch, "close", None)
-        if close is not None:
-            close()
+        switch.close()
     slowdown = float(np.mean(beside) / np.mean(alone))
     return round(interference_from_slowdown(min(share, 1.0), float(cores), slowdown), 4)
 
