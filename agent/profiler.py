@@ -107,11 +107,13 @@ def measure_batch(
     before = adapter.stats(model)
     cpu_before = server_cpu() if server_cpu is not None else None
     latencies: list[float] = []
+    client_before = time.thread_time()
     deadline = time.perf_counter() + settings.budget_s
     while len(latencies) < settings.samples and (not latencies or time.perf_counter() < deadline):
         started = time.perf_counter()
         adapter.infer(model, inputs)  # type: ignore[arg-type]
         latencies.append((time.perf_counter() - started) * 1000.0)
+    client_ms = (time.thread_time() - client_before) * 1000.0 / len(latencies)
     cpu_after = server_cpu() if server_cpu is not None else None
     server_ms = _server_compute_ms(before, adapter.stats(model), batch_size)
     ms = np.asarray(latencies)
@@ -124,6 +126,7 @@ def measure_batch(
         p50=float(np.percentile(ms, 50)),
         p99=float(np.percentile(ms, 99)),
         server_cpu_ms=cpu_ms,
+        client_cpu_ms=round(client_ms, 4),
         **extra,
     )
     return BatchPoint(batch_size=batch_size, latency_ms=stats)

@@ -481,16 +481,21 @@ def _scaled(
     )
 
 
-def with_ms_per_call(profile: ModelProfile, hardware: str, ms: float) -> ModelProfile:
-    """The profile with every call on `hardware` `ms` longer, at every batch size (not a calibration:
-    e.g. a router's own work on each call, which a profile timed from a client of its own lacks).
+def with_router_work_per_call(profile: ModelProfile, hardware: str, router_ms: float) -> ModelProfile:
+    """The profile with a router's own CPU work on each call (`router_ms`) in place of the profiler's
+    client's, at every batch size (not a calibration).
+
+    A profile timed from a client of its own holds that client's work on each call (its
+    `client_cpu_ms`: 0.4-1.1 ms on a 2-core VM), which the router's replaces; where a point has none
+    recorded (a profile from before it was), all of the router's work is added. Never shorter than
+    profiled: a router cheaper than the profiler's client would be a path nothing here has timed.
 
     The added time is not the server's CPU, so the calls' share of a core falls. A router's work is
     CPU too, but on its own thread, a slice at each end of the call: counted as CPU over the whole
     call, it made the calls crowd each other on the shared cores for all of their length, and the
     cascade's estimate from the offline profiles rose by 9-12 ms on the same replays (+24% to +32%
     over measured on three quiet ones, against +2% to +15% as it is)."""
-    points = _stretched(profile, hardware, 1.0, ms)
+    points = _stretched(profile, hardware, 1.0, router_ms, in_place_of_client=True)
     return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}})
 
 
@@ -501,15 +506,21 @@ def slower_servers(profile: ModelProfile, hardware: str, factor: float) -> Model
     return profile.model_copy(update={"profiles": {**profile.profiles, hardware: points}})
 
 
-def _stretched(profile: ModelProfile, hardware: str, factor: float, add_ms: float) -> tuple[BatchPoint, ...]:
+def _stretched(
+    profile: ModelProfile, hardware: str, factor: float, add_ms: float, in_place_of_client: bool = False
+) -> tuple[BatchPoint, ...]:
     """The profile's points on `hardware` with latencies times `factor` plus `add_ms`, and its
-    measured server CPU times `factor` (the added time is not the server's)."""
+    measured server CPU times `factor` (the added time is not the server's). `in_place_of_client`:
+    `add_ms` is a caller's own work replacing the profiler's client's (`client_cpu_ms`, which the
+    points then no longer hold)."""
 
     def stretched(stats: LatencyStats) -> LatencyStats:
         values = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99}
-        changed = {k: None if v is None else v * factor + add_ms for k, v in values.items()}
+        added = max(add_ms - (stats.client_cpu_ms or 0.0), 0.0) if in_place_of_client else add_ms
+        changed = {k: None if v is None else v * factor + added for k, v in values.items()}
         cpu = None if stats.server_cpu_ms is None else stats.server_cpu_ms * factor
-        return LatencyStats(**{**stats.model_dump(), **changed, "server_cpu_ms": cpu})
+        client = None if in_place_of_client else stats.client_cpu_ms
+        return LatencyStats(**{**stats.model_dump(), **changed, "server_cpu_ms": cpu, "client_cpu_ms": client})
 
     return tuple(
         BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": stretched(p.latency_ms)})

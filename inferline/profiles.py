@@ -27,6 +27,12 @@ class LatencyStats(BaseModel):
         ge=0,
         description="CPU time the model server spent per batch (all its processes), where the profiler could read it.",
     )
+    client_cpu_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description="CPU time the profiler's own client spent per batch (forming the request, reading the answer): "
+        "part of `mean`, and the part a router's own work on each call replaces.",
+    )
 
 
 class BatchPoint(BaseModel):

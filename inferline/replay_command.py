@@ -30,7 +30,7 @@ from inferline.calibration import (
     live_stages,
     read_metrics,
     replica_cpu_s,
-    with_ms_per_call,
+    with_router_work_per_call,
 )
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
@@ -205,7 +205,7 @@ def with_router_work(
     added = {(s.model, plan.stage(s.name).hardware): in_calls_ms[s.name] for s in spec.stages if s.name in in_calls_ms}
     for (model, hardware), ms in added.items():  # one value per profile's model and hardware (`_per_call_ms`)
         if model in out:
-            out[model] = with_ms_per_call(out[model], hardware, ms)
+            out[model] = with_router_work_per_call(out[model], hardware, ms)
     return out
 
 
@@ -381,7 +381,7 @@ def _sharing(
             f" {'with' if i == 0 else 'and'} the {name} ({1000 * s:.2f} ms CPU per query, one query at a time)"
             for i, (name, s) in enumerate((background_s or {}).items())
         )
-        + (f", the router's own work on each call in the call's time ({calls})" if calls else "")
+        + (f", the router's own work on each call in place of the profiler client's ({calls})" if calls else "")
     )
 
 

@@ -79,6 +79,10 @@ def test_profile_records_how_much_of_a_call_the_server_spent_on_a_core(
         for point in profile.points("cpu"):
             cpu_ms = point.latency_ms.server_cpu_ms
             assert cpu_ms is not None and low <= cpu_ms / point.latency_ms.mean <= high, (model, point)
+            # The profiler's own client forms each request and reads each answer: CPU, but a small
+            # part of the call (a thread's wall time would be all of it).
+            client_ms = point.latency_ms.client_cpu_ms
+            assert client_ms is not None and 0.0 < client_ms < 0.5 * point.latency_ms.mean, (model, point)
         if model == "preprocess":  # computes through its calls: its interference is measured beside neighbours
             assert 0.0 <= profile.interference["cpu"] <= MAX_INTERFERENCE, profile.interference
     without = profile_model(

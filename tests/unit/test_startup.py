@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inferline.calibration import LiveStage, calibrate_profiles, with_ms_per_call
+from inferline.calibration import LiveStage, calibrate_profiles, with_router_work_per_call
 from inferline.cli import main
 from inferline.errors import InferlineError
 from inferline.plan import load_plan
@@ -381,11 +381,11 @@ def test_an_offline_estimate_puts_the_routers_work_on_each_call_in_the_calls(pla
 
     none, some = estimate(0.0), estimate(2.0)
     assert some["estimate"].endswith(
-        ", the router's own work on each call in the call's time (detect 2.00 ms, classify 2.00 ms)"
+        ", the router's own work on each call in place of the profiler client's (detect 2.00 ms, classify 2.00 ms)"
     )
     assert "and the router outside its replicas (1.00 ms CPU per query" in some["estimate"]
     assert some["estimated_p99_ms"] > none["estimated_p99_ms"]
-    longer = {m: with_ms_per_call(p, "cpu", 2.0) for m, p in load_profiles(plan.profiles).items()}
+    longer = {m: with_router_work_per_call(p, "cpu", 2.0) for m, p in load_profiles(plan.profiles).items()}
     expected = predicted_latencies_ms(
         spec, longer, plan_catalog(plan), plan, arrivals, cores=2.0, background_s=(0.001, 0.001)
     )
@@ -414,6 +414,22 @@ def test_the_routers_work_goes_in_each_of_a_models_profiles_by_hardware(plan_pat
     assert [out.points(h)[0].latency_ms.mean for h in ("a", "b")] == [11.0, 12.0]
     assert [out.points(h)[0].latency_ms.server_cpu_ms for h in ("a", "b")] == [4.0, 4.0]  # not the server's
     assert with_router_work({}, both, on_two, {"detect": 1.0}) == {}  # no profile: the estimate says so
+
+
+def test_the_routers_work_replaces_the_profiler_clients_own() -> None:
+    """A profile timed from a client of its own holds that client's CPU on each call: the router's
+    work goes in its place, never making a call shorter than profiled."""
+    points = [
+        {"batch_size": 1, "latency_ms": {"mean": 10.0, "p99": 12.0, "client_cpu_ms": 0.6}},
+        {"batch_size": 4, "latency_ms": {"mean": 20.0, "client_cpu_ms": 0.9}},
+        {"batch_size": 8, "latency_ms": {"mean": 30.0}},  # from before the client's CPU was recorded
+    ]
+    profile = parse_profile({"model": "m", "profiles": {"cpu": points}}, "test")
+    out = with_router_work_per_call(profile, "cpu", 1.0).points("cpu")
+    assert [p.latency_ms.mean for p in out] == pytest.approx([10.4, 20.1, 31.0])
+    assert out[0].latency_ms.p99 == pytest.approx(12.4)
+    cheaper = with_router_work_per_call(profile, "cpu", 0.5).points("cpu")
+    assert [p.latency_ms.mean for p in cheaper] == pytest.approx([10.0, 20.0, 30.5])
 
 
 def test_a_local_run_estimated_from_its_own_service_times_counts_the_router_outside_its_replicas(
