@@ -411,7 +411,7 @@ def _groups_and_shares(
     pipeline's mean share."""
     groups: dict[tuple[str, str], list[str]] = {}
     for stage in spec.stages:
-        groups.setdefault((stage.model, plan.stage(stage.name).hardware), []).append(stage.name)
+        groups.setdefault(plan.profile_key(stage), []).append(stage.name)
     shares = {key: _cpu_share(profiles[key[0]], key[1], stages, live) for key, stages in groups.items()}
     # The calls found under way beside a call are the pipeline's calls weighted by how long each is
     # under way: by busy time, not by count.
@@ -520,7 +520,9 @@ def _stretched(
         changed = {k: None if v is None else v * factor + added for k, v in values.items()}
         cpu = None if stats.server_cpu_ms is None else stats.server_cpu_ms * factor
         client = None if in_place_of_client else stats.client_cpu_ms
-        return LatencyStats(**{**stats.model_dump(), **changed, "server_cpu_ms": cpu, "client_cpu_ms": client})
+        return LatencyStats.model_validate(
+            {**stats.model_dump(), **changed, "server_cpu_ms": cpu, "client_cpu_ms": client}
+        )
 
     return tuple(
         BatchPoint(**{**p.model_dump(exclude={"latency_ms"}), "latency_ms": stretched(p.latency_ms)})

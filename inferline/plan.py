@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferline.errors import PlanError, did_you_mean
 from inferline.validation import parse
+
+if TYPE_CHECKING:
+    from inferline.spec import StageSpec
 
 
 class StagePlan(BaseModel):
@@ -90,6 +94,10 @@ class Plan(BaseModel):
                 f"plan has no stage {name!r}{did_you_mean(name, self.stages)}",
                 "make a plan for this pipeline with `inferline plan`",
             ) from None
+
+    def profile_key(self, stage: StageSpec) -> tuple[str, str]:
+        """The (model, hardware) whose profile times `stage`'s calls under this plan."""
+        return stage.model, self.stage(stage.name).hardware
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2)

@@ -172,7 +172,7 @@ def in_each_querys_way(
     whole, outside = measured["router"], measured.get(OUTSIDE_REPLICAS)
     if spec is None or plan is None:
         return QueryWay(out | {"router": whole})
-    offline = [s for s in spec.stages if not _calibrated(profiles, s.model, plan.stage(s.name).hardware)]
+    offline = [s for s in spec.stages if not _calibrated(profiles, *plan.profile_key(s))]
     called = [s for s in offline if live is not None and s.name in live and live[s.name].calls]
     if not offline or (
         outside is not None and live is not None and all(live[s.name].router_cpu_ms is not None for s in called)
@@ -188,12 +188,12 @@ def _per_call_ms(stages: Sequence[StageSpec], plan: Plan, live: Mapping[str, Liv
     """The router's CPU ms per call on each of `stages`, averaged over those serving one profile."""
     groups: dict[tuple[str, str], list[LiveStage]] = {}
     for s in stages:
-        groups.setdefault((s.model, plan.stage(s.name).hardware), []).append((live or {})[s.name])
+        groups.setdefault(plan.profile_key(s), []).append((live or {})[s.name])
     mean = {
         key: sum((st.router_cpu_ms or 0.0) * st.call_count for st in group) / sum(st.call_count for st in group)
         for key, group in groups.items()
     }
-    return {s.name: mean[(s.model, plan.stage(s.name).hardware)] for s in stages}
+    return {s.name: mean[plan.profile_key(s)] for s in stages}
 
 
 def with_router_work(
@@ -202,7 +202,7 @@ def with_router_work(
     """The profiles with the router's own work on each call of the stages in `in_calls_ms` added (a
     model without a profile stays without: the estimate that needs it says so)."""
     out = dict(profiles)
-    added = {(s.model, plan.stage(s.name).hardware): in_calls_ms[s.name] for s in spec.stages if s.name in in_calls_ms}
+    added = {plan.profile_key(s): in_calls_ms[s.name] for s in spec.stages if s.name in in_calls_ms}
     for (model, hardware), ms in added.items():  # one value per profile's model and hardware (`_per_call_ms`)
         if model in out:
             out[model] = with_router_work_per_call(out[model], hardware, ms)

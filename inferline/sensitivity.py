@@ -56,7 +56,7 @@ def slower_profiles(
     """The profiles with every stage's model on its planned hardware `slower_by` slower (a model
     without a profile stays without: the estimate that needs it says so)."""
     out = dict(profiles)
-    for model, hardware in {(s.model, plan.stage(s.name).hardware) for s in spec.stages}:
+    for model, hardware in {plan.profile_key(s) for s in spec.stages}:
         if model in out:
             out[model] = slower_servers(out[model], hardware, 1.0 + slower_by)
     return out
