@@ -129,7 +129,7 @@ def test_the_replays_estimate_takes_the_routes_its_queries_took(plan_path: Any) 
     all_visit = np.ones((2, arrivals.size), dtype=np.bool_)
     profiles = load_profiles(plan.profiles)
     expected = predicted_latencies_ms(spec, profiles, plan_catalog(plan), plan, arrivals, visits=all_visit)
-    assert took["estimated_p99_ms"] == pytest.approx(p99(expected))
+    assert took["estimated_p99_ms"] == pytest.approx(p99(expected), abs=5e-4)  # results round to the µs
     assert took["estimated_p99_ms"] > sampled["estimated_p99_ms"]
     # Half of them unanswered: sampled for those, and said so.
     half = [names if q % 2 else None for q, names in enumerate(every)]

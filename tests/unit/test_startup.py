@@ -389,7 +389,7 @@ def test_an_offline_estimate_puts_the_routers_work_on_each_call_in_the_calls(pla
     expected = predicted_latencies_ms(
         spec, longer, plan_catalog(plan), plan, arrivals, cores=2.0, background_s=(0.001, 0.001)
     )
-    assert some["estimated_p99_ms"] == pytest.approx(p99(expected))
+    assert some["estimated_p99_ms"] == pytest.approx(p99(expected), abs=5e-4)  # results round to the µs
     # The calibrated estimate from the run is not changed by it: its call times hold that work.
     assert some["estimated_from_run_p99_ms"] == pytest.approx(none["estimated_from_run_p99_ms"])
     # A tuned run's closed loop takes it too.
