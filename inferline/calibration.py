@@ -486,7 +486,7 @@ def with_router_work_per_call(profile: ModelProfile, hardware: str, router_ms: f
     client's, at every batch size (not a calibration).
 
     A profile timed from a client of its own holds that client's work on each call (its
-    `client_cpu_ms`: 0.4-1.1 ms on a 2-core VM), which the router's replaces; where a point has none
+    `client_cpu_ms`: 0.3-2.0 ms on a 2-core VM), which the router's replaces; where a point has none
     recorded (a profile from before it was), all of the router's work is added. Never shorter than
     profiled: a router cheaper than the profiler's client would be a path nothing here has timed.
 

@@ -144,7 +144,8 @@ class QueryWay:
     """CPU seconds per query of the single-threaded processes in each query's way, in the order a
     query passes them (planner/shared_cores.py), each named for the part counted."""
     in_calls_ms: Mapping[str, float] = field(default_factory=dict)
-    """Per stage whose profile is offline, the router's own CPU ms per call, added to its calls."""
+    """Per stage whose profile is offline, the router's own CPU ms per call, which goes in its calls
+    in place of the profiler client's (`calibration.with_router_work_per_call`)."""
 
 
 def in_each_querys_way(
@@ -162,10 +163,11 @@ def in_each_querys_way(
     each request, reading each answer: Triton's adapter, as `inferline up` connects it). A replica
     does that work between sending a batch and passing it on, so it is part of the replica's cycle.
     A profile calibrated from the router's call times holds it already. An offline profile timed the
-    model from a client of its own and does not: each call of its stage gets the router's measured
-    CPU per call on that stage (the mean over the stages that share the profile's model and
-    hardware). Where that share is not measured, all of the router's CPU goes in each query's way
-    ("router"), unless every profile is calibrated: then none does (it would be counted twice)."""
+    model from a client of its own and holds that client's work instead: each call of its stage gets
+    the router's measured CPU per call on that stage in its place (the mean over the stages that
+    share the profile's model and hardware). Where that share is not measured, all of the router's
+    CPU goes in each query's way ("router"), unless every profile is calibrated: then none does (it
+    would be counted twice)."""
     out = {k: measured[k] for k in ("load generator",) if k in measured}
     if "router" not in measured:
         return QueryWay(out)
@@ -199,8 +201,8 @@ def _per_call_ms(stages: Sequence[StageSpec], plan: Plan, live: Mapping[str, Liv
 def with_router_work(
     profiles: Mapping[str, ModelProfile], spec: PipelineSpec, plan: Plan, in_calls_ms: Mapping[str, float]
 ) -> dict[str, ModelProfile]:
-    """The profiles with the router's own work on each call of the stages in `in_calls_ms` added (a
-    model without a profile stays without: the estimate that needs it says so)."""
+    """The profiles with the router's own work on each call of the stages in `in_calls_ms` in place of
+    the profiler client's (a model without a profile stays without: the estimate that needs it says so)."""
     out = dict(profiles)
     added = {plan.profile_key(s): in_calls_ms[s.name] for s in spec.stages if s.name in in_calls_ms}
     for (model, hardware), ms in added.items():  # one value per profile's model and hardware (`_per_call_ms`)

@@ -428,6 +428,7 @@ def test_the_routers_work_replaces_the_profiler_clients_own() -> None:
     out = with_router_work_per_call(profile, "cpu", 1.0).points("cpu")
     assert [p.latency_ms.mean for p in out] == pytest.approx([10.4, 20.1, 31.0])
     assert out[0].latency_ms.p99 == pytest.approx(12.4)
+    assert all(p.latency_ms.client_cpu_ms is None for p in out)  # the calls no longer hold the client's work
     cheaper = with_router_work_per_call(profile, "cpu", 0.5).points("cpu")
     assert [p.latency_ms.mean for p in cheaper] == pytest.approx([10.0, 20.0, 30.5])
 
