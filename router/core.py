@@ -64,6 +64,9 @@ LOOP_LAG_PROBE_S = 0.05
 CALL_SECONDS_BUCKETS = tuple(round(0.0005 * 1.25**i, 6) for i in range(32))
 """Bounds of the call-time histogram: 0.5 ms to about 500 ms, each 25% above the last, so that a
 percentile read from it is within about 12% of the true one at any service time."""
+QUEUE_WAIT_BUCKETS = (0.0001, 0.00025, *(round(0.0005 * 1.25**i, 6) for i in range(41)))
+"""Bounds of the queue-wait histogram: most waits are near 0 (a free replica), the rest as the call
+times' steps up to about 3.6 s (a queue under overload)."""
 
 Tensors = dict[str, NDArray[np.generic]]
 AsyncInfer = Callable[[str, Tensors], Awaitable[Tensors]]
@@ -120,6 +123,8 @@ class _Item:
     query: _Query
     inputs: Tensors
     attempts: int = 0
+    queued_at: float = field(default_factory=time.perf_counter)
+    """When it last joined its stage's queue (a retry joins again)."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +417,7 @@ class _Worker:
                 self.router._metrics.observe_idle_gap(stage.name, gap)
         self.last_call_end = None  # set again only when this call succeeds
         self._call = self.router._call_started(stage.name, not back_to_back, started)
+        self.router._metrics.observe_queue_waits(stage.name, [started - item.queued_at for item in batch])
         return started
 
     def _failed(self, batch: list[_Item], started: float, exc: Exception) -> None:
@@ -828,6 +834,7 @@ class PipelineRouter:
             if alive:
                 for item in reversed(retry):
                     item.attempts += 1
+                    item.queued_at = time.perf_counter()
                     stage.items.appendleft(item)  # FIFO: the oldest queries go first again
                 woken = stage.take_idle(everyone=True)
         for w in woken:
@@ -943,6 +950,14 @@ class _RouterMetrics:
             buckets=CALL_SECONDS_BUCKETS,
             registry=registry,
         )
+        self.queue_wait = Histogram(
+            "inferline_router_queue_wait_seconds",
+            "Time a query waited in a stage's queue, from joining it to its batch's call starting: where "
+            "the pipeline's latency grows under bursts, stage by stage",
+            ["stage"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
         self.concurrent_calls = Histogram(
             "inferline_router_concurrent_calls",
             "Replica calls under way in the whole pipeline when a call of this stage starts, itself included: "
@@ -1005,6 +1020,11 @@ class _RouterMetrics:
 
     def observe_idle_gap(self, stage: str, seconds: float) -> None:
         self.idle_gap.labels(stage=stage).observe(seconds)
+
+    def observe_queue_waits(self, stage: str, waits_s: list[float]) -> None:
+        waited = self.queue_wait.labels(stage=stage)
+        for seconds in waits_s:
+            waited.observe(seconds)
 
     def observe_dispatch(self, stage: str, seconds: float) -> None:
         self.dispatch_seconds.labels(stage=stage).observe(seconds)

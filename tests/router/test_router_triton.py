@@ -140,6 +140,17 @@ def test_batches_respect_the_planned_maximum_and_form_under_load(server: Embedde
             assert calls == 0
         if le == float("inf"):
             assert calls == sizes["detect"][n]
+    # Each query's wait in each stage's queue: 80 at once on one replica of at most 8 per call, so
+    # the last call's queries waited for at least 9 calls of at least 5 ms (det: 4 + 1·n ms).
+    waits = {
+        (s.labels["stage"], float(s.labels["le"])): int(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "inferline_router_queue_wait_seconds_bucket"
+    }
+    assert waits[("detect", float("inf"))] == 80 and waits[("classify", float("inf"))] == 80
+    below = max(le for stage, le in waits if stage == "detect" and le <= 0.045)
+    assert waits[("detect", below)] < 80
 
 
 def test_overload_is_refused_explicitly_and_every_query_is_accounted(server: EmbeddedTriton, transport: str) -> None:
