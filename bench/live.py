@@ -162,8 +162,8 @@ def fidelity(console: Console) -> list[dict[str, Any]]:
 
 def _profile_now(name: str, out: Path) -> Path:
     """`inferline profile` the pipeline's models on this machine now, as a user would before planning:
-    this VM's speed differs from day to day (the committed profiles' large model took 6.3 ms a call
-    alone, 8.5 ms on a later day's VM), and profiles from another day make the estimate miss by that."""
+    this VM's speed differs from day to day (the large model took 6.3 ms a call alone in one day's
+    profiles, 8.5 ms on a later day's VM), and profiles from another day make the estimate miss by that."""
     models = sorted({s.model for s in load_spec(EXAMPLES / "pipelines" / f"{name}.yaml").stages})
     profile = [sys.executable, "-m", "inferline.cli", "profile", "--embedded", str(EXAMPLES / "models")]
     profile += ["--models", ",".join(models), "--hardware", "cpu", "--out", str(out)]
