@@ -100,10 +100,21 @@ class LiveStage:
     """The stage's answered calls grouped by their mean count of calls under way in the pipeline and
     whether the replica sat idle before them -> (calls, count under way -> seconds they spent with
     it): how crowding slowed them (`router/crowding.py`, `inferline/interference.py`). Empty: not in the metrics."""
+    queue_wait_s: float | None = None
+    """Seconds its queries waited in its queue, all together (inferline_router_queue_wait_seconds);
+    None: the metrics do not have it."""
 
     @property
     def call_count(self) -> int:
         return sum(c for _, c in self.calls.values())
+
+    @property
+    def in_stage_s(self) -> float | None:
+        """Seconds its queries spent in it, all together: waiting in its queue and in its calls (a
+        call counts once for each query in its batch); None where the queue waits are not measured."""
+        if self.queue_wait_s is None:
+            return None
+        return self.queue_wait_s + sum(n * mean_ms * count for n, (mean_ms, count) in self.calls.items()) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,7 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
     router_cpu_s: dict[str, float] = {}
     crowded_calls: dict[str, dict[tuple[float, bool], int]] = {}
     crowded_seconds: dict[str, dict[tuple[float, bool], dict[int, float]]] = {}
+    queue_wait_s: dict[str, float] = {}
     try:
         for (name, labels), value in window.items():
             kind = name.rsplit("_", 1)[-1]
@@ -179,6 +191,8 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
                 sums[(f"dispatch_{kind}", stage, 0)] = value
             elif name == "inferline_router_concurrent_calls_sum":
                 under_way_sum[stage] = value
+            elif name == "inferline_router_queue_wait_seconds_sum":
+                queue_wait_s[stage] = value
     except (ValueError, KeyError) as exc:
         raise InferlineError(
             f"the metrics are not a router's Prometheus text ({exc})", "pass the router's /metrics"
@@ -199,7 +213,9 @@ def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveSt
         cpu_ms = 1000.0 * router_cpu_s[stage] / count if stage in router_cpu_s and count else None
         seconds_at = crowded_seconds.get(stage, {})
         groups = {k: (n, seconds_at.get(k, {})) for k, n in crowded_calls.get(stage, {}).items() if n > 0}
-        out[stage] = replace(measured, idle_gaps=gaps, router_cpu_ms=cpu_ms, crowded=groups)
+        out[stage] = replace(
+            measured, idle_gaps=gaps, router_cpu_ms=cpu_ms, crowded=groups, queue_wait_s=queue_wait_s.get(stage)
+        )
     return out
 
 

@@ -36,13 +36,14 @@ from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.interference import InterferenceFit
+from inferline.outside import added_outside_ms, measured_outside_ms
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
 from inferline.process_cpu import MachineCpu, machine_cpu, process_cpu_s
 from inferline.profiles import ModelProfile, load_profiles, require_profiles
 from inferline.router.client import AsyncKServeClient, ServerOverloaded
 from inferline.router.http_client import AsyncKServeHttpClient
-from inferline.router.prediction import predicted_latencies_ms, routes_taken
+from inferline.router.prediction import predicted_latencies_and_outside_ms, routes_taken
 from inferline.router.replay import ReplayProgress, ReplayResult, miss_rate, replay, run_results
 from inferline.runs import simulate_plan
 from inferline.sensitivity import Sensitivity, sensitivity, slower_profiles
@@ -316,6 +317,7 @@ def run_estimate(
     routes: tuple[NDArray[np.bool_], int] | None = None,
     in_calls_ms: Mapping[str, float] | None = None,
     profiles: Mapping[str, ModelProfile] | None = None,
+    outside_ms: float | None = None,
 ) -> dict[str, Any]:
     """The estimate keys of a replay's results, for the same plan and trace as the run, and with the
     conditional edges its queries took where `routes` gives them (`prediction.routes_taken`).
@@ -326,6 +328,8 @@ def run_estimate(
     prediction. Either way the replicas share `cores` cores where given, beside processes that cost
     `background_s` CPU seconds per query, and each call of the stages in `in_calls_ms` takes that
     many ms longer (`QueryWay`). `profiles`: the plan's, where the caller has read them already.
+    `outside_ms`: the run's measured mean latency per query outside its stages, of which every
+    query gets what the simulation lacks (`inferline/outside.py`).
     """
     if plan is None or spec is None or plan.profiles is None:
         return no_estimate("no plan with its profiles and spec to estimate from")
@@ -333,16 +337,18 @@ def run_estimate(
     profiles = with_router_work(planned, spec, plan, in_calls_ms or {})
     beside = tuple((background_s or {}).values())
     visits = routes[0] if routes is not None else None
-    how = _sharing(cores, background_s, in_calls_ms) + _routes_taken(routes)
+    how, taken = _sharing(cores, background_s, in_calls_ms), _routes_taken(routes)
     if tuner is None or tuner == "none":
-        latencies_ms = predicted_latencies_ms(
+        latencies_ms, simulated_ms = predicted_latencies_and_outside_ms(
             spec, profiles, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
         )
+        added = added_outside_ms(outside_ms, simulated_ms)
         return {
-            "estimated_p99_ms": p99(latencies_ms),
-            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms)),
+            "estimated_p99_ms": p99(latencies_ms + added),
+            "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms + added, plan.slo_ms)),
             "estimated_startup_s": None,
-            "estimate": f"static plan{how}",
+            "estimated_outside_added_ms": _added(outside_ms, added),
+            "estimate": f"static plan{how}{_outside(outside_ms, simulated_ms, added)}{taken}",
         }
     measured = measured_startup_s(decisions)
     if measured is None:
@@ -353,12 +359,32 @@ def run_estimate(
         background_s=beside, visits=visits,
     )  # fmt: skip
     startup = "measured" if measured is not None else "default, none measured"
+    added = added_outside_ms(outside_ms, run.outside_s * 1000.0)
+    latencies_ms = run.latencies_s * 1000.0 + added
     return {
-        "estimated_p99_ms": run.p99_s * 1000.0,
-        "estimated_slo_miss_rate": _rate(run.slo_miss_rate),
+        "estimated_p99_ms": p99(latencies_ms),
+        "estimated_slo_miss_rate": _rate(miss_rate(latencies_ms, plan.slo_ms)),
         "estimated_startup_s": round(startup_s, 3),
-        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {startup}{how}",
+        "estimated_outside_added_ms": _added(outside_ms, added),
+        "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {startup}{how}"
+        + f"{_outside(outside_ms, run.outside_s * 1000.0, added)}{taken}",
     }
+
+
+def _added(measured_ms: float | None, added_ms: float) -> float | None:
+    """The ms added to every query for the time outside the stages (None: none measured)."""
+    return round(added_ms, 3) if measured_ms is not None else None
+
+
+def _outside(measured_ms: float | None, simulated_ms: NDArray[np.float64], added_ms: float) -> str:
+    """What the estimate added for the time outside the stages, for its description ("": none measured)."""
+    if measured_ms is None:
+        return ""
+    simulated = float(simulated_ms.mean()) if simulated_ms.size else 0.0
+    return (
+        f", and {added_ms:.2f} ms per query outside the stages added to each"
+        f" (measured {measured_ms:.2f} ms, simulated {simulated:.2f} ms)"
+    )
 
 
 def _routes_taken(routes: tuple[NDArray[np.bool_], int] | None) -> str:
@@ -395,6 +421,7 @@ def estimate_from_run(
     startup_s: float | None = None,
     visits: NDArray[np.bool_] | None = None,
     profiles: Mapping[str, ModelProfile] | None = None,
+    outside_ms: float | None = None,
 ) -> tuple[float | None, dict[str, InterferenceFit]]:
     """The run's estimate again, with the service times the router measured in this run in place
     of the profiles' (calibrated as `inferline calibrate` would): P99 ms, or None where there is
@@ -402,7 +429,8 @@ def estimate_from_run(
     each model's interference fitted to this run's crowded calls where they can tell it
     (`inferline/interference.py`, used in the estimate). A tuned run is
     simulated closed-loop with its tuner and `startup_s`, as its estimate was; `visits` are the
-    conditional edges taken, `profiles` the plan's where the caller has read them already.
+    conditional edges taken, `profiles` the plan's where the caller has read them already, and
+    `outside_ms` the time outside the stages measured, added as in the estimate (`run_estimate`).
 
     Beside the estimate from the profiles it tells a user why an estimate missed: if this one
     holds, the servers have drifted from their profiles (recalibrate); if it misses too, the
@@ -429,11 +457,11 @@ def estimate_from_run(
             spec, plan, arrivals_s, tuner, profiles=own, tick_s=LIVE_TICK_S, startup_s=startup, cores=cores,
             background_s=beside, visits=visits,
         )  # fmt: skip
-        return run.p99_s * 1000.0, fits
-    latencies = predicted_latencies_ms(
+        return run.p99_s * 1000.0 + added_outside_ms(outside_ms, run.outside_s * 1000.0), fits
+    latencies, simulated = predicted_latencies_and_outside_ms(
         spec, own, plan_catalog(plan), plan, arrivals_s, cores=cores, background_s=beside, visits=visits
     )
-    return p99(latencies), fits
+    return p99(latencies) + added_outside_ms(outside_ms, simulated), fits
 
 
 def fit_record(fits: Mapping[str, InterferenceFit]) -> dict[str, Any] | None:
@@ -449,6 +477,7 @@ def no_estimate(why: str) -> dict[str, Any]:
         "estimated_p99_ms": None,
         "estimated_slo_miss_rate": None,
         "estimated_startup_s": None,
+        "estimated_outside_added_ms": None,
         "estimate": f"none: {why}",
     }
 
@@ -494,16 +523,17 @@ def results_for(
     way = QueryWay({})
     routes = routes_taken(target.spec, answered) if answered is not None and target.spec is not None else None
     planned = _profiles_of(plan)  # read once for the estimates below (None: they read and say why)
+    outside = measured_outside_ms(result.latencies_ms, live) if live else None
     try:
         if measured:
             way = in_each_querys_way(measured, target.spec, plan, planned, live)
         estimate = run_estimate(
             plan, target.spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
-            way.in_calls_ms, planned,
+            way.in_calls_ms, planned, outside,
         )  # fmt: skip
     except InferlineError as exc:  # what was measured stands without an estimate
         estimate = no_estimate(exc.one_line())
-    sensitive = _sensitivity(target, arrivals_s, estimate, decisions, fallback, way, routes, planned)
+    sensitive = _sensitivity(target, arrivals_s, estimate, decisions, fallback, way, routes, planned, outside)
     out = run_results(
         result,
         slo_ms=plan.slo_ms if plan else None,
@@ -519,11 +549,12 @@ def results_for(
         try:
             from_run, fits = estimate_from_run(
                 target, arrivals_s, live, measured, estimate.get("estimated_startup_s"),
-                routes[0] if routes is not None else None, planned,
+                routes[0] if routes is not None else None, planned, outside,
             )  # fmt: skip
         except (InferlineError, ValueError):  # e.g. measurements no profile can take
             from_run = None  # what was measured stands without it
     out["estimated_from_run_p99_ms"] = round(from_run, 3) if from_run is not None else None
+    out["outside_stages_ms"] = round(outside, 3) if outside is not None else None
     out["interference"] = fit_record(fits)
     out["estimate_sensitivity"] = sensitive.record() if sensitive is not None else None
     return out | estimate
@@ -538,6 +569,7 @@ def _sensitivity(
     way: QueryWay,
     routes: tuple[NDArray[np.bool_], int] | None,
     planned: Mapping[str, ModelProfile] | None,
+    outside_ms: float | None = None,
 ) -> Sensitivity | None:
     """The estimate again with every server `SLOWER_BY` slower (`inferline/sensitivity.py`), where
     there is an estimate to compare it with."""
@@ -546,7 +578,7 @@ def _sensitivity(
         return None
     slower = run_estimate(
         plan, spec, arrivals_s, target.tuner, decisions, fallback, target.cores, way.beside, routes,
-        way.in_calls_ms, slower_profiles(planned, spec, plan),
+        way.in_calls_ms, slower_profiles(planned, spec, plan), outside_ms,
     )  # fmt: skip
     return sensitivity(p99_ms, slower["estimated_p99_ms"])
 

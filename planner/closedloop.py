@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from inferline.planner.costtable import CostTable, HardwareOption
 from inferline.planner.estimator import p99
 from inferline.planner.kernel import advance_stage
-from inferline.planner.pipeline import Config, PipelineModel, query_visits
+from inferline.planner.pipeline import Config, PipelineModel, query_visits, time_outside_stages_s
 from inferline.planner.shared_cores import advance_shared, start_shared
 from inferline.planner.tuning.context import Decision, StageStatus, TunerContext
 
@@ -63,6 +63,10 @@ class RunResult:
     replicas: dict[str, NDArray[np.int64]]
     """Provisioned replicas per stage at each tick time."""
     mean_batch: dict[str, float]
+    outside_s: NDArray[np.float64]
+    """Each query's latency outside every stage's queue and calls (`time_outside_stages_s`: its way
+    through the processes beside replicas that share cores; nothing else where a query's branches
+    do not run side by side)."""
 
     @property
     def p99_s(self) -> float:
@@ -100,6 +104,8 @@ class _Engine(Protocol):
     def drained(self) -> bool: ...
 
     def latencies_s(self) -> NDArray[np.float64]: ...
+
+    def outside_s(self) -> NDArray[np.float64]: ...
 
     def mean_batch(self, stage: int) -> float: ...
 
@@ -203,6 +209,7 @@ def simulate_run(
         tick_times_s=np.array(tick_times),
         replicas={name: np.array([row[s] for row in replica_rows]) for s, name in enumerate(model.names)},
         mean_batch={name: engine.mean_batch(s) for s, name in enumerate(model.names)},
+        outside_s=engine.outside_s(),
     )
 
 
@@ -241,6 +248,7 @@ class _StageEngine:
             for o, c in zip(options, config, strict=True)
         ]
         self.children = [model.children(s) for s in range(model.size)]
+        self.parents = model.parents
         # A query reaches a stage once all of its visited parents are done (a join).
         self.waiting = [
             np.sum([visits[p] for p in model.parents[s]], axis=0).astype(np.int64) for s in range(model.size)
@@ -302,6 +310,9 @@ class _StageEngine:
     def latencies_s(self) -> NDArray[np.float64]:
         return np.maximum(self.completion.max(axis=0), self.arrivals) - self.arrivals  # no stage visited: 0
 
+    def outside_s(self) -> NDArray[np.float64]:
+        return time_outside_stages_s(self.parents, self.visits, self.arrivals, self.completion, self.latencies_s())
+
     def mean_batch(self, stage: int) -> float:
         st = self.stages[stage]
         return st.batch_count / st.batch_sum if st.batch_sum > 0 else math.nan
@@ -361,6 +372,9 @@ class _SharedEngine:
 
     def latencies_s(self) -> NDArray[np.float64]:
         return self.run.latencies_s()
+
+    def outside_s(self) -> NDArray[np.float64]:
+        return self.run.outside_s()
 
     def mean_batch(self, stage: int) -> float:
         batches = int(self.run.batches[stage])

@@ -66,6 +66,29 @@ class PipelineModel:
         return tuple(stages[n] for n in self.names)
 
 
+def time_outside_stages_s(
+    parents: tuple[tuple[int, ...], ...],
+    visits: NDArray[np.bool_],
+    entered_s: NDArray[np.float64],
+    completion_s: NDArray[np.float64],
+    latencies_s: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Each query's latency less its time in the stages it visited, from joining a stage's queue to
+    its completion there (-inf where not visited). An entry stage is joined at `entered_s` (the
+    arrival, or the end of the query's way to the replicas); a later one when its last visited
+    parent completed. Branches that run side by side add up, as a router's per-stage metrics do,
+    so their overlap counts below zero."""
+    joined = np.full_like(completion_s, -np.inf)
+    for s, ps in enumerate(parents):
+        if not ps:
+            joined[s] = entered_s
+        for p in ps:
+            joined[s] = np.maximum(joined[s], completion_s[p])
+    with np.errstate(invalid="ignore"):  # -inf less -inf where a stage was not visited
+        in_stages = np.where(visits, completion_s - joined, 0.0).sum(axis=0)
+    return np.asarray(latencies_s - in_stages, dtype=np.float64)
+
+
 def pipeline_model(spec: PipelineSpec) -> PipelineModel:
     order = spec.topological_order()
     index = {s.name: i for i, s in enumerate(order)}

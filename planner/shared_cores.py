@@ -49,7 +49,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from inferline.planner.estimator import Estimator
-from inferline.planner.pipeline import Config, PipelineModel
+from inferline.planner.pipeline import Config, PipelineModel, time_outside_stages_s
 
 
 def shared_core_latencies_s(
@@ -60,6 +60,14 @@ def shared_core_latencies_s(
     `background_s`: per process beside the replicas on the same cores that each query passes through
     first (e.g. the load generator, the router's own work), the CPU seconds each query costs it.
     """
+    run = shared_core_run(estimator, config, cores, background_s)
+    return run.latencies_s(), run.completions()
+
+
+def shared_core_run(
+    estimator: Estimator, config: Config, cores: float, background_s: tuple[float, ...] = ()
+) -> SharedRun:
+    """The run behind `shared_core_latencies_s`, run to its end (for what else it tells: `SharedRun`)."""
     model, table = estimator.model, estimator.table
     options = [table[s].option(c.hardware) for s, c in enumerate(config)]
     run = start_shared(
@@ -75,7 +83,7 @@ def shared_core_latencies_s(
         [o.interference for o in options],
     )
     advance_shared(run, np.inf)
-    return run.latencies_s(), run.completions()
+    return run
 
 
 @dataclass
@@ -100,6 +108,9 @@ class SharedRun:
     background_s: NDArray[np.float64]
     waiting: NDArray[np.int64]
     completion: NDArray[np.float64]
+    admitted: NDArray[np.float64]
+    """When each query passed the processes beside the replicas into its first stages' queues
+    (its arrival where none costs anything; NaN until then)."""
     queue: NDArray[np.int64]
     head: NDArray[np.int64]
     tail: NDArray[np.int64]
@@ -148,6 +159,17 @@ class SharedRun:
         done = np.maximum(self.completion.max(axis=0), self.arrivals)
         out = np.empty_like(self.arrivals)
         out[self.order] = done - self.arrivals
+        return out
+
+    def outside_s(self) -> NDArray[np.float64]:
+        """Each query's latency outside every stage's queue and calls (`time_outside_stages_s`), in
+        the caller's order: here, its way through the processes beside the replicas."""
+        stages = self.children.shape[0]
+        parents = tuple(tuple(p for p in range(stages) if s in self.children[p]) for s in range(stages))
+        latencies = np.maximum(self.completion.max(axis=0), self.arrivals) - self.arrivals
+        inside_order = time_outside_stages_s(parents, self.visits, self.admitted, self.completion, latencies)
+        out = np.empty_like(self.arrivals)
+        out[self.order] = inside_order
         return out
 
     def completions(self) -> list[NDArray[np.float64]]:
@@ -278,6 +300,7 @@ def start_shared(
         background_s=np.asarray(background_s, dtype=np.float64).reshape(-1),
         waiting=_visited_parents(in_order, model.parents),
         completion=np.full((stages, n), -np.inf),
+        admitted=np.full(n, np.nan),
         queue=np.empty((stages, n), dtype=np.int64),
         head=np.zeros(stages, dtype=np.int64),
         tail=np.zeros(stages, dtype=np.int64),
@@ -318,7 +341,7 @@ def advance_shared(run: SharedRun, horizon_s: float) -> bool:
         )
     finished = _advance(
         run.arrivals, run.order, run.visits, run.roots, run.children,
-        run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.queue,
+        run.service, run.share, run.cores, run.background_s, run.waiting, run.completion, run.admitted, run.queue,
         run.head, run.tail, run.free, run.idle_since, run.idle_extra, run.idle_tau, run.interference, run.max_batch,
         run.pend_time,
         run.pend_stage, run.act_stage,
@@ -377,6 +400,7 @@ def _pass_through(
     queue: NDArray[np.int64],
     tail: NDArray[np.int64],
     entered: NDArray[np.int64],
+    admitted: NDArray[np.float64],
 ) -> None:
     """Query q, at time t, goes on to the processes beside the replicas from `first` (one that
     costs nothing is passed at once), and once past them all into the first stages' queues."""
@@ -388,6 +412,7 @@ def _pass_through(
         bg_queue[j, bg_tail[j]] = q
         bg_tail[j] += 1
         return
+    admitted[q] = t
     for s in range(roots.shape[0]):
         if roots[s] and visits[s, q]:
             queue[s, tail[s]] = q
@@ -408,6 +433,7 @@ def _advance(
     background_s: NDArray[np.float64],
     waiting: NDArray[np.int64],
     completion: NDArray[np.float64],
+    admitted: NDArray[np.float64],
     queue: NDArray[np.int64],
     head: NDArray[np.int64],
     tail: NDArray[np.int64],
@@ -582,14 +608,14 @@ def _advance(
                 if bg_tail[j] > bg_head[j]:
                     bg_finish[j] = t + background_s[j] * crowd
                 _pass_through(q, j + 1, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_finish,
-                              roots, visits, queue, tail, entered)  # fmt: skip
+                              roots, visits, queue, tail, entered, admitted)  # fmt: skip
         for s in range(stages):
             if tail[s] - mark[s] > 1:  # ready at the same instant: in query order, as the estimator
                 ready = queue[s, mark[s] : tail[s]].copy()
                 queue[s, mark[s] : tail[s]] = ready[np.argsort(rank[ready], kind="mergesort")]
         while arrived < n and arrivals[arrived] <= t:
             _pass_through(arrived, 0, t, crowd, background_s, bg_queue, bg_head, bg_tail, bg_finish,
-                          roots, visits, queue, tail, entered)  # fmt: skip
+                          roots, visits, queue, tail, entered, admitted)  # fmt: skip
             arrived += 1
     clock[0], clock[1] = t, demand
     counts[0], counts[1], counts[2] = active, arrived, pending

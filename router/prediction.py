@@ -25,9 +25,16 @@ from inferline.errors import PlanError
 from inferline.plan import Plan
 from inferline.planner.costtable import build_cost_table
 from inferline.planner.estimator import Estimator, p99
-from inferline.planner.pipeline import Config, PipelineModel, check_visits, pipeline_model, sample_visits
+from inferline.planner.pipeline import (
+    Config,
+    PipelineModel,
+    check_visits,
+    pipeline_model,
+    sample_visits,
+    time_outside_stages_s,
+)
 from inferline.planner.planning import plan_config
-from inferline.planner.shared_cores import shared_core_latencies_s
+from inferline.planner.shared_cores import shared_core_run
 from inferline.profiles import ModelProfile
 from inferline.spec import PipelineSpec
 
@@ -113,6 +120,26 @@ def predicted_latencies_ms(
     hardware, as planned), with the processes beside them that cost `background_s` CPU seconds per
     query each (e.g. the load generator).
     """
+    latencies, _ = predicted_latencies_and_outside_ms(
+        spec, profiles, catalog, plan, arrivals_s, seed, replicas, cores, background_s, visits
+    )
+    return latencies
+
+
+def predicted_latencies_and_outside_ms(
+    spec: PipelineSpec,
+    profiles: Mapping[str, ModelProfile],
+    catalog: HardwareCatalog,
+    plan: Plan,
+    arrivals_s: NDArray[np.float64],
+    seed: int = 0,
+    replicas: Mapping[str, int] | None = None,
+    cores: float | None = None,
+    background_s: tuple[float, ...] = (),
+    visits: NDArray[np.bool_] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """`predicted_latencies_ms`, and each query's part of it outside every stage's queue and calls
+    (`time_outside_stages_s`: its way through the processes beside replicas that share cores)."""
     model = pipeline_model(spec)
     table = build_cost_table(model, profiles, catalog)
     config = plan_config(model, table, plan)
@@ -121,10 +148,13 @@ def predicted_latencies_ms(
     arrivals = np.asarray(arrivals_s, dtype=np.float64)
     estimator = Estimator(model, table, arrivals, plan.slo_ms / 1000.0, seed=seed, visits=visits)
     if cores is not None:
-        latencies_s, _ = shared_core_latencies_s(estimator, config, cores, background_s)
-    else:
-        latencies_s, _ = estimator.latencies_s(config)
-    return latencies_s * 1000.0
+        run = shared_core_run(estimator, config, cores, background_s)
+        return run.latencies_s() * 1000.0, run.outside_s() * 1000.0
+    latencies_s, completions = estimator.latencies_s(config)
+    outside_s = time_outside_stages_s(
+        model.parents, estimator.visits, estimator.arrivals_s, np.array(completions), latencies_s
+    )
+    return latencies_s * 1000.0, outside_s * 1000.0
 
 
 def predicted_p99_ms(

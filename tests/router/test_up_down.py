@@ -110,6 +110,12 @@ def test_up_serves_the_plan_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert results["estimate"].endswith(", conditional edges as the queries took them")
         # Estimated again from the service times the router measured in this replay alone.
         assert results["estimated_from_run_p99_ms"] > 0
+        # Each query's time outside the stages (the hops to the router and back, its passing on)
+        # measured, and what the simulation lacks of it added to the estimates.
+        outside = results["outside_stages_ms"]
+        assert 0 < outside < results["p99_ms"]
+        described = results["estimate"].split("outside the stages added to each (measured ")[1]
+        assert float(described.split(" ms")[0]) == pytest.approx(outside, abs=0.006)
         # The gRPC endpoint, named explicitly: an HTTP client could not talk to it at all.
         grpc = ["--endpoint", info["endpoints"]["grpc"], "--protocol", "grpc", "--plan", str(plan)]
         replayed = cli("replay", *grpc, "--trace", "gamma:rate=40,cv=1,duration=2,seed=5", "--json")

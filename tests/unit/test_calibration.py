@@ -72,12 +72,20 @@ def test_router_exports_call_and_dispatch_times_that_calibration_reads() -> None
         futures = [router.submit({"INPUT": np.zeros((1, 4), np.float32)}) for _ in range(200)]
         for f in futures:
             f.result(timeout=30)
-        live = live_stages(generate_latest(router.metrics_registry).decode())
+        text = generate_latest(router.metrics_registry).decode()
+        live = live_stages(text)
         batches = router.batch_sizes()
         dispatch = router.dispatch_ms()
     finally:
         router.stop()
     assert set(live) == {"a", "b"}
+    # Every query visits both stages: its time in them (queue waits, and each call once per query
+    # in its batch) is most of its latency at the router, and never more (200 queries: a backlog).
+    in_stages = [live[s].in_stage_s for s in ("a", "b")]
+    assert all(t is not None and t > 200 * CALL_S for t in in_stages)
+    latency_s = float(text.split("\ninferline_router_latency_seconds_sum ")[1].split()[0])
+    outside_per_query_s = (latency_s - sum(t for t in in_stages if t is not None)) / 200
+    assert 0 <= outside_per_query_s < CALL_S
     for stage in ("a", "b"):
         assert {n: c for n, (_, c) in live[stage].calls.items()} == batches[stage]
         assert all(ms >= 1000 * CALL_S for ms, _ in live[stage].calls.values())

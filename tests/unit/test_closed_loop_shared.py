@@ -19,7 +19,13 @@ import pytest
 from inferline.planner.closedloop import RunResult, simulate_run
 from inferline.planner.estimator import Estimator
 from inferline.planner.pipeline import StageConfig, sample_visits
-from inferline.planner.shared_cores import SharedRun, advance_shared, shared_core_latencies_s, start_shared
+from inferline.planner.shared_cores import (
+    SharedRun,
+    advance_shared,
+    shared_core_latencies_s,
+    shared_core_run,
+    start_shared,
+)
 from inferline.planner.tuning.context import Decision, StageStatus, TunerContext
 from tests.reference_sim import build_pipeline
 from tests.unit.test_estimator_reference import SEEDS, make_case
@@ -51,6 +57,7 @@ class ScriptedPolicy:
 
 def assert_same_run(got: RunResult, expected: RunResult) -> None:
     np.testing.assert_array_equal(got.latencies_s, expected.latencies_s)
+    np.testing.assert_allclose(got.outside_s, expected.outside_s, rtol=0, atol=1e-12)
     assert got.decisions == expected.decisions
     assert got.cost == expected.cost
     np.testing.assert_array_equal(got.tick_times_s, expected.tick_times_s)
@@ -109,6 +116,8 @@ def test_without_a_tuner_equals_the_shared_core_prediction(seed: int) -> None:
         background_s=(1e-4,),
     )  # fmt: skip
     np.testing.assert_array_equal(run.latencies_s, expected)
+    whole = shared_core_run(est, config, cores, background_s=(1e-4,))
+    np.testing.assert_array_equal(run.outside_s, whole.outside_s())
 
 
 # --- a tuner's changes in the shared event loop: closed forms ---------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from inferline.planner.estimator import Estimator
 from inferline.planner.pipeline import StageConfig
-from inferline.planner.shared_cores import shared_core_latencies_s
+from inferline.planner.shared_cores import shared_core_latencies_s, shared_core_run
 from tests.reference_sim import build_pipeline
 from tests.unit.test_estimator_reference import SEEDS, make_case
 
@@ -177,6 +177,41 @@ def test_processes_beside_the_replicas_are_passed_in_order() -> None:
     est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0])
     latencies, _ = shared_core_latencies_s(est, (StageConfig("cpu", 1, 2),), cores=4, background_s=(0.25, 0.5))
     np.testing.assert_allclose(latencies, [1.75, 2.25], rtol=0, atol=1e-12)
+
+
+def test_the_time_outside_the_stages_is_the_passage_through_the_processes_beside_them() -> None:
+    # As above: the queries leave the router at 0.75 s and 1.25 s, then take 1 s in their stage.
+    est = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.0, 0.0])
+    run = shared_core_run(est, (StageConfig("cpu", 1, 2),), cores=4, background_s=(0.25, 0.5))
+    np.testing.assert_allclose(run.outside_s(), [0.75, 1.25], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(run.latencies_s(), [1.75, 2.25], rtol=0, atol=1e-12)
+    # Out of order: query 1 (at 0) passes the process by 0.5 s; query 0 (at 0.1) waits for it and
+    # passes by 1.0 s. Each comes back in the caller's order.
+    late_first = one_stage(1000.0, 1.0, replicas=2, arrivals=[0.1, 0.0])
+    run = shared_core_run(late_first, (StageConfig("cpu", 1, 2),), cores=4, background_s=(0.5,))
+    np.testing.assert_allclose(run.outside_s(), [0.9, 0.5], rtol=0, atol=1e-12)
+    alone = shared_core_run(est, (StageConfig("cpu", 1, 2),), cores=4)
+    np.testing.assert_array_equal(alone.outside_s(), [0.0, 0.0])
+
+
+def test_queueing_counts_inside_the_stages_and_side_by_side_branches_add_up() -> None:
+    # a (1 s) -> b and c (1 s each) side by side, one replica each, cores to spare. Query 1 waits
+    # 1 s in a's queue: inside the stages. Each query's branches take 1 s at once but count 2 s, as
+    # a router's per-stage metrics count them: 1 s less than nothing outside.
+    profile = {"cpu": [{"batch_size": 1, "latency_ms": {"mean": 1000.0}}]}
+    model, table = build_pipeline(
+        [
+            {"name": "a", "model": "m"},
+            {"name": "b", "model": "m", "after": ["a"]},
+            {"name": "c", "model": "m", "after": ["a"]},
+        ],
+        {"m": profile},
+    )
+    est = Estimator(model, table, np.array([0.0, 0.0]), math.inf, seed=0)
+    one = StageConfig("cpu", 1, 1)
+    run = shared_core_run(est, (one, one, one), cores=8)
+    np.testing.assert_allclose(run.latencies_s(), [2.0, 3.0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(run.outside_s(), [-1.0, -1.0], rtol=0, atol=1e-12)
 
 
 def test_background_cpu_must_not_be_negative() -> None:

@@ -492,6 +492,56 @@ def test_a_static_run_is_estimated_again_from_its_own_service_times(plan_path: P
     assert slow["estimated_from_run_p99_ms"] > 1.3 * slow["estimated_p99_ms"]
 
 
+def _with_queue_waits(live: dict[str, LiveStage], seconds: float) -> dict[str, LiveStage]:
+    return {name: replace(stage, queue_wait_s=seconds) for name, stage in live.items()}
+
+
+def test_the_time_outside_the_stages_measured_in_a_run_is_added_where_the_simulation_lacks_it(
+    plan_path: Path,
+) -> None:
+    """Every query took 50 ms; the router counted part of that in its stages' queues and calls.
+    The rest, outside the stages, goes into both estimates, less what the simulation has there."""
+    plan, spec, arrivals = load_plan(plan_path), load_spec(SPEC), load_trace(STEP)
+    result = fake_replay(arrivals)
+    live = _live_at(plan, spec, 1.0, 500)
+    in_calls_ms = sum(n * ms * c for stage in live.values() for n, (ms, c) in stage.calls.items())
+    waits_s = 20.0 * arrivals.size / 1000 / 2  # 10 ms per query in each of two queues
+    expected = 50.0 - (in_calls_ms + 2000 * waits_s) / arrivals.size
+    assert 0 < expected < 50
+
+    # Each replica on its own hardware: the simulation has nothing outside the stages, so all of it.
+    static = Target("127.0.0.1:1", spec.name, plan, spec, None, "none")
+    without = results_for(static, result, arrivals, 0.0, live=live)
+    measured = results_for(static, result, arrivals, 0.0, live=_with_queue_waits(live, waits_s))
+    assert without["outside_stages_ms"] is None  # the router's metrics lack the queue waits
+    assert measured["outside_stages_ms"] == pytest.approx(expected, abs=1e-3)
+    assert measured["estimated_p99_ms"] - without["estimated_p99_ms"] == pytest.approx(expected, abs=2e-3)
+    assert measured["estimated_from_run_p99_ms"] - without["estimated_from_run_p99_ms"] == pytest.approx(
+        expected, abs=2e-3
+    )
+    assert measured["estimated_slo_miss_rate"] >= without["estimated_slo_miss_rate"]
+    assert f"and {expected:.2f} ms per query outside the stages added to each" in measured["estimate"]
+    assert measured["estimated_outside_added_ms"] == pytest.approx(expected, abs=1e-3)
+    assert without["estimated_outside_added_ms"] is None
+
+    # Sharing cores, the load generator and the router are in each query's way: only the rest is added.
+    local = Target("127.0.0.1:1", spec.name, plan, spec, None, "none", cores=2.0, router_pid=os.getpid())
+    cpu = {"router": 0.004, "load generator": 0.001, "router outside its replicas": 0.001}
+    shared_without = results_for(local, result, arrivals, 0.0, cpu_s_per_query=cpu, live=live)
+    shared = results_for(local, result, arrivals, 0.0, cpu_s_per_query=cpu, live=_with_queue_waits(live, waits_s))
+    simulated = float(shared["estimate"].split("simulated ")[1].split(" ms")[0])
+    assert simulated >= 2.0  # at least the two processes' CPU per query
+    added = shared["estimated_p99_ms"] - shared_without["estimated_p99_ms"]
+    assert added == pytest.approx(expected - simulated, abs=0.02)
+    assert shared["estimated_outside_added_ms"] == pytest.approx(added, abs=1e-3)
+    # Queue waits that leave less outside than the simulation has: nothing is taken away.
+    crowded = _with_queue_waits(live, waits_s + 0.5 * expected * arrivals.size / 1000)
+    less = results_for(local, result, arrivals, 0.0, cpu_s_per_query=cpu, live=crowded)
+    assert less["outside_stages_ms"] < simulated
+    assert less["estimated_p99_ms"] == shared_without["estimated_p99_ms"]
+    assert "and 0.00 ms per query outside the stages added" in less["estimate"]
+
+
 def test_a_profile_missing_for_the_estimate_from_the_run_leaves_the_results_standing(
     plan_path: Path, tmp_path: Path
 ) -> None:
