@@ -269,6 +269,8 @@ def _fidelity_run(plan: Any, trace: str, state: Path, where: Path) -> dict[str, 
         "errors": result["errors"], "mean_batch": _mean_batch_of(live), "core_warning": core_shortfall(plan),
         "machine_stolen": result.get("machine_stolen"), "interference": result.get("interference"),
         "estimate_sensitivity": result.get("estimate_sensitivity"),
+        "outside_stages_ms": result.get("outside_stages_ms"),
+        "estimated_outside_added_ms": result.get("estimated_outside_added_ms"),
         "service_ms": _service_vs_profile(spec, plan, _router_call_ms(live)),
         "router_ms_per_batch": {s: round(v.dispatch_ms, 3) for s, v in live.items()},
         "plan_path": str(plan_path), "metrics_path": str(metrics_path), "metrics_before_path": str(metrics_before_path),
@@ -299,6 +301,12 @@ def _fmt_fidelity(run: dict[str, Any]) -> str:
             f"({100 * run['error_with_own_live']:.1f}%)"
             if run["error_with_own_live"] is not None
             else "; no estimate from the run's own service times"
+        )
+        + (
+            f"; {run['outside_stages_ms']:.2f} ms per query outside the stages, "
+            f"{run['estimated_outside_added_ms']:.2f} ms of it added to the estimates"
+            if run.get("outside_stages_ms") is not None and run.get("estimated_outside_added_ms") is not None
+            else ""
         )
         + (
             " (interference per core's worth of calls beside: "
