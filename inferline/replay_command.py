@@ -359,7 +359,8 @@ def run_estimate(
         background_s=beside, visits=visits,
     )  # fmt: skip
     startup = "measured" if measured is not None else "default, none measured"
-    added = added_outside_ms(outside_ms, run.outside_s * 1000.0)
+    simulated_ms = run.outside_s * 1000.0
+    added = added_outside_ms(outside_ms, simulated_ms)
     latencies_ms = run.latencies_s * 1000.0 + added
     return {
         "estimated_p99_ms": p99(latencies_ms),
@@ -367,7 +368,7 @@ def run_estimate(
         "estimated_startup_s": round(startup_s, 3),
         "estimated_outside_added_ms": _added(outside_ms, added),
         "estimate": f"closed-loop tuner {tuner}, start-up {startup_s:.3g} s {startup}{how}"
-        + f"{_outside(outside_ms, run.outside_s * 1000.0, added)}{taken}",
+        + f"{_outside(outside_ms, simulated_ms, added)}{taken}",
     }
 
 

@@ -166,7 +166,7 @@ class SharedRun:
         the caller's order: here, its way through the processes beside the replicas."""
         stages = self.children.shape[0]
         parents = tuple(tuple(p for p in range(stages) if s in self.children[p]) for s in range(stages))
-        latencies = np.maximum(self.completion.max(axis=0), self.arrivals) - self.arrivals
+        latencies = self.latencies_s()[self.order]  # back in the kernel's order
         inside_order = time_outside_stages_s(parents, self.visits, self.admitted, self.completion, latencies)
         out = np.empty_like(self.arrivals)
         out[self.order] = inside_order
