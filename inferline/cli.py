@@ -18,6 +18,7 @@ from rich.console import Console
 from inferline.calibration import MIN_CALLS, STOLEN_WARN
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError, SpecError
+from inferline.output_paths import write_text
 from inferline.plan import load_plan
 from inferline.planner.planning import STRATEGIES, make_plan
 from inferline.planner.tuning.registry import TUNERS
@@ -288,7 +289,7 @@ def _plan(args: argparse.Namespace) -> int:
     elif plan.feasible:
         Console().print(plan_table(plan))
     if args.out:
-        _write(Path(args.out), plan.to_json() + "\n")
+        write_text(args.out, plan.to_json() + "\n", "plan")
     if not plan.feasible:
         print(f"inferline: infeasible: {plan.reason}", file=sys.stderr)
         return 1
@@ -336,13 +337,6 @@ def _agent(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, on_ready=announce,
     )  # fmt: skip
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise InferlineError(f"cannot write {str(path)!r}: {exc.strerror}", "check that its folder exists") from None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from inferline.catalog import load_catalog
 from inferline.errors import InferlineError
+from inferline.output_paths import make_dir
 from inferline.planner.closedloop import simulate_run
 from inferline.planner.costtable import build_cost_table
 from inferline.planner.pipeline import pipeline_model
@@ -37,6 +38,7 @@ LIVE_TRACE = "step:rate=150/250/150,cv=4,every=60,seed=2"
 def run_demo(out_dir: Path, console: Console) -> int:
     if not EXAMPLES.is_dir():
         raise InferlineError(f"the bundled examples are not at {EXAMPLES}", "run the demo from a source checkout")
+    make_dir(out_dir, "the demo's output folder")
     spec = load_spec(EXAMPLES / "pipelines" / f"{PIPELINE}.yaml")
     profiles = load_profiles(EXAMPLES / "profiles" / "representative")
     catalog = load_catalog(EXAMPLES / "catalog.yaml")
@@ -71,12 +73,10 @@ def run_demo(out_dir: Path, console: Console) -> int:
             name = f"{strategy} plan + {tuner} tuner" if tuner != "none" else f"{strategy} plan, static"
             rows.append((name, run_results(result, tuner)))
             if strategy == "inferline" and tuner == "inferline":
-                out_dir.mkdir(parents=True, exist_ok=True)
                 plot_run(result, out_dir / "run.png", f"{spec.name} · InferLine plan + envelope tuner")
     console.print(plan_table(plans["inferline"]))
     console.print(runs_table(f"{spec.name} under {LIVE_TRACE} (SLO {spec.slo_ms:g} ms)", rows))
     report["runs"] = dict(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"report: {out_dir / 'results.json'}, plot: {out_dir / 'run.png'}")
     return 0

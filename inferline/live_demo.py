@@ -34,6 +34,7 @@ from inferline.deployment import Endpoints, LocalDeployment
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveTuner
+from inferline.output_paths import make_dir
 from inferline.plan import Plan
 from inferline.planner.planning import make_plan
 from inferline.planner.tuning.registry import make_policy
@@ -55,7 +56,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 def run_live_demo(out_dir: Path, console: Console) -> int:
     if not EXAMPLES.is_dir():
         raise InferlineError(f"the bundled examples are not at {EXAMPLES}", "run the demo from a source checkout")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "the demo's output folder")
     spec = load_spec(EXAMPLES / "pipelines" / f"{PIPELINE}.yaml")
     repository = EXAMPLES / "models"
     catalog_path = EXAMPLES / "catalog-local.yaml"

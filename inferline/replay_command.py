@@ -36,6 +36,7 @@ from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError
 from inferline.heap import freeze_long_lived
 from inferline.interference import InterferenceFit
+from inferline.output_paths import check_creatable_dir, check_writable_file, write_text
 from inferline.outside import added_outside_ms, measured_outside_ms
 from inferline.plan import Plan, load_plan
 from inferline.planner.estimator import p99
@@ -606,8 +607,12 @@ def target_from(
     spec = load_spec(plan.spec) if plan is not None and plan.spec else None
     address = endpoint or (up["endpoints"][protocol] if up else None)
     name = pipeline or (up or {}).get("pipeline") or (plan.pipeline if plan else None)
-    if address is None or name is None:
+    if address is None:
         raise InferlineError("no pipeline to replay against", "start one with `inferline up PLAN` or pass --endpoint")
+    if name is None:
+        raise InferlineError(
+            f"the pipeline to call at {address} is not named", "pass --pipeline NAME, or --plan PLAN for its pipeline"
+        )
     decisions = Path(state_dir) / DECISIONS_FILE if up is not None and state_dir is not None else None
     shared = cores if cores is not None else (up or {}).get("cores")
     router_pid = int(up["pid"]) if up is not None and up.get("pid") else None
@@ -644,6 +649,7 @@ def run_replay(args: Any, console: Any) -> int:
     if args.timeout_s <= 0:
         raise InferlineError(f"--timeout-s must be positive, got {args.timeout_s:g}", "pass seconds")
     metrics_out = metrics_directory(args.metrics_out, target)
+    out = check_writable_file(args.out, "results file") if args.out else None
     inputs = asyncio.run(entry_inputs(target))
     slo_ms = args.slo_ms if args.slo_ms is not None else (target.plan.slo_ms if target.plan else None)
     console.print(f"replaying {arrivals.size} queries ({args.trace}) against {target.pipeline!r} at {target.endpoint}")
@@ -660,14 +666,14 @@ def run_replay(args: Any, console: Any) -> int:
     results = results_for(target, result, arrivals, started, cpu_s_per_query=cpu, live=live, answered=answered)
     stolen = before.stolen_share(after)
     results["machine_stolen"] = round(stolen, 4) if stolen is not None else None
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         console.print(replay_table(target.pipeline, results))
     if metrics_out is not None:
         console.print(save_router_metrics(metrics_out, before.metrics_text, after.metrics_text))
+    if out is not None:  # last: the results are printed above whatever befell the folder meanwhile
+        write_text(out, json.dumps(results, indent=2) + "\n", "results file")
     return 0
 
 
@@ -683,19 +689,19 @@ def metrics_directory(directory: str | None, target: Target) -> Path | None:
             "--metrics-out needs the router's metrics, which a pipeline started by `inferline up` tells",
             "replay it with --state-dir, or leave out --metrics-out",
         )
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise InferlineError(f"--metrics-out {directory!r} is a file", "pass a directory")
-    return path
+    return check_creatable_dir(directory, "--metrics-out folder")
 
 
 def save_router_metrics(directory: Path, before: str | None, after: str | None) -> str:
     """Write the router's metrics from before and after the replay; what was done, for the console."""
     if before is None or after is None:
         return "[yellow]the router's metrics could not be read around the replay: none written[/yellow]"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / METRICS_BEFORE).write_text(before)
-    (directory / METRICS_AFTER).write_text(after)
+    try:  # checked before the replay; a folder that changed since costs these files, not the results
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / METRICS_BEFORE).write_text(before)
+        (directory / METRICS_AFTER).write_text(after)
+    except OSError as exc:
+        return f"[yellow]the router's metrics could not be written to {directory}: {exc.strerror}[/yellow]"
     return (
         f"the router's metrics before and after the replay are in {directory}: `inferline calibrate PLAN "
         f"--metrics {directory / METRICS_AFTER} --since {directory / METRICS_BEFORE} --out DIR` calibrates "

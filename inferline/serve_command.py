@@ -27,6 +27,7 @@ from inferline.deployment import LocalDeployment, core_shortfall
 from inferline.errors import InferlineError, PlanError
 from inferline.heap import freeze_long_lived
 from inferline.live_tuner import LiveDecision, LiveTuner
+from inferline.output_paths import make_dir
 from inferline.plan import Plan, load_plan
 from inferline.planner.tuning.registry import make_policy
 from inferline.spec import PipelineSpec, load_spec
@@ -46,8 +47,7 @@ def load_plan_and_spec(plan_path: str, spec_path: str | None) -> tuple[Plan, Pip
 
 def run_serve(args: argparse.Namespace, console: Console) -> int:
     plan, spec = load_plan_and_spec(args.plan, args.spec)
-    state = Path(args.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    state = make_dir(args.state_dir, "state folder")
     (state / DECISIONS_FILE).write_text("")
     policy = make_policy(args.tuner, plan.tuner)
     stop = threading.Event()
@@ -122,7 +122,7 @@ def run_up(args: argparse.Namespace, console: Console) -> int:
                 f"a pipeline is already up from {state} (pid {up['pid']})", "run `inferline down` first"
             )
         (state / UP_FILE).unlink()
-    state.mkdir(parents=True, exist_ok=True)
+    make_dir(state, "state folder")
     argv = [sys.executable, "-m", "inferline.cli", "serve", args.plan, "--state-dir", str(state)]
     argv += ["--models", str(args.models), "--tuner", args.tuner, "--tick-s", str(args.tick_s)]
     argv += ["--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)]

@@ -445,6 +445,46 @@ def test_subprocess_plan_then_simulate(tmp_path: Path) -> None:
     assert 0.0 <= res["slo_miss_rate"] <= 1.0
 
 
+def test_replay_at_an_endpoint_without_a_pipeline_name_says_to_name_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Nothing is sent: the name is needed before the first query.
+    line = error_line(capsys, ["replay", "--trace", "gamma:rate=10,duration=1", "--endpoint", "127.0.0.1:1",
+                               "--state-dir", str(tmp_path)])  # fmt: skip
+    assert "the pipeline to call at 127.0.0.1:1 is not named" in line and "--pipeline NAME" in line
+
+
+def test_replay_with_nothing_running_says_to_start_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = error_line(capsys, ["replay", "--trace", "gamma:rate=10,duration=1", "--state-dir", str(tmp_path)])
+    assert "nothing is running from" in line and "inferline up PLAN" in line
+
+
+@pytest.mark.parametrize("simulated", [True, False])
+def test_demo_into_a_file_is_one_line_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, simulated: bool
+) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    line = error_line(capsys, ["demo", "--out", str(a_file), *(["--simulated"] if simulated else [])])
+    assert "the demo's output folder" in line and "is a file" in line
+
+
+def test_up_with_a_file_for_its_state_folder_is_one_line(
+    capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    line = error_line(capsys, ["up", str(video_plan), "--state-dir", str(a_file)])
+    assert "state folder" in line and "is a file" in line
+
+
+def test_replay_checks_its_results_file_before_sending(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # The address answers nothing: the results file is refused before the replay would find that out.
+    argv = ["replay", "--trace", "gamma:rate=10,duration=1", "--endpoint", "127.0.0.1:1", "--pipeline", "p"]
+    line = error_line(capsys, [*argv, "--out", str(tmp_path / "no" / "r.json")])
+    assert "results file" in line and "its folder does not exist" in line
+
+
 def test_subprocess_user_error_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "cycle.yaml"
     path.write_text("name: c\nslo_ms: 300\nstages:\n  - {name: a, model: yolo, after: [a]}\n")

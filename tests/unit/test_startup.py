@@ -619,6 +619,8 @@ def test_metrics_out_is_checked_before_the_replay_and_written_after_it(tmp_path:
     a_file.write_text("")
     with pytest.raises(InferlineError, match="is a file"):
         metrics_directory(str(a_file), up)
+    with pytest.raises(InferlineError, match="is a file"):
+        metrics_directory(str(a_file / "under"), up)
     with pytest.raises(InferlineError, match="needs the router's metrics"):
         metrics_directory(str(tmp_path / "kept"), Target("127.0.0.1:1", "p", None, None, None))
     kept = metrics_directory(str(tmp_path / "kept" / "replay-1"), up)
@@ -628,4 +630,5 @@ def test_metrics_out_is_checked_before_the_replay_and_written_after_it(tmp_path:
     assert (kept / "router-metrics-after.txt").read_text() == "after\n"
     assert f"--since {kept / 'router-metrics-before.txt'}" in said
     assert "none written" in save_router_metrics(tmp_path / "unread", "before\n", None)
+    assert "could not be written" in save_router_metrics(a_file / "gone", "before\n", "after\n")  # said, not raised
     assert not (tmp_path / "unread").exists()
