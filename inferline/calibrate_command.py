@@ -17,6 +17,7 @@ from inferline.calibration import (
     stolen_share,
 )
 from inferline.errors import InferlineError
+from inferline.output_paths import check_creatable_dir
 from inferline.plan import load_plan
 from inferline.profiles import load_profiles, require_profiles, write_profile
 from inferline.spec import load_spec
@@ -45,6 +46,7 @@ def run_calibrate(args: argparse.Namespace, console: Console) -> int:
         raise InferlineError(
             f"--out {args.out!r} is the profile directory itself", "write calibrated profiles to a new directory"
         )
+    check_creatable_dir(args.out, "--out folder")
     if args.min_calls < 1:
         raise InferlineError(f"--min-calls must be at least 1, got {args.min_calls}", "pass a positive count")
     if args.max_stolen is not None and not 0 <= args.max_stolen < 1:

@@ -18,7 +18,7 @@ from rich.console import Console
 from inferline.calibration import MIN_CALLS, STOLEN_WARN
 from inferline.catalog import DEFAULT_CATALOG, HardwareCatalog, load_catalog
 from inferline.errors import InferlineError, SpecError
-from inferline.output_paths import write_text
+from inferline.output_paths import check_writable_file, write_text
 from inferline.plan import load_plan
 from inferline.planner.planning import STRATEGIES, make_plan
 from inferline.planner.tuning.registry import TUNERS
@@ -302,6 +302,8 @@ def _simulate(args: argparse.Namespace) -> int:
     arrivals = load_trace(args.trace)
     startup_s, measured_in = parse_startup(args.startup_s)
     check_cores(args.cores)
+    if args.plot:
+        check_writable_file(args.plot, "plot")
     result = simulate_plan(
         spec, plan, arrivals, args.tuner, profiles_dir=args.profiles, catalog_path=args.hardware,
         tick_s=args.tick_s, startup_s=startup_s, seed=args.seed, cores=args.cores,

@@ -15,6 +15,7 @@ from inferline.adapters.registry import connect, embedded_server
 from inferline.agent.lineage import measure_lineage
 from inferline.agent.profiler import ProfileProgress, ProfileSettings, ProfileWritten, profile_to_directory
 from inferline.errors import InferlineError
+from inferline.output_paths import check_creatable_dir, check_writable_file
 from inferline.process_cpu import group_clock
 from inferline.spec import load_spec, with_probabilities, write_spec
 
@@ -72,6 +73,7 @@ def run_profile(args: argparse.Namespace, console: Console) -> int:
             "--samples must be >= 1, --warmup >= 0, --budget-s > 0, --idle-rounds >= 0 and --interference-rounds >= 0",
             "pass sensible values",
         )
+    check_creatable_dir(args.out, "--out folder")
     results: list[ProfileWritten] = []
     with server_for(args, models) as handle:
         if handle.startup_s:
@@ -103,6 +105,8 @@ def run_lineage(args: argparse.Namespace, console: Console) -> int:
     spec = load_spec(args.spec)
     if args.samples < 1:
         raise InferlineError(f"--samples must be >= 1, got {args.samples}", "pass a positive count")
+    if args.write_spec:
+        check_writable_file(args.write_spec, "--write-spec file")
     models = sorted({s.model for s in spec.stages})
     with server_for(args, models) as handle:
         adapter = connect(args.adapter, handle.address, **handle.options)

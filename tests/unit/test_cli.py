@@ -485,6 +485,23 @@ def test_replay_checks_its_results_file_before_sending(capsys: pytest.CaptureFix
     assert "results file" in line and "its folder does not exist" in line
 
 
+def test_outputs_are_refused_before_any_measuring(
+    capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path
+) -> None:
+    # Each would start a model server, profile or simulate first; the path is refused before that.
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    models = str(Path(__file__).resolve().parents[2] / "examples" / "models")
+    profile = ["profile", "--embedded", models, "--models", "preprocess", "--hardware", "cpu", "--out", str(a_file)]
+    assert "--out folder" in error_line(capsys, profile) and "is a file" in error_line(capsys, profile)
+    calibrate = ["calibrate", str(video_plan), "--metrics", str(a_file), "--out", str(a_file)]
+    assert "--out folder" in error_line(capsys, calibrate)
+    simulate = ["simulate", VIDEO, "--plan", str(video_plan), "--trace", SIM_TRACE, "--plot", str(tmp_path)]
+    assert "plot" in error_line(capsys, simulate) and "is a folder" in error_line(capsys, simulate)
+    lineage = ["lineage", VIDEO, "--embedded", models, "--write-spec", str(tmp_path / "no" / "spec.yaml")]
+    assert "its folder does not exist" in error_line(capsys, lineage)
+
+
 def test_subprocess_user_error_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "cycle.yaml"
     path.write_text("name: c\nslo_ms: 300\nstages:\n  - {name: a, model: yolo, after: [a]}\n")
