@@ -154,6 +154,11 @@ def serialize_bytes(array: Array) -> bytes:
 
 
 def deserialize_bytes(raw: bytes, count: int, name: str) -> Array:
+    # Checked before the array is made: a shape alone would have the router allocate for it.
+    if 4 * count > len(raw):
+        raise invalid(
+            f"raw BYTES of {name!r} hold {len(raw)} bytes; its {count} elements need at least {4 * count} (4 each)"
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
     for i in range(count):
@@ -208,8 +213,11 @@ def from_values(datatype: str, shape: Sequence[int], values: Iterable[Any], name
     if len(items) != count:
         raise invalid(f"input {name!r} has {len(items)} elements; shape {list(shape)} needs {count}")
     if datatype == "BYTES":
+        if not all(isinstance(v, str | bytes) for v in items):
+            # bytes(5) would be five zero bytes, and bytes(2**62) an allocation: only text or bytes is data.
+            raise invalid(f"input {name!r} is BYTES: its data must be strings")
         array = np.empty(count, dtype=np.object_)
-        array[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in items]
+        array[:] = [v.encode() if isinstance(v, str) else v for v in items]
         return array.reshape(tuple(shape))
     try:
         return np.asarray(items, dtype=dtype).reshape(tuple(shape))

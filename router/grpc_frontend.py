@@ -17,6 +17,7 @@ Every error carries the trailing metadata `inferline-error: <kind>` and a one-li
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -50,6 +51,8 @@ from inferline.router.frontend_types import (
     to_raw,
     wait_budget,
 )
+
+log = logging.getLogger(__name__)
 
 STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -176,6 +179,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
         except RequestError as exc:
             await abort(context, exc)
+        except Exception as exc:  # a bug must still answer with its kind, not UNKNOWN; the log keeps it
+            log.exception("gRPC ModelInfer failed")
+            await abort(context, RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         check_model(self.pipeline, request.model_name, request.model_version)

@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import socket
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,6 +66,8 @@ from inferline.router.frontend_types import (
     wait_budget,
 )
 from inferline.router.http_server import HttpServer, Later, Reply, Request
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from inferline.router.core import QueryResult
@@ -105,19 +109,42 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     """The JSON document and the binary tail (empty without the binary extension)."""
     size = len(body)
     if header_length is not None:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise invalid(f"{HEADER_LENGTH} {header_length!r} is not an integer") from None
-        if not 0 <= size <= len(body):
+        if not header_length.strip().isdecimal():  # int() would also take "1_0" and "+5"
+            raise invalid(f"{HEADER_LENGTH} {header_length!r} is not a count of bytes")
+        size = int(header_length)
+        if size > len(body):
             raise invalid(f"{HEADER_LENGTH} {size} is outside the body's {len(body)} bytes")
     try:
         doc = json.loads(body[:size])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise invalid(f"request body is not JSON: {exc}") from None
+    except RecursionError:
+        raise invalid("request body nests its JSON too deeply") from None
     if not isinstance(doc, dict):
         raise invalid("request body must be a JSON object with an 'inputs' list")
     return doc, body[size:]
+
+
+def decoded_body(body: bytes, encoding: str | None, limit: int | None = None) -> bytes:
+    """The request body as sent before compression: Triton's clients may gzip or deflate it
+    (`request_compression_algorithm`), and Inference-Header-Content-Length counts the plain bytes.
+    Decompressed no further than the request size limit, so a small body cannot expand without bound."""
+    kind = (encoding or "identity").strip().lower()
+    if kind == "identity":
+        return body
+    if kind not in ("gzip", "deflate"):
+        raise invalid(f"Content-Encoding {encoding!r} is not supported", "send gzip, deflate or identity")
+    cap = MAX_REQUEST_BYTES if limit is None else limit
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if kind == "gzip" else zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(body, cap + 1)
+    except zlib.error as exc:
+        raise invalid(f"request body is not valid {kind}: {exc}") from None
+    if len(plain) > cap:
+        raise invalid(f"request body expands beyond the limit of {cap} bytes")
+    if not inflater.eof:
+        raise invalid(f"request body ends inside its {kind} stream")
+    return plain
 
 
 def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
@@ -148,7 +175,9 @@ def decode_inputs(inputs: Any, binary: bytes) -> dict[str, Array]:
             raise invalid(f"input {name!r} appears twice")
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise invalid(f"input {name!r} has binary_data_size {size!r}; it must be a count of bytes")
+            if offset + size > len(binary):
                 raise invalid(f"input {name!r} claims binary_data_size {size!r} beyond the {len(binary)} binary bytes")
             out[name] = from_raw(datatype, shape, binary[offset : offset + size], name)
             offset += size
@@ -248,7 +277,8 @@ class Routes:
             return error_reply(exc)
         except _NotAllowed as exc:
             return Reply(405, _json({"error": str(exc)}))
-        except Exception as exc:  # a bug must still answer one line, never a traceback
+        except Exception as exc:  # a bug must still answer one line, never a traceback; the log keeps it
+            log.exception("HTTP request %s %s failed", request.method, request.path)
             return error_reply(RequestError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     def _route(self, request: Request) -> Reply | Later | Awaitable[Reply]:
@@ -309,7 +339,8 @@ class Routes:
     def infer(self, request: Request) -> Later:
         """Submit at once, inside the connection's read; the router's answer writes the reply, so a
         query costs the loop no task, future or turn of its own."""
-        parsed = parse_infer_request(request.body, request.headers.get(HEADER_LENGTH.lower()))
+        body = decoded_body(request.body, request.headers.get("content-encoding"))
+        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH.lower()))
         check_inputs(self.pipeline, parsed.inputs)
         check_outputs(self.pipeline, [o.name for o in parsed.outputs])
         timeout_s = wait_budget(parsed.timeout_s, self.max_wait_s)

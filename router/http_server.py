@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 
 import httptools
 
@@ -80,6 +80,8 @@ def _error(status: int, message: str) -> Reply:
     return Reply(status, json.dumps({"error": message}).encode())
 
 
+MAX_URL_BYTES = 8192
+"""The longest request target taken (the protocol's paths are short; a longer one is refused, 414)."""
 MAX_PENDING_REPLIES = 32
 """Pipelined requests a connection may have waiting for replies before the server stops reading it
 (after the read under way, whose requests are all taken)."""
@@ -108,7 +110,8 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
-        self._too_large: str | None = None
+        self._refusal: Reply | None = None
+        """Why a callback stopped the parser, answered in its place (else a plain 400)."""
         self._paused = {"replies": False, "writes": False}
 
     # -- asyncio.Protocol
@@ -128,8 +131,8 @@ class _Connection(asyncio.Protocol):
             # upgrade); what follows it is another protocol, so the connection ends after the replies.
             self._end_after_replies()
         except httptools.HttpParserError as exc:
-            if self._too_large is not None:
-                self._refuse(_error(413, self._too_large))
+            if self._refusal is not None:
+                self._refuse(self._refusal)
             else:
                 self._refuse(_error(400, f"malformed HTTP request: {exc}"))
 
@@ -150,6 +153,8 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_URL_BYTES:
+            self._stop(_error(414, f"the request target exceeds {MAX_URL_BYTES} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -157,8 +162,9 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length", "0")
         if length.isdigit() and int(length) > self.server.max_body_bytes:
-            self._too_large = f"the request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}"
-            raise ValueError(self._too_large)  # stops the parser; data_received answers 413
+            self._stop(
+                _error(413, f"the request body of {length} bytes exceeds the limit of {self.server.max_body_bytes}")
+            )
         expects = self._headers.get("expect", "").lower() == "100-continue"
         if expects and not self.slots and self.parser.get_http_version() == "1.1" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -166,12 +172,14 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self.server.max_body_bytes:
-            self._too_large = f"the request body exceeds the limit of {self.server.max_body_bytes} bytes"
-            raise ValueError(self._too_large)
+            self._stop(_error(413, f"the request body exceeds the limit of {self.server.max_body_bytes} bytes"))
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        path = httptools.parse_url(self._url).path.decode("latin-1") if self._url else "/"
+        try:
+            path = httptools.parse_url(self._url).path.decode("latin-1") if self._url else "/"
+        except httptools.HttpParserInvalidURLError:
+            self._stop(_error(400, f"the request target {self._url[:80].decode('latin-1')!r} is not a path"))
         method = self.parser.get_method().decode()
         # HEAD is GET without the body (its Content-Length still says how long the body would be).
         head_only = method == "HEAD"
@@ -222,6 +230,11 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
+
+    def _stop(self, refusal: Reply) -> NoReturn:
+        """Stop the parser from one of its callbacks; data_received answers `refusal`, then closes."""
+        self._refusal = refusal
+        raise ValueError(refusal.body.decode())
 
     def _refuse(self, reply: Reply) -> None:
         """Answer a request the parser rejected (after the replies before it), then close."""

@@ -12,6 +12,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -133,6 +134,40 @@ def test_tritonclient_http_infers_binary_and_json(http_frontend: HttpFrontend, b
         np.testing.assert_array_equal(default.as_numpy("double.OUTPUT"), q["INPUT"] * 2)
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_http_may_compress_its_requests(http_frontend: HttpFrontend, algorithm: str) -> None:
+    q = query(2)
+    c = thttp.InferenceServerClient(http_frontend.address)
+    try:
+        inputs = []
+        for name, array in q.items():
+            tensor = thttp.InferInput(name, list(array.shape), ft.datatype_of(array.dtype))
+            tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
+        result = c.infer(NAME, inputs, request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("double.OUTPUT"), q["INPUT"] * 2)
+    finally:
+        c.close()
+
+
+def test_a_compressed_body_is_inflated_no_further_than_the_limit() -> None:
+    from inferline.router.http_frontend import decoded_body
+
+    plain = b'{"inputs": []}'
+    assert decoded_body(zlib.compress(plain), "deflate") == plain
+    assert decoded_body(plain, None) == plain and decoded_body(plain, "identity") == plain
+    gz = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
+    bomb = gz.compress(b"\0" * 5000) + gz.flush()  # a few dozen bytes that expand 5000
+    with pytest.raises(ft.RequestError, match="expands beyond the limit of 1000 bytes"):
+        decoded_body(bomb, "gzip", limit=1000)
+    with pytest.raises(ft.RequestError, match="ends inside its gzip stream"):
+        decoded_body(bomb[:10], "gzip")
+    with pytest.raises(ft.RequestError, match="not valid deflate"):
+        decoded_body(b"plain text", "deflate")
+    with pytest.raises(ft.RequestError, match="Content-Encoding 'br' is not supported"):
+        decoded_body(plain, "br")
 
 
 def test_plain_json_request_over_http(http_frontend: HttpFrontend) -> None:
@@ -304,6 +339,67 @@ def test_malformed_http_bodies_are_400(http_frontend: HttpFrontend) -> None:
     assert info.value.code == 400 and "not JSON" in json.loads(info.value.read())["error"]
 
 
+def test_hostile_bodies_are_400_and_leave_the_endpoint_serving(http_frontend: HttpFrontend) -> None:
+    url = f"{http_frontend.url}/v2/models/{NAME}/infer"
+    nested = b"[" * 100_000 + b"]" * 100_000
+    request = urllib.request.Request(url, data=nested, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 400 and "too deeply" in json.loads(info.value.read())["error"]
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "INPUT", "shape": [1, 200_000_000], "datatype": "BYTES", "parameters": {"binary_data_size": 0}}
+            ]
+        }
+    ).encode()
+    request = urllib.request.Request(
+        url, data=head, method="POST", headers={"Inference-Header-Content-Length": str(len(head))}
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 400 and "4 each" in json.loads(info.value.read())["error"]
+    bad_bytes = {"inputs": [{"name": "INPUT", "shape": [1, 1], "datatype": "BYTES", "data": [2**62]}]}
+    status, raw, _ = http("POST", url, bad_bytes)
+    assert status == 400 and "must be strings" in json.loads(raw)["error"]
+    status, raw, _ = http(
+        "POST", url, json_infer({"INPUT": np.ones((1, 4), np.float32), "TOKENS": np.ones((1, 2), np.int64)})
+    )
+    assert status == 200, raw
+
+
+def test_a_huge_bytes_shape_over_grpc_is_invalid_argument(grpc_frontend: GrpcFrontend) -> None:
+    request = pb.ModelInferRequest(model_name=NAME, raw_input_contents=[b""])
+    request.inputs.add(name="INPUT", datatype="BYTES", shape=[1, 2**62])
+    with grpc.insecure_channel(grpc_frontend.address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "4 each" in err.details()
+
+
+def test_a_bug_is_an_internal_error_that_is_logged(
+    grpc_frontend: GrpcFrontend, http_frontend: HttpFrontend, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    from inferline.router import grpc_frontend as grpc_module
+    from inferline.router import http_frontend as http_module
+
+    def boom(*_: Any) -> Any:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(grpc_module, "decode_inputs", boom)
+    monkeypatch.setattr(http_module, "parse_infer_request", boom)
+    request = pb.ModelInferRequest(model_name=NAME)
+    with grpc.insecure_channel(grpc_frontend.address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
+    err: Any = info.value
+    assert err.code() == grpc.StatusCode.INTERNAL and "ValueError: boom" in err.details()
+    status, raw, _ = http("POST", f"{http_frontend.url}/v2/models/{NAME}/infer", {"inputs": []})
+    assert status == 500 and "ValueError: boom" in json.loads(raw)["error"]
+    logged = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert any("gRPC ModelInfer failed" in m for m in logged) and any("HTTP request POST" in m for m in logged)
+
+
 def test_unknown_model_is_not_found_and_404(client: KServeClient, http_frontend: HttpFrontend) -> None:
     with pytest.raises(ModelNotFoundError, match=r"unknown model 'fake-pipelin'.*did you mean 'fake-pipeline'"):
         client.infer("fake-pipelin", query())
@@ -365,6 +461,17 @@ def test_bytes_codec_round_trips() -> None:
         ft.from_raw("BYTES", (1, 2), raw, "x")
 
 
+def test_bytes_are_checked_against_the_data_before_any_array_is_made() -> None:
+    # A shape alone must not make the router allocate: 10**30 elements, or 2e8, from no data at all.
+    for shape in ((1, 10**30), (1, 200_000_000), (1, 2**62)):
+        with pytest.raises(ft.RequestError, match="4 each"):
+            ft.from_raw("BYTES", shape, b"", "x")
+    for value in (5, None, 1.5, -1, 2**62, 2**63):
+        with pytest.raises(ft.RequestError, match="'x' is BYTES: its data must be strings"):
+            ft.from_values("BYTES", (1, 1), [value], "x")
+    assert ft.from_values("BYTES", (1, 2), ["ab", b"\xff"], "x").tolist() == [[b"ab", b"\xff"]]
+
+
 def test_client_decodes_typed_output_contents() -> None:
     response = pb.ModelInferResponse(model_name=NAME)
     out = response.outputs.add(name="a.OUT", datatype="INT32", shape=[1, 3])
@@ -391,6 +498,12 @@ def test_http_binary_extension_parsing() -> None:
     assert parsed.inputs["TOKENS"].tolist() == [[5]] and parsed.outputs[0].binary is True
     with pytest.raises(ft.RequestError, match="binary bytes that no input claims"):
         parse_infer_request(head + b"\0" * 12, str(len(head)))
+    for length in (" 1_0 ", "+5", "-1", "ten"):
+        with pytest.raises(ft.RequestError, match="is not a count of bytes"):
+            parse_infer_request(head + b"\0" * 8, length)
+    as_text = head.replace(b'"binary_data_size": 8', b'"binary_data_size": "8"')
+    with pytest.raises(ft.RequestError, match="binary_data_size '8'; it must be a count of bytes"):
+        parse_infer_request(as_text + b"\0" * 8, str(len(as_text)))
 
 
 def test_stopped_frontends_release_their_ports(fake: FakeRouter) -> None:

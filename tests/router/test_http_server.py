@@ -203,6 +203,25 @@ def test_a_malformed_request_is_400_and_closes(served: tuple[int, App, HttpServe
         assert s.closed_by_peer()
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "message"),
+    [
+        (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 414, b"the request target exceeds 8192 bytes"),
+        (b"CONNECT x:80 HTTP/1.1\r\nHost: h\r\n\r\n", 400, b"the request target 'x:80' is not a path"),
+    ],
+    ids=["long target", "not a path"],
+)
+def test_a_target_that_is_no_path_says_so_and_closes(
+    served: tuple[int, App, HttpServer], request_bytes: bytes, status: int, message: bytes
+) -> None:
+    port, _, _ = served
+    with Conn(port) as s:
+        s.send(request_bytes)
+        got, _, body = s.reply()
+        assert got == status and message in body, body
+        assert s.closed_by_peer()
+
+
 def test_a_handler_bug_answers_500_and_keeps_the_connection(served: tuple[int, App, HttpServer]) -> None:
     port, _, _ = served
     with Conn(port) as s:
