@@ -129,7 +129,9 @@ def decoded_body(body: bytes, encoding: str | None, limit: int | None = None) ->
     """The request body as sent before compression: Triton's clients may gzip or deflate it
     (`request_compression_algorithm`), and Inference-Header-Content-Length counts the plain bytes.
     Decompressed no further than the request size limit, so a small body cannot expand without bound."""
-    kind = (encoding or "identity").strip().lower()
+    if encoding is None:
+        return body
+    kind = encoding.strip().lower()
     if kind == "identity":
         return body
     if kind not in ("gzip", "deflate"):
