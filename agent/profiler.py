@@ -80,12 +80,20 @@ class ProfileInterrupted(InferlineError):
         self.partial = partial
 
 
+MAX_BATCH_SIZE = 4096
+"""The largest batch profiled or configured: the model server is reconfigured to take it and sent
+batches of it, and a size far past any model's would only exhaust the machine's memory."""
+
+
 def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     sizes = tuple(batch_sizes)
     if not sizes:
         raise ProfileError("no batch sizes to profile", "pass --batch-sizes, e.g. 1,2,4,8")
     if any(b < 1 for b in sizes) or any(b <= a for a, b in itertools.pairwise(sizes)):
-        raise ProfileError(f"batch sizes must be positive and increasing, got {list(sizes)}", "e.g. 1,2,4,8,16,32")
+        shown = list(sizes[:8]) + (["..."] if len(sizes) > 8 else [])
+        raise ProfileError(f"batch sizes must be positive and increasing, got {shown}", "e.g. 1,2,4,8,16,32")
+    if sizes[-1] > MAX_BATCH_SIZE:
+        raise ProfileError(f"batch size {sizes[-1]} is over the limit of {MAX_BATCH_SIZE}", "e.g. 1,2,4,8,16,32")
     return sizes
 
 

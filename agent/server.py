@@ -82,6 +82,16 @@ class AgentServer:
         return self._grpc.wait_for_termination(timeout)
 
 
+_AGENT = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
+AGENT_METHODS = {f"/{_AGENT.full_name}/{name}": name for name in _AGENT.methods_by_name}
+
+
+def refused_rpc(method: str) -> str:
+    """The error counter's label for a refused call: its RPC, or "unknown" for a method the agent
+    does not have (a caller without a token must not add a metric series per name it makes up)."""
+    return AGENT_METHODS.get(method, "unknown")
+
+
 def serve(
     adapter: Adapter,
     hardware: str,
@@ -94,7 +104,7 @@ def serve(
 ) -> AgentServer:
     """Start an agent for `adapter`'s model server; port 0 picks a free port, metrics_port None: no metrics."""
     metrics = agent_metrics(adapter)
-    auth = TokenAuth(token, on_refused=lambda method: metrics.error(method.rsplit("/", 1)[-1], "UNAUTHENTICATED"))
+    auth = TokenAuth(token, on_refused=lambda method: metrics.error(refused_rpc(method), "UNAUTHENTICATED"))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS), interceptors=[auth])
     agent_pb2_grpc.add_AgentServicer_to_server(AgentService(adapter, hardware, metrics), server)
     live = LiveHealth(adapter)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
+import numpy as np
+from numpy.typing import NDArray
 
-from inferline.adapters.base import Adapter
+from inferline.adapters.base import Adapter, ModelInfo, ModelStats, ServingConfig, Tensors
 from inferline.agent.metrics import AgentMetrics
 from inferline.agent.profiler import ProfileInterrupted, ProfileProgress, ProfileSettings, profile_model
 from inferline.agent.wire import (
@@ -26,6 +28,7 @@ from inferline.agent.wire import (
     AgentDescription,
     InvalidRequest,
     checked_config,
+    checked_model,
     config_to_pb,
     description_to_pb,
     progress_to_pb,
@@ -100,7 +103,8 @@ class ProfileRun:
         self._args = (adapter, model, hardware, settings)
         self._is_active = is_active
         self._release = release
-        self._thread = threading.Thread(target=self._work, name=f"inferline-profile-{model}")
+        # A daemon: a profile the agent's shutdown cuts short must not keep its process alive.
+        self._thread = threading.Thread(target=self._work, name=f"inferline-profile-{model}", daemon=True)
 
     def start(self) -> ProfileRun:
         try:
@@ -111,8 +115,10 @@ class ProfileRun:
         return self
 
     def _work(self) -> None:
+        adapter, model, hardware, settings = self._args
         try:
-            self.events.put(profile_model(*self._args, progress=self._progress))
+            checked = CheckedAdapter(adapter, self._check)
+            self.events.put(profile_model(checked, model, hardware, settings, progress=self._progress))
         except ProfileCancelled as exc:
             log.info("%s: stopped profiling", exc)
             self.events.put(exc)
@@ -122,9 +128,47 @@ class ProfileRun:
             self._release()
 
     def _progress(self, progress: ProfileProgress) -> None:
+        self._check()
+        self.events.put(progress)
+
+    def _check(self) -> None:
         if not self._is_active():
             raise ProfileCancelled(f"the client of the profile of {self.model!r} went away")
-        self.events.put(progress)
+
+
+class CheckedAdapter:
+    """An adapter that runs `check` before each inference call, so that a profile stops within one
+    call once its client has gone (cancelled, or past its deadline), not after a batch size's
+    samples; the profiler restores the model's config on the way out."""
+
+    def __init__(self, adapter: Adapter, check: Callable[[], None]) -> None:
+        self._adapter, self._check = adapter, check
+        self.framework, self.address = adapter.framework, adapter.address
+
+    def infer(self, model: str, inputs: Tensors) -> dict[str, NDArray[np.generic]]:
+        self._check()
+        return self._adapter.infer(model, inputs)
+
+    def is_ready(self) -> bool:
+        return self._adapter.is_ready()
+
+    def models(self) -> list[str]:
+        return self._adapter.models()
+
+    def model_info(self, model: str) -> ModelInfo:
+        return self._adapter.model_info(model)
+
+    def configure(self, model: str, config: ServingConfig) -> ServingConfig:
+        return self._adapter.configure(model, config)
+
+    def stats(self, model: str) -> ModelStats:
+        return self._adapter.stats(model)
+
+    def server_metrics(self) -> dict[str, float]:
+        return self._adapter.server_metrics()
+
+    def close(self) -> None:
+        self._adapter.close()
 
 
 class AgentService(pb_grpc.AgentServicer):
@@ -144,6 +188,7 @@ class AgentService(pb_grpc.AgentServicer):
 
     def Configure(self, request: pb.ConfigureRequest, context: grpc.ServicerContext) -> pb.ConfigureReply:
         try:
+            checked_model(request.model, "configure")
             if not request.HasField("config"):
                 raise InvalidRequest(f"the configure request for {request.model!r} has no config", "send a config")
             config = checked_config(request.model, request.config)

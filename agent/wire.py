@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from inferline.adapters.base import ModelInfo, ServingConfig
-from inferline.agent.profiler import ProfileProgress, ProfileSettings, validate_batch_sizes
+from inferline.agent.profiler import MAX_BATCH_SIZE, ProfileProgress, ProfileSettings, validate_batch_sizes
 from inferline.errors import InferlineError, ProfileError
 from inferline.profiles import ModelProfile, parse_profile, profile_document
 from inferline.protos import agent_pb2 as pb
@@ -48,13 +48,42 @@ def config_from_pb(message: pb.ServingConfig) -> ServingConfig:
     return ServingConfig(message.max_batch_size, message.instance_count, message.batching_delay_us)
 
 
+MAX_MODEL_NAME = 256
+"""Characters in a model name a request may carry (Triton's are far shorter); a longer one is echoed
+in no error, so that the status stays within gRPC's metadata limit."""
+MAX_INSTANCES = 64
+"""Instances one Configure may ask for: each is a process or thread of the model server, and a
+mistyped count would have it start thousands."""
+MAX_BATCHING_DELAY_US = 10_000_000
+MAX_WARMUP = MAX_IDLE_ROUNDS = 1_000
+MAX_SAMPLES = 10_000
+MAX_BUDGET_S = 600.0
+"""Bounds of a Profile request's settings: a profile holds the agent (one at a time) until it ends."""
+
+
+def checked_model(model: str, what: str) -> str:
+    if not model:
+        raise InvalidRequest(f"the {what} request names no model", "pass the model")
+    if len(model) > MAX_MODEL_NAME:
+        raise InvalidRequest(
+            f"the {what} request's model name has {len(model)} characters, over the limit of {MAX_MODEL_NAME}",
+            "pass the model's name",
+        )
+    return model
+
+
 def checked_config(model: str, message: pb.ServingConfig) -> ServingConfig:
     config = config_from_pb(message)
-    if config.max_batch_size < 1 or config.instance_count < 1 or config.batching_delay_us < 0:
+    if not (
+        1 <= config.max_batch_size <= MAX_BATCH_SIZE
+        and 1 <= config.instance_count <= MAX_INSTANCES
+        and 0 <= config.batching_delay_us <= MAX_BATCHING_DELAY_US
+    ):
         raise InvalidRequest(
             f"invalid serving config for {model!r}: max_batch_size={config.max_batch_size}, "
             f"instance_count={config.instance_count}, batching_delay_us={config.batching_delay_us}",
-            "max_batch_size and instance_count must be >= 1 and batching_delay_us >= 0",
+            f"max_batch_size must be 1 to {MAX_BATCH_SIZE}, instance_count 1 to {MAX_INSTANCES} and "
+            f"batching_delay_us 0 to {MAX_BATCHING_DELAY_US}",
         )
     return config
 
@@ -99,8 +128,7 @@ def settings_to_pb(model: str, settings: ProfileSettings) -> pb.ProfileRequest:
 
 def settings_from_pb(request: pb.ProfileRequest) -> ProfileSettings:
     """The profiler settings a request asks for; unset optional fields take the profiler's defaults."""
-    if not request.model:
-        raise InvalidRequest("the profile request names no model", "pass the model to profile")
+    checked_model(request.model, "profile")
     defaults = ProfileSettings(batch_sizes=())
     settings = ProfileSettings(
         batch_sizes=validate_batch_sizes(request.batch_sizes),
@@ -110,16 +138,18 @@ def settings_from_pb(request: pb.ProfileRequest) -> ProfileSettings:
         drop_flat=request.drop_flat,
         idle_rounds=request.idle_rounds if request.HasField("idle_rounds") else defaults.idle_rounds,
     )
-    if (
-        settings.warmup < 0
-        or settings.samples < 1
-        or settings.idle_rounds < 0
-        or not (math.isfinite(settings.budget_s) and settings.budget_s > 0)
+    if not (
+        0 <= settings.warmup <= MAX_WARMUP
+        and 1 <= settings.samples <= MAX_SAMPLES
+        and 0 <= settings.idle_rounds <= MAX_IDLE_ROUNDS
+        and math.isfinite(settings.budget_s)
+        and 0 < settings.budget_s <= MAX_BUDGET_S
     ):
         raise InvalidRequest(
             f"invalid profile settings: warmup={settings.warmup}, samples={settings.samples}, "
             f"budget_s={settings.budget_s}, idle_rounds={settings.idle_rounds}",
-            "warmup must be >= 0, samples >= 1, budget_s > 0 and idle_rounds >= 0",
+            f"warmup must be 0 to {MAX_WARMUP}, samples 1 to {MAX_SAMPLES}, budget_s over 0 up to {MAX_BUDGET_S:g} "
+            f"and idle_rounds 0 to {MAX_IDLE_ROUNDS}",
         )
     return settings
 

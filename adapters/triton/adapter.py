@@ -29,6 +29,10 @@ from inferline.adapters.triton.metrics import fetch_metrics
 from inferline.errors import ModelNotFoundError, ServerError, ServerUnreachable, did_you_mean
 
 FRAMEWORK = "triton"
+LOAD_TIMEOUT_S = 300.0
+"""How long a model (re)load may take: Triton answers once every instance has started."""
+READY_TIMEOUT_S = 5.0
+"""How long a readiness check waits: a server that takes longer is not ready (health probes poll it)."""
 
 
 def connect(address: str, **options: Any) -> TritonAdapter:
@@ -70,6 +74,8 @@ class TritonAdapter:
     # -- server -------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         try:
+            if self.protocol == "grpc":
+                return bool(self._client.is_server_ready(client_timeout=min(self.timeout_s, READY_TIMEOUT_S)))
             return bool(self._client.is_server_ready())
         except Exception:  # unreachable or mid-start: not ready, by contract never an error
             return False
@@ -237,6 +243,9 @@ class TritonAdapter:
             )
 
     def _call(self, what: str, fn: Any, *args: Any, model_name: str | None = None, **kwargs: Any) -> Any:
+        if self.protocol == "grpc":  # tritonclient's gRPC calls wait forever on a hung server unless told
+            loading = fn == self._client.load_model
+            kwargs.setdefault("client_timeout", max(self.timeout_s, LOAD_TIMEOUT_S) if loading else self.timeout_s)
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:

@@ -155,8 +155,29 @@ def test_unknown_model_is_not_found_in_one_line(stack: Stack) -> None:
 
 
 def test_bad_arguments_are_refused_before_touching_the_server(stack: Stack) -> None:
-    with pytest.raises(AgentError, match="max_batch_size and instance_count must be >= 1"):
+    with pytest.raises(AgentError, match="max_batch_size must be 1 to 4096, instance_count 1 to 64"):
         stack.client.configure(MODEL, ServingConfig(max_batch_size=0, instance_count=1))
+    # Each would have the model server start a million instances, wait for days or take batches of 2**31.
+    for absurd in (
+        ServingConfig(max_batch_size=4, instance_count=10**6),
+        ServingConfig(max_batch_size=4, instance_count=1, batching_delay_us=10**12),
+        ServingConfig(max_batch_size=2**31 - 1, instance_count=1),
+    ):
+        with pytest.raises(AgentError, match="invalid serving config"):
+            stack.client.configure(MODEL, absurd)
+    with pytest.raises(AgentError, match="1000 characters, over the limit of 256") as named:
+        stack.client.configure("m" * 1000, ServingConfig(max_batch_size=1, instance_count=1))
+    assert "mmmm" not in str(named.value)  # the name is not echoed back
+    with pytest.raises(AgentError, match="batch size 1000000000 is over the limit of 4096"):
+        stack.client.profile(MODEL, ProfileSettings(batch_sizes=(1, 10**9)))
+    for settings in (
+        ProfileSettings(batch_sizes=(1,), samples=2**31 - 1),
+        ProfileSettings(batch_sizes=(1,), warmup=10**6),
+        ProfileSettings(batch_sizes=(1,), budget_s=1e12),
+        ProfileSettings(batch_sizes=(1,), idle_rounds=10**6),
+    ):
+        with pytest.raises(AgentError, match="invalid profile settings"):
+            stack.client.profile(MODEL, settings)
     with pytest.raises(AgentError, match="increasing"):
         stack.client.profile(MODEL, ProfileSettings(batch_sizes=(4, 2)))
     with pytest.raises(AgentError, match="samples"):
@@ -185,6 +206,18 @@ def test_calls_without_or_with_a_wrong_token_are_unauthenticated_but_health_is_o
     assert stack.client.health()
     assert scrape(stack)["inferline_agent_errors_total{code='UNAUTHENTICATED',rpc='Describe'}"] >= 1
     assert echo_config(stack) == ORIGINAL
+
+
+def test_made_up_methods_without_a_token_add_no_metric_series(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.agent.address) as channel:
+        for i in range(5):
+            call = channel.unary_unary(f"/made.Up/{'x' * 100}{i}")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(b"", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    series = [k for k in scrape(stack) if k.startswith("inferline_agent_errors_total")]
+    assert not any("xxx" in k for k in series)
+    assert scrape(stack)["inferline_agent_errors_total{code='UNAUTHENTICATED',rpc='unknown'}"] >= 5
 
 
 def test_unreachable_agent_is_a_server_error() -> None:
@@ -320,3 +353,26 @@ def test_a_cancelled_profile_stops_restores_the_config_and_frees_the_agent(
             time.sleep(0.1)
     assert echo_config(stack) == ORIGINAL
     assert "the client of the profile of 'echo' went away: stopped profiling" in caplog.text
+
+
+def test_a_cancelled_profile_stops_within_a_call_not_a_batch_size(stack: Stack) -> None:
+    # Ten thousand samples of one batch size: without a check before each call the agent would
+    # stay busy until they were all taken.
+    class Stop(Exception):
+        pass
+
+    def stop_at_once(p: ProfileProgress) -> None:
+        raise Stop
+
+    settings = ProfileSettings(batch_sizes=(1,), warmup=0, samples=10_000, budget_s=600.0, idle_rounds=0)
+    with pytest.raises(Stop):
+        stack.client.profile(MODEL, settings, on_progress=stop_at_once)
+    cancelled = time.monotonic()
+    while True:
+        try:
+            assert stack.client.configure(MODEL, ORIGINAL) == ORIGINAL
+            break
+        except AgentError as exc:
+            assert "busy" in str(exc) and time.monotonic() < cancelled + 5
+            time.sleep(0.05)
+    assert echo_config(stack) == ORIGINAL
