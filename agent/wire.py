@@ -55,10 +55,10 @@ MAX_INSTANCES = 64
 """Instances one Configure may ask for: each is a process or thread of the model server, and a
 mistyped count would have it start thousands."""
 MAX_BATCHING_DELAY_US = 10_000_000
+# A Profile request's bounds: a profile holds the agent (one at a time) until it ends.
 MAX_WARMUP = MAX_IDLE_ROUNDS = 1_000
 MAX_SAMPLES = 10_000
 MAX_BUDGET_S = 600.0
-"""Bounds of a Profile request's settings: a profile holds the agent (one at a time) until it ends."""
 
 
 def checked_model(model: str, what: str) -> str:
