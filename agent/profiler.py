@@ -37,7 +37,7 @@ from inferline.adapters.base import Adapter, ModelStats, ServingConfig, example_
 from inferline.agent.interference_probe import measure_interference
 from inferline.errors import InferlineError, ModelNotFoundError, ProfileError, ServerError, did_you_mean
 from inferline.process_cpu import available_cores
-from inferline.profiles import AfterIdle, BatchPoint, LatencyStats, ModelProfile, write_profile
+from inferline.profiles import MAX_BATCH_SIZE, AfterIdle, BatchPoint, LatencyStats, ModelProfile, write_profile
 
 IDLE_GAPS_S = (0.001, 0.003, 0.010, 0.050)
 """The idle gaps before the timed calls of an after-idle round: short ones for the time constant,
@@ -78,11 +78,6 @@ class ProfileInterrupted(InferlineError):
     def __init__(self, message: str, fix: str | None, partial: ModelProfile | None) -> None:
         super().__init__(message, fix)
         self.partial = partial
-
-
-MAX_BATCH_SIZE = 4096
-"""The largest batch profiled or configured: the model server is reconfigured to take it and sent
-batches of it, and a size far past any model's would only exhaust the machine's memory."""
 
 
 def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass
 
 from inferline.adapters.base import ModelInfo, ServingConfig
-from inferline.agent.profiler import MAX_BATCH_SIZE, ProfileProgress, ProfileSettings, validate_batch_sizes
+from inferline.agent.profiler import ProfileProgress, ProfileSettings, validate_batch_sizes
 from inferline.errors import InferlineError, ProfileError
-from inferline.profiles import ModelProfile, parse_profile, profile_document
+from inferline.profiles import MAX_BATCH_SIZE, ModelProfile, parse_profile, profile_document
 from inferline.protos import agent_pb2 as pb
 
 ERROR_KEY = "inferline-error"

@@ -140,13 +140,15 @@ def read_metrics(source: str) -> str:
         try:
             with urllib.request.urlopen(source, timeout=10) as response:
                 return str(response.read().decode())
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise InferlineError(f"cannot read metrics from {source} ({reason})", "is the pipeline up?") from None
     try:
         return Path(source).read_text()
     except OSError as exc:
         raise InferlineError(f"cannot read metrics file {source!r}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError:
+        raise InferlineError(f"metrics file {source!r} is not UTF-8 text", "pass the router's saved /metrics") from None
 
 
 def live_stages(metrics_text: str, since: str | None = None) -> dict[str, LiveStage]:

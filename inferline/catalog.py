@@ -13,7 +13,7 @@ from inferline.validation import parse, read_yaml
 class HardwareType(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    price_per_hour: float = Field(gt=0, description="Dollars per hour for one unit (one replica).")
+    price_per_hour: float = Field(gt=0, allow_inf_nan=False, description="Dollars per hour for one unit (one replica).")
     accelerator: bool = Field(default=False, description="Whether this is an accelerator (GPU/TPU).")
 
 

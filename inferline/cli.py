@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -265,8 +266,8 @@ def _slo_ms(spec: PipelineSpec, override: float | None) -> float:
     slo = override if override is not None else spec.slo_ms
     if slo is None:
         raise SpecError(f"pipeline {spec.name!r} has no slo_ms", "add slo_ms to the spec or pass --slo-ms")
-    if slo <= 0:
-        raise SpecError(f"--slo-ms must be positive, got {slo:g}", "pass an SLO in milliseconds")
+    if not (slo > 0 and math.isfinite(slo)):
+        raise SpecError(f"--slo-ms must be a positive finite number, got {slo:g}", "pass an SLO in milliseconds")
     return slo
 
 
@@ -302,6 +303,10 @@ def _simulate(args: argparse.Namespace) -> int:
     arrivals = load_trace(args.trace)
     startup_s, measured_in = parse_startup(args.startup_s)
     check_cores(args.cores)
+    if args.seed < 0:
+        raise InferlineError(f"--seed must be 0 or more, got {args.seed}", "pass e.g. --seed 1")
+    if not 0.001 <= args.tick_s <= 3600:
+        raise InferlineError(f"--tick-s must be 0.001 to 3600 seconds, got {args.tick_s:g}", "e.g. --tick-s 0.25")
     if args.plot:
         check_writable_file(args.plot, "plot")
     result = simulate_plan(

@@ -9,18 +9,23 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferline.errors import PlanError, did_you_mean
+from inferline.profiles import MAX_BATCH_SIZE
 from inferline.validation import parse
 
 if TYPE_CHECKING:
     from inferline.spec import StageSpec
 
 
+MAX_REPLICAS = 100_000
+"""Replicas a plan may give one stage: the simulators hold a slot for each."""
+
+
 class StagePlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     hardware: str
-    max_batch_size: int = Field(ge=1)
-    replicas: int = Field(ge=1)
+    max_batch_size: int = Field(ge=1, le=MAX_BATCH_SIZE)
+    replicas: int = Field(ge=1, le=MAX_REPLICAS)
 
 
 class EnvelopePoint(BaseModel):
@@ -72,7 +77,7 @@ class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pipeline: str
-    slo_ms: float = Field(gt=0)
+    slo_ms: float = Field(gt=0, allow_inf_nan=False)
     strategy: str
     feasible: bool = True
     reason: str | None = None
@@ -114,6 +119,10 @@ def load_plan(path: str | Path) -> Plan:
     except json.JSONDecodeError as exc:
         raise PlanError(
             f"plan {str(p)!r} is not valid JSON (line {exc.lineno})", "re-create it with `inferline plan --json`"
+        ) from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise PlanError(
+            f"plan {str(p)!r} is not readable JSON ({type(exc).__name__})", "re-create it with `inferline plan --json`"
         ) from None
     plan = parse(Plan, data, f"plan {str(p)!r}", PlanError, "re-create it with `inferline plan --json`")
     if not plan.feasible:

@@ -35,10 +35,15 @@ class LatencyStats(BaseModel):
     )
 
 
+MAX_BATCH_SIZE = 4096
+"""The largest batch a profile, plan or model server configuration may hold: tables are sized by
+it, and a size far past any model's would only exhaust memory."""
+
+
 class BatchPoint(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, le=MAX_BATCH_SIZE)
     latency_ms: LatencyStats
 
 
@@ -161,6 +166,8 @@ def load_profile(path: str | Path) -> ModelProfile:
         raise ProfileError(f"cannot read profile {str(p)!r}: {exc.strerror}", "check the path") from None
     except json.JSONDecodeError as exc:
         raise ProfileError(f"profile {str(p)!r} is not valid JSON (line {exc.lineno})", "fix the JSON") from None
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ProfileError(f"profile {str(p)!r} is not readable JSON ({type(exc).__name__})", "fix the JSON") from None
     return parse_profile(data, f"profile {str(p)!r}")
 
 

@@ -46,7 +46,7 @@ class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    slo_ms: float | None = Field(default=None, gt=0, description="End-to-end P99 objective in ms.")
+    slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="End-to-end P99 objective in ms.")
     stages: tuple[StageSpec, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -62,6 +62,16 @@ def validate_trace(arrivals: NDArray[np.float64], source: str, lines: list[int] 
             f"trace {source!r}: line {line(i)} ({a[i]}) is earlier than line {line(i - 1)} ({a[i - 1]})",
             "sort the arrival times ascending",
         )
+    if a[-1] > MAX_TRACE_S:
+        raise TraceError(
+            f"trace {source!r}: line {line(a.size - 1)} ({a[-1]:g} s) is past {MAX_TRACE_S:g} s",
+            "times are seconds from 0",
+        )
+    if a.size > 1 and not a[-1] - a[0] >= (a.size - 1) / MAX_RATE:
+        raise TraceError(
+            f"trace {source!r}: {a.size} arrivals within {a[-1] - a[0]:g} s, over {MAX_RATE:g} a second",
+            "spread the arrival times (seconds from 0)",
+        )
     return a
 
 
@@ -151,6 +161,21 @@ def _positive(values: list[float], key: str, kind: str) -> list[float]:
     return values
 
 
+CV_RANGE = (0.01, 100.0)
+"""Coefficients of variation a generator takes: past them its gamma gaps are all zero or infinite."""
+
+
+def _cvs(params: dict[str, list[float]], kind: str) -> list[float]:
+    values = _positive(_take(params, "cv", kind, 1.0), "cv", kind)
+    low, high = CV_RANGE
+    for v in values:
+        if not low <= v <= high:
+            raise TraceError(
+                f"trace generator {kind!r}: cv={v:g} is outside {low:g} to {high:g}", f"e.g. {_example(kind)}"
+            )
+    return values
+
+
 def _seed(params: dict[str, list[float]], kind: str) -> int:
     seed = _take(params, "seed", kind, 0.0)[0]
     if not (seed >= 0 and float(seed).is_integer()):
@@ -159,6 +184,11 @@ def _seed(params: dict[str, list[float]], kind: str) -> int:
 
 
 MAX_GENERATED = 50_000_000
+MAX_TRACE_S = 1e7
+"""The latest arrival time a trace may hold (about 116 days): simulated time must stay countable."""
+MAX_RATE = 1e6
+"""The mean arrival rate a trace may have (per second): a trace whose times barely move is a typo,
+and simulating it would not end."""
 
 
 def _check_size(expected: float, kind: str) -> None:
@@ -192,7 +222,7 @@ def _gamma_segment(rng: np.random.Generator, rate: float, cv: float, duration: f
 
 def _gamma(params: dict[str, list[float]]) -> NDArray[np.float64]:
     rate = _positive(_take(params, "rate", "gamma"), "rate", "gamma")[0]
-    cv = _positive(_take(params, "cv", "gamma", 1.0), "cv", "gamma")[0]
+    cv = _cvs(params, "gamma")[0]
     duration = _positive(_take(params, "duration", "gamma"), "duration", "gamma")[0]
     seed = _seed(params, "gamma")
     _no_extra(params, "gamma")
@@ -202,7 +232,7 @@ def _gamma(params: dict[str, list[float]]) -> NDArray[np.float64]:
 
 def _step(params: dict[str, list[float]]) -> NDArray[np.float64]:
     rates = _positive(_take(params, "rate", "step"), "rate", "step")
-    cvs = _positive(_take(params, "cv", "step", 1.0), "cv", "step")
+    cvs = _cvs(params, "step")
     every = _positive(_take(params, "every", "step"), "every", "step")[0]
     seed = _seed(params, "step")
     _no_extra(params, "step")
@@ -223,7 +253,7 @@ def _ramp(params: dict[str, list[float]]) -> NDArray[np.float64]:
     r0 = _positive(_take(params, "from", "ramp"), "from", "ramp")[0]
     r1 = _positive(_take(params, "to", "ramp"), "to", "ramp")[0]
     duration = _positive(_take(params, "duration", "ramp"), "duration", "ramp")[0]
-    cv = _positive(_take(params, "cv", "ramp", 1.0), "cv", "ramp")[0]
+    cv = _cvs(params, "ramp")[0]
     seed = _seed(params, "ramp")
     _no_extra(params, "ramp")
     _check_size(max(r0, r1) * duration, "ramp")

@@ -42,8 +42,14 @@ def read_yaml(path: str | Path, what: str, error: type[InferlineError]) -> Any:
         text = p.read_text()
     except OSError as exc:
         raise error(f"cannot read {what} {str(p)!r}: {exc.strerror}", f"check the path to the {what}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {str(p)!r} is not UTF-8 text", f"pass the {what} file") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise error(f"{what} {str(p)!r} nests too deeply", "flatten the YAML") from None
+    except ValueError as exc:  # e.g. an integer past Python's conversion limit
+        raise error(f"{what} {str(p)!r} holds a value YAML cannot read ({exc})", "fix that value") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -298,6 +298,83 @@ def test_bad_trace(capsys: pytest.CaptureFixture[str], trace: str) -> None:
     error_line(capsys, plan_args(VIDEO, trace=trace))
 
 
+@pytest.mark.parametrize(
+    ("times", "message"),
+    [
+        ("1\n1\n", "2 arrivals within 0 s, over 1e+06 a second"),  # planning it never ended
+        ("0\n1e-300\n", "over 1e+06 a second"),
+        ("0\n1\n1e300\n", "(1e+300 s) is past 1e+07 s"),  # simulating it never ended
+    ],
+)
+def test_a_trace_file_that_could_not_be_simulated_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, times: str, message: str
+) -> None:
+    trace = tmp_path / "t.txt"
+    trace.write_text(times)
+    assert message in error_line(capsys, plan_args(VIDEO, trace=str(trace)))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trace", "gamma:rate=50,cv=1e300,duration=10"], "cv=1e+300 is outside 0.01 to 100"),
+        (["--slo-ms", "nan"], "--slo-ms must be a positive finite number"),
+        (["--slo-ms", "inf"], "--slo-ms must be a positive finite number"),
+    ],
+)
+def test_extreme_numbers_are_one_line(capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
+    assert message in error_line(capsys, [*plan_args(VIDEO), *extra])
+
+
+def test_an_infinite_slo_or_price_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # Accepted before, they wrote plans holding `Infinity`, which is not JSON.
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(Path(VIDEO).read_text().replace("slo_ms: 400", "slo_ms: .inf", 1))
+    assert "finite number" in error_line(capsys, plan_args(str(spec)))
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("hardware:\n  cpu: {price_per_hour: .inf}\n")
+    argv = ["plan", VIDEO, "--profiles", PROFILES, "--hardware", str(catalog), "--trace", TRACE]
+    assert "finite number" in error_line(capsys, argv)
+
+
+def test_unreadable_input_files_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(bytes(range(256)))
+    assert "is not UTF-8 text" in error_line(capsys, plan_args(str(binary)))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("stages: " + "[" * 5000 + "]" * 5000)
+    assert "nests too deeply" in error_line(capsys, plan_args(str(deep)))
+    plan = tmp_path / "deep.json"
+    plan.write_text("[" * 100_000 + "]" * 100_000)
+    assert "is not readable JSON" in error_line(capsys, ["simulate", VIDEO, "--plan", str(plan), "--trace", SIM_TRACE])
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "yolo.json").write_bytes(bytes(range(256)))
+    argv = ["plan", VIDEO, "--profiles", str(profiles), "--hardware", CATALOG, "--trace", TRACE]
+    assert "is not readable JSON" in error_line(capsys, argv)
+
+
+def test_simulate_refuses_a_negative_seed_and_an_absurd_tick(
+    capsys: pytest.CaptureFixture[str], video_plan: Path
+) -> None:
+    argv = ["simulate", VIDEO, "--plan", str(video_plan), "--trace", SIM_TRACE]
+    assert "--seed must be 0 or more" in error_line(capsys, [*argv, "--seed", "-1"])
+    for tick in ("1e-9", "nan", "1e308"):
+        assert "--tick-s must be 0.001 to 3600" in error_line(capsys, [*argv, "--tick-s", tick])
+
+
+def test_a_plan_or_profile_past_the_size_limits_is_one_line(
+    capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path
+) -> None:
+    for field, value in (("replicas", 10**9), ("max_batch_size", 10**9)):
+        doc = json.loads(video_plan.read_text())
+        next(iter(doc["stages"].values()))[field] = value
+        edited = tmp_path / f"{field}.json"
+        edited.write_text(json.dumps(doc))
+        line = error_line(capsys, ["simulate", VIDEO, "--plan", str(edited), "--trace", SIM_TRACE])
+        assert "less than or equal to" in line
+
+
 def test_bad_trace_in_simulate(capsys: pytest.CaptureFixture[str], video_plan: Path) -> None:
     error_line(capsys, ["simulate", VIDEO, "--plan", str(video_plan), "--trace", "gamma:rate=-1,duration=5"])
 
