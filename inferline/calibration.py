@@ -73,6 +73,8 @@ cascade replays with 4-14% taken measured a P99 of 138-192 ms, quiet ones (0.7-1
 CROWDED = ("inferline_router_crowded_calls_total", "inferline_router_crowded_call_seconds_total")
 """The router's answered calls grouped by their mean count of calls under way, and the seconds they
 spent at each count (`router/crowding.py`)."""
+MAX_METRIC_VALUE = 1e15
+"""The largest value a router's sample may hold (counts and seconds of years of traffic fit)."""
 MACHINE_CPU = "inferline_router_machine_cpu_seconds_total"
 """The router's count of its machine's CPU time since it started, by mode: all, and steal."""
 
@@ -275,7 +277,7 @@ def _samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], 
             "reading router metrics needs prometheus-client", "pip install 'inferline[router]'"
         ) from None
     try:
-        return {
+        samples = {
             (s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(metrics_text)
             for s in family.samples
@@ -284,6 +286,16 @@ def _samples(metrics_text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], 
         raise InferlineError(
             f"the metrics are not a router's Prometheus text ({exc})", "pass the router's /metrics"
         ) from None
+    for (name, labels), value in samples.items():
+        # The router's counters, sums and gauges are finite and never negative; any other value was
+        # edited in, and calibrating from it would write a profile of nonsense or fail midway.
+        if name.startswith("inferline_router_") and not 0.0 <= value <= MAX_METRIC_VALUE:
+            shown = ",".join(f'{k}="{v}"' for k, v in sorted(labels))
+            raise InferlineError(
+                f"the metrics hold {name}{{{shown}}} = {value:g}, which no router writes",
+                "pass the router's /metrics as it served them",
+            )
+    return samples
 
 
 def replica_cpu_s(metrics_text: str) -> float | None:

@@ -334,6 +334,10 @@ def test_calibrate_since_an_earlier_reading_uses_only_the_calls_after_it(emulate
         ("cores-not-positive", "--cores must be positive, got 0"),
         ("max-stolen-not-a-share", "--max-stolen must be a fraction from 0 to 1, got 5"),
         ("too-much-stolen", "the hypervisor gave 10.0% of this machine's CPU to others"),
+        ("negative-sum", 'inferline_router_call_seconds_sum{batch_size="1",stage="detect"} = -1, which no router'),
+        ("nan-sum", "= nan, which no router writes"),
+        ("infinite-count", "= inf, which no router writes"),
+        ("binary-metrics", "is not UTF-8 text"),
     ],
 )
 def test_calibrate_bad_input_is_one_line(
@@ -348,6 +352,17 @@ def test_calibrate_bad_input_is_one_line(
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "emulated-classifier.json").write_text((PROFILES / "emulated-classifier.json").read_text())
+    edited = {}
+    for name, (old, new) in {
+        "negative-sum": ('stage="detect"} 0.5', 'stage="detect"} -1'),
+        "nan-sum": ('stage="detect"} 0.5', 'stage="detect"} NaN'),
+        "infinite-count": ('stage="classify"} 0.24', 'stage="classify"} +Inf'),
+    }.items():
+        assert old in METRICS
+        edited[name] = tmp_path / f"{name}.txt"
+        edited[name].write_text(METRICS.replace(old, new, 1))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)))
     out = str(tmp_path / "out")
     argv = {
         "out-is-source": ["--metrics", str(metrics), "--out", str(PROFILES)],
@@ -360,6 +375,8 @@ def test_calibrate_bad_input_is_one_line(
         "cores-not-positive": ["--metrics", str(metrics), "--cores", "0", "--out", out],
         "max-stolen-not-a-share": ["--metrics", str(metrics), "--max-stolen", "5", "--out", out],
         "too-much-stolen": ["--metrics", str(stolen), "--max-stolen", "0.05", "--out", out],
+        "binary-metrics": ["--metrics", str(binary), "--out", out],
+        **{name: ["--metrics", str(path), "--out", out] for name, path in edited.items()},
     }[case]
     assert main(["calibrate", str(emulated_plan), *argv]) == 2
     err = capsys.readouterr().err.strip()
