@@ -73,6 +73,14 @@ def video_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    """An existing file where a command wants a folder."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    return taken
+
+
 def edited_plan(src: Path, dst: Path, **changes: Any) -> str:
     data = json.loads(src.read_text())
     for key, value in changes.items():
@@ -538,19 +546,15 @@ def test_replay_with_nothing_running_says_to_start_it(capsys: pytest.CaptureFixt
 
 @pytest.mark.parametrize("simulated", [True, False])
 def test_demo_into_a_file_is_one_line_before_any_work(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, simulated: bool
+    capsys: pytest.CaptureFixture[str], a_file: Path, simulated: bool
 ) -> None:
-    a_file = tmp_path / "taken"
-    a_file.write_text("")
     line = error_line(capsys, ["demo", "--out", str(a_file), *(["--simulated"] if simulated else [])])
     assert "the demo's output folder" in line and "is a file" in line
 
 
 def test_up_with_a_file_for_its_state_folder_is_one_line(
-    capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], video_plan: Path, a_file: Path
 ) -> None:
-    a_file = tmp_path / "taken"
-    a_file.write_text("")
     line = error_line(capsys, ["up", str(video_plan), "--state-dir", str(a_file)])
     assert "state folder" in line and "is a file" in line
 
@@ -563,18 +567,18 @@ def test_replay_checks_its_results_file_before_sending(capsys: pytest.CaptureFix
 
 
 def test_outputs_are_refused_before_any_measuring(
-    capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], video_plan: Path, tmp_path: Path, a_file: Path
 ) -> None:
     # Each would start a model server, profile or simulate first; the path is refused before that.
-    a_file = tmp_path / "taken"
-    a_file.write_text("")
-    models = str(Path(__file__).resolve().parents[2] / "examples" / "models")
+    models = str(EXAMPLES / "models")
     profile = ["profile", "--embedded", models, "--models", "preprocess", "--hardware", "cpu", "--out", str(a_file)]
-    assert "--out folder" in error_line(capsys, profile) and "is a file" in error_line(capsys, profile)
+    line = error_line(capsys, profile)
+    assert "--out folder" in line and "is a file" in line
     calibrate = ["calibrate", str(video_plan), "--metrics", str(a_file), "--out", str(a_file)]
     assert "--out folder" in error_line(capsys, calibrate)
     simulate = ["simulate", VIDEO, "--plan", str(video_plan), "--trace", SIM_TRACE, "--plot", str(tmp_path)]
-    assert "plot" in error_line(capsys, simulate) and "is a folder" in error_line(capsys, simulate)
+    line = error_line(capsys, simulate)
+    assert "plot" in line and "is a folder" in line
     lineage = ["lineage", VIDEO, "--embedded", models, "--write-spec", str(tmp_path / "no" / "spec.yaml")]
     assert "its folder does not exist" in error_line(capsys, lineage)
 
